@@ -1,0 +1,31 @@
+"""cbo: hypergradients of constrained bilevel problems whose inner level is a cvxpy problem.
+
+    prob = cbo.BilevelProblem(inner, parameters=[x], variables=[y], outer=F)
+    g = cbo.hypergrad(prob, x_tensor)             # dF/dx by implicit differentiation
+"""
+from .errors import (
+    CboError,
+    CboWarning,
+    ConvergenceError,
+    ConvergenceWarning,
+    DegenerateKKTWarning,
+    InaccurateSolutionWarning,
+    InnerSolveError,
+    NonSmoothAtomError,
+    ProblemDefinitionError,
+    UnsupportedAtomError,
+)
+from .hypergrad import HypergradInfo, hypergrad
+from .linsolve import ADJOINT_SOLVERS, SolveInfo
+from .problem import BilevelProblem
+
+METHODS = tuple(ADJOINT_SOLVERS)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BilevelProblem", "hypergrad", "HypergradInfo", "SolveInfo", "METHODS",
+    "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning",
+    "InaccurateSolutionWarning", "InnerSolveError", "NonSmoothAtomError", "ProblemDefinitionError",
+    "UnsupportedAtomError",
+]

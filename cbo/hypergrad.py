@@ -1,0 +1,263 @@
+r"""`hypergrad`: dF/dx of F(x, y*(x)) by implicit differentiation of the inner KKT conditions.
+
+At the inner solution w* = (y*, mu_A, nu) the KKT residual R(w*, x) = 0, so
+K dw*/dx = -dR/dx and
+
+    dF/dx = d_x F + (dy*/dx)^T d_y F = d_x F - (dR/dx)^T v,   K v = (d_y F, 0, 0),
+
+one adjoint solve with the KKT matrix K (see :mod:`cbo.kkt`) whatever the
+dimension of x.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InaccurateSolutionWarning
+from .inner import solve_inner
+from .kkt import ActiveSet, KKTOperator, LICQInfo, PolishInfo, active_set, licq_check, polish
+from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
+from .problem import BilevelProblem
+
+__all__ = ["hypergrad", "HypergradInfo", "as_parameter_tensors"]
+
+TensorLike = torch.Tensor | np.ndarray | float | Sequence[float]
+
+
+@dataclass
+class HypergradInfo:
+    """Diagnostics of one :func:`hypergrad` call.
+
+    Attributes
+    ----------
+    method : str
+        Adjoint solver used.
+    solver, solver_status : str
+        cvxpy solver and its status for the inner problem.
+    outer_value : float
+        F(x, y*).
+    y : list of tensors
+        y*, one tensor per variable of the inner problem (``problem.all_variables``), polished.
+    mu, nu : tensors
+        Stacked inequality multipliers (zero off the active set) and equality multipliers.
+    active_set : ActiveSet
+        Active inequality entries, weakly active ones, thresholds.
+    licq : LICQInfo
+        Rank of the active constraint Jacobian.
+    kkt_residual : float
+        ||R(w, x)||_inf after polishing (``polish.residual_before`` before it).
+    polish : PolishInfo
+    linear_solve : SolveInfo
+        Adjoint solve: residual, iterations, convergence, method-specific extras.
+    timings : dict[str, float]
+        Seconds per phase: inner_solve, polish, kkt_checks, adjoint_solve, total.
+    """
+
+    method: str
+    solver: str
+    solver_status: str
+    outer_value: float
+    y: list[torch.Tensor]
+    mu: torch.Tensor
+    nu: torch.Tensor
+    active_set: ActiveSet
+    licq: LICQInfo
+    kkt_residual: float
+    polish: PolishInfo
+    linear_solve: SolveInfo
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def hypergrad(
+    problem: BilevelProblem,
+    x: TensorLike | Sequence[TensorLike],
+    method: str = "cg",
+    *,
+    tol: float = 1e-10,
+    maxiter: int | None = None,
+    solver: str | None = None,
+    solver_options: dict | None = None,
+    active_tol: float = 1e-6,
+    polish_solution: bool = True,
+    warm_start: bool = True,
+    on_nonconvergence: str = "raise",
+    return_info: bool = False,
+):
+    r"""Hypergradient dF/dx of F(x, y*(x)) for a :class:`BilevelProblem`.
+
+    Solves the inner problem with cvxpy at x, polishes (y*, mu_A, nu) by Newton
+    on the active-set KKT system, then solves the adjoint system
+    K v = (d_y F, 0, 0) and returns dF/dx = d_x F - (dR/dx)^T v.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+    x : tensor or list of tensors
+        Values of ``problem.parameters``: one tensor if there is one parameter,
+        else a list in the same order. numpy arrays and floats are accepted.
+        Computation runs in float64 on the device of the first tensor.
+    method : {"cg", "minres", "direct", "fixed_point", "neumann"}
+        Adjoint solver (see :mod:`cbo.linsolve`). "cg" is CG on the null space
+        of the active constraints; "minres" works on the indefinite K directly;
+        "direct" forms K densely.
+    tol, maxiter : adjoint solve's relative residual tolerance and iteration cap.
+    solver, solver_options : cvxpy solver for the inner problem (default
+        Clarabel with tight tolerances) and its options.
+    active_tol : float
+        Inequality i is active when mu_i > active_tol * max(1, ||mu||_inf).
+    polish_solution : bool
+        Newton-polish the cvxpy solution on the KKT system (recommended).
+    warm_start : bool
+        Start the adjoint solve from the previous call's solution on this problem
+        (when the active set is the same).
+    on_nonconvergence : {"raise", "warn"}
+        What a non-converged adjoint solve does.
+    return_info : bool
+        Also return a :class:`HypergradInfo`.
+
+    Returns
+    -------
+    grad : tensor or list of tensors
+        Shaped, typed and placed like ``x``.
+    info : HypergradInfo, if ``return_info``.
+    """
+    if method not in ADJOINT_SOLVERS:
+        raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(ADJOINT_SOLVERS)}.")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    xs, like = as_parameter_tensors(problem, x)
+
+    with _timed(timings, "inner_solve"):
+        sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], solver, solver_options)
+    with _timed(timings, "polish"):
+        op, active, polish_info = _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution)
+    with _timed(timings, "kkt_checks"):
+        licq = licq_check(op)
+    with _timed(timings, "adjoint_solve"):
+        y_flat = op.w.detach()[: problem.n_y]
+        outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
+        b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)])
+        x0 = _warm_start(problem, method, active) if warm_start else None
+        v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=tol, maxiter=maxiter,
+                                      on_nonconvergence=on_nonconvergence)
+        problem.adjoint_cache[method] = (active.signature, v.detach())
+        grads = [gx - gr for gx, gr in zip(dF_dx, op.vjp_x(v))]
+    timings["total"] = time.perf_counter() - start
+
+    grads = [g.detach().to(dtype=t.dtype, device=t.device) for g, t in zip(grads, like)]
+    result = grads[0] if len(like) == 1 and not isinstance(x, (list, tuple)) else grads
+    if not return_info:
+        return result
+    w = op.w.detach()
+    n_A = active.active.numel()
+    mu = torch.zeros(problem.n_ineq, dtype=w.dtype, device=w.device)
+    mu[active.active.to(w.device)] = w[problem.n_y: problem.n_y + n_A]
+    info = HypergradInfo(
+        method=method, solver=sol.solver, solver_status=sol.status, outer_value=outer_value,
+        y=problem.split_y(w[: problem.n_y]), mu=mu, nu=w[problem.n_y + n_A:], active_set=active,
+        licq=licq, kkt_residual=polish_info.residual_after, polish=polish_info,
+        linear_solve=solve_info, timings=timings,
+    )
+    return result, info
+
+
+# ---------------------------------------------------------------- steps
+
+def as_parameter_tensors(problem: BilevelProblem, x) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Validate x against ``problem.parameters``; return float64 copies and the originals.
+
+    Raises ValueError for a wrong count, a wrong shape, or non-finite values.
+    """
+    values = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(problem.parameters) == 1 and len(values) != 1 and not isinstance(x, (list, tuple)):
+        values = [x]
+    if len(values) != len(problem.parameters):
+        raise ValueError(
+            f"Got {len(values)} parameter value(s) for {len(problem.parameters)} parameter(s) "
+            f"{[p.name() for p in problem.parameters]}: pass one tensor per parameter, in that order."
+        )
+    originals = [v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, dtype=float)) for v in values]
+    device = originals[0].device
+    xs = []
+    for param, value in zip(problem.parameters, originals):
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(
+                f"Parameter {param.name()} has shape {tuple(param.shape)}, but the value given has shape "
+                f"{tuple(value.shape)}. Pass a tensor of shape {tuple(param.shape)}."
+            )
+        if not value.is_floating_point() and value.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"Parameter {param.name()}: expected a real tensor, got dtype {value.dtype}.")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"Parameter {param.name()} contains NaN or infinite entries; the inner problem is not "
+                "defined there. Check the outer iterate (a diverging outer step size is a common cause)."
+            )
+        xs.append(value.detach().to(device=device, dtype=torch.float64))
+    return xs, originals
+
+
+def _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution):
+    """Active set from the cvxpy solution, then the (polished) KKT operator there."""
+    device = xs[0].device
+    y = torch.as_tensor(sol.y, dtype=torch.float64, device=device)
+    env = problem.env(xs, problem.split_y(y))
+    slack = problem.stack(problem.inequalities, env).cpu().numpy()
+    active = active_set(problem, sol.mu, slack, active_tol)
+    mu_active = torch.as_tensor(sol.mu[active.active.numpy()], dtype=torch.float64, device=device)
+    nu = torch.as_tensor(sol.nu, dtype=torch.float64, device=device)
+    w = torch.cat([y, mu_active, nu])
+    inactive = np.setdiff1d(np.arange(problem.n_ineq), active.active.numpy())
+
+    def inactive_feasible(y_flat):
+        p = problem.stack(problem.inequalities, problem.env(xs, problem.split_y(y_flat)))
+        return bool((p[torch.as_tensor(inactive, device=device)] <= active.tol_p).all()) if inactive.size else True
+
+    if polish_solution:
+        op, info = polish(problem, xs, w, active, inactive_feasible)
+    else:
+        op = KKTOperator(problem, xs, w, active.active)
+        residual = float(op.residual.abs().max()) if op.size else 0.0
+        info = PolishInfo(0, residual, residual, False, "disabled")
+    if info.residual_after > 1e-6 * max(1.0, float(w.abs().max())):
+        warnings.warn(
+            f"The KKT residual at the inner solution is {info.residual_after:.2e} "
+            f"(polish: {info.reason or 'ran'}): the hypergradient will be inaccurate. Tighten the "
+            "solver tolerances or try another solver.",
+            InaccurateSolutionWarning,
+            stacklevel=3,
+        )
+    return op, active, info
+
+
+def _outer_gradients(problem, xs, y_flat):
+    """F(x, y), d_x F (list), d_y F (flat)."""
+    x_req = [t.detach().requires_grad_(True) for t in xs]
+    y_req = y_flat.detach().requires_grad_(True)
+    with torch.enable_grad():
+        F = problem.outer_value(x_req, y_req)
+        grads = torch.autograd.grad(F, [*x_req, y_req], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip([*x_req, y_req], grads)]
+    return float(F.detach()), grads[:-1], grads[-1]
+
+
+def _warm_start(problem, method, active: ActiveSet):
+    cached = problem.adjoint_cache.get(method)
+    if cached is not None and cached[0] == active.signature:
+        return cached[1]
+    return None
+
+
+@contextmanager
+def _timed(timings: dict, phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+

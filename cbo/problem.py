@@ -1,0 +1,276 @@
+"""`BilevelProblem`: a convex cvxpy inner problem, its parameters x, and an outer objective F.
+
+    min_x F(x, y*(x)),   y*(x) = argmin_y g(x, y)  s.t.  p(x, y) <= 0,  q(x, y) = 0
+
+The inner problem is validated and translated to torch once, here. The
+constraints are kept in cvxpy's own sign convention: ``a <= b`` is
+``p = a - b <= 0`` with multiplier ``mu = constraint.dual_value >= 0``, and
+``a == b`` is ``q = a - b = 0`` with multiplier ``nu = constraint.dual_value``,
+so that the Lagrangian is ``L = g + mu . p + nu . q``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import cvxpy as cp
+import numpy as np
+import torch
+
+from .errors import ProblemDefinitionError
+from .translate import Env, TorchFn, to_torch
+
+__all__ = ["BilevelProblem", "ConstraintBlock"]
+
+_ALLOWED_VARIABLE_ATTRIBUTES = {"complex": False, "imag": False, "bounds": None, "sparsity": False}
+
+
+@dataclass(frozen=True)
+class ConstraintBlock:
+    """One cvxpy constraint as a torch function ``p(env)`` (inequality) or ``q(env)`` (equality).
+
+    ``offset`` is the position of its first entry in the stacked vector of all
+    inequalities (or equalities) of the problem; ``sign`` turns the torch
+    function into cvxpy's ``p <= 0`` form (``-1`` for ``NonNeg(expr)``, whose
+    ``p`` is ``-expr``), so that ``dual_value`` is the multiplier as it stands.
+    """
+
+    constraint: cp.Constraint
+    function: TorchFn
+    offset: int
+    size: int
+    sign: float
+
+    def label(self, entry: int | None = None) -> str:
+        """Human-readable name: ``constraint 2 (`G @ y <= h`), entry 5``."""
+        where = f", entry {np.unravel_index(entry, self.constraint.shape)}" if entry is not None and self.size > 1 else ""
+        return f"constraint {self.constraint.constr_id} (`{self.constraint}`){where}"
+
+
+class BilevelProblem:
+    """A bilevel problem whose inner level is a convex cvxpy problem.
+
+    Parameters
+    ----------
+    inner : cvxpy.Problem
+        The inner (lower-level) problem, DCP, with the outer variables as
+        ``cp.Parameter`` and the inner variables as ``cp.Variable``.
+    parameters : sequence of cvxpy.Parameter
+        The outer variables x, in the order ``hypergrad`` receives them.
+        Other parameters of ``inner`` are constants read from their ``.value``.
+    variables : sequence of cvxpy.Variable, optional
+        The inner variables passed to ``outer`` (default: all variables of
+        ``inner``, in ``inner.variables()`` order). All variables take part in
+        the KKT system either way.
+    outer : callable, optional
+        ``outer(*x_tensors, *y_tensors) -> scalar tensor``: the outer objective
+        F. Needed by :func:`cbo.hypergrad`, not by :class:`cbo.ArgminLayer`.
+
+    Raises
+    ------
+    ProblemDefinitionError
+        With what is wrong and how to fix it: a non-DCP inner problem, a
+        parameter or variable that is not in it, an unsupported constraint or
+        variable attribute, an ``outer`` that is not callable.
+    NonSmoothAtomError
+        For an atom without Hessian (abs, norm1, ...): the message gives its
+        epigraph rewrite.
+    """
+
+    def __init__(
+        self,
+        inner: cp.Problem,
+        parameters: Sequence[cp.Parameter],
+        variables: Sequence[cp.Variable] | None = None,
+        outer: Callable[..., torch.Tensor] | None = None,
+    ):
+        if not isinstance(inner, cp.Problem):
+            raise ProblemDefinitionError(
+                f"`inner` must be a cvxpy.Problem, got {type(inner).__name__}. "
+                "Build it as cp.Problem(cp.Minimize(...), [constraints])."
+            )
+        self.inner = inner
+        self.parameters = _check_parameters(inner, parameters)
+        self.all_variables = list(inner.variables())
+        self.variables = _check_variables(inner, variables)
+        if outer is not None and not callable(outer):
+            raise ProblemDefinitionError(
+                f"`outer` must be callable as outer(*parameters, *variables) -> scalar tensor, "
+                f"got {type(outer).__name__}."
+            )
+        self.outer = outer
+        _check_dcp(inner)
+        self.objective = _objective_function(inner.objective)
+        self.inequalities, self.equalities = _constraint_blocks(inner.constraints)
+        self.n_y = sum(v.size for v in self.all_variables)
+        self.n_ineq = sum(b.size for b in self.inequalities)
+        self.n_eq = sum(b.size for b in self.equalities)
+        # Last adjoint vector of each method, to warm-start the next solve.
+        self.adjoint_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"BilevelProblem(parameters={[p.name() for p in self.parameters]}, "
+            f"variables={[v.name() for v in self.variables]}, n_y={self.n_y}, "
+            f"n_ineq={self.n_ineq}, n_eq={self.n_eq})"
+        )
+
+    # ------------------------------------------------------------ evaluation
+
+    def env(self, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> Env:
+        """Evaluation environment for parameters ``x`` and all variables ``y``."""
+        values = {p.id: t for p, t in zip(self.parameters, x)}
+        values.update({v.id: t for v, t in zip(self.all_variables, y)})
+        return Env(values, dtype=x[0].dtype, device=x[0].device)
+
+    def split_y(self, y_flat: torch.Tensor) -> list[torch.Tensor]:
+        """Split the stacked variable vector into tensors shaped like the variables."""
+        sizes = [v.size for v in self.all_variables]
+        return [t.reshape(v.shape) for t, v in zip(torch.split(y_flat, sizes), self.all_variables)]
+
+    def stack(self, blocks: Sequence[ConstraintBlock], env: Env) -> torch.Tensor:
+        """All entries of ``blocks`` at ``env``, stacked into one vector."""
+        if not blocks:
+            return torch.zeros(0, dtype=env.dtype, device=env.device)
+        return torch.cat([b.sign * b.function(env).reshape(-1) for b in blocks])
+
+    def lagrangian(self, x, y_flat, mu_active, active, nu) -> torch.Tensor:
+        r"""L(w, x) = g(x, y) + \mu_A \cdot p_A(x, y) + \nu \cdot q(x, y)."""
+        env = self.env(x, self.split_y(y_flat))
+        L = self.objective(env)
+        if active.numel():
+            L = L + mu_active @ self.stack(self.inequalities, env)[active]
+        if self.n_eq:
+            L = L + nu @ self.stack(self.equalities, env)
+        return L
+
+    def outer_value(self, x, y_flat) -> torch.Tensor:
+        """F(x, y) with y restricted to ``self.variables``."""
+        if self.outer is None:
+            raise ProblemDefinitionError(
+                "This BilevelProblem has no outer objective. Pass "
+                "`outer=lambda *params_then_vars: scalar` to BilevelProblem to use cbo.hypergrad."
+            )
+        by_id = {v.id: t for v, t in zip(self.all_variables, self.split_y(y_flat))}
+        value = self.outer(*x, *[by_id[v.id] for v in self.variables])
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ProblemDefinitionError(
+                f"`outer` must return a scalar torch tensor, got {type(value).__name__}"
+                f"{' of shape ' + str(tuple(value.shape)) if isinstance(value, torch.Tensor) else ''}. "
+                "Use torch operations on its tensor arguments and reduce to a scalar (e.g. .sum())."
+            )
+        return value.reshape(())
+
+    def constraint_label(self, flat_index: int, equality: bool = False) -> str:
+        """Name of entry ``flat_index`` of the stacked inequalities (or equalities)."""
+        for block in self.equalities if equality else self.inequalities:
+            if block.offset <= flat_index < block.offset + block.size:
+                return block.label(flat_index - block.offset)
+        raise IndexError(flat_index)
+
+
+# ---------------------------------------------------------------- validation
+
+def _check_parameters(inner: cp.Problem, parameters) -> list[cp.Parameter]:
+    if isinstance(parameters, cp.Parameter):
+        parameters = [parameters]
+    parameters = list(parameters)
+    if not parameters:
+        raise ProblemDefinitionError(
+            "`parameters` is empty: list the cp.Parameter objects that are the outer variables x."
+        )
+    known = {p.id for p in inner.parameters()}
+    for p in parameters:
+        if not isinstance(p, cp.Parameter):
+            raise ProblemDefinitionError(
+                f"Every entry of `parameters` must be a cp.Parameter, got {type(p).__name__} ({p}). "
+                "Declare the outer variables as cp.Parameter(shape) and use them in the inner problem."
+            )
+        if p.id not in known:
+            raise ProblemDefinitionError(
+                f"Parameter {p.name()} does not appear in the inner problem, so y* does not depend on it. "
+                "Use it in the inner objective or constraints, or drop it from `parameters`."
+            )
+    if len({p.id for p in parameters}) != len(parameters):
+        raise ProblemDefinitionError("`parameters` lists the same cp.Parameter twice.")
+    return parameters
+
+
+def _check_variables(inner: cp.Problem, variables) -> list[cp.Variable]:
+    all_variables = inner.variables()
+    if variables is None:
+        variables = all_variables
+    if isinstance(variables, cp.Variable):
+        variables = [variables]
+    variables = list(variables)
+    known = {v.id for v in all_variables}
+    for v in variables:
+        if not isinstance(v, cp.Variable):
+            raise ProblemDefinitionError(f"Every entry of `variables` must be a cp.Variable, got {type(v).__name__}.")
+        if v.id not in known:
+            raise ProblemDefinitionError(
+                f"Variable {v.name()} does not appear in the inner problem. "
+                f"Its variables are: {[w.name() for w in all_variables]}."
+            )
+    for v in all_variables:
+        extra = {k: val for k, val in v.attributes.items() if val and _ALLOWED_VARIABLE_ATTRIBUTES.get(k, False) != val}
+        if extra:
+            raise ProblemDefinitionError(
+                f"Variable {v.name()} is declared with {extra}. cbo needs every sign or structure "
+                f"condition as an explicit constraint so that it can read its multiplier: declare "
+                f"cp.Variable({v.shape}) and add the constraint (e.g. `{v.name()} >= 0` for nonneg=True)."
+            )
+    return variables
+
+
+def _check_dcp(inner: cp.Problem) -> None:
+    if inner.is_dcp():
+        return
+    culprits = []
+    if not inner.objective.is_dcp():
+        culprits.append(f"the objective `{inner.objective}`")
+    culprits += [f"constraint `{c}`" for c in inner.constraints if not c.is_dcp()]
+    raise ProblemDefinitionError(
+        f"The inner problem is not DCP (not provably convex), so its KKT conditions need not "
+        f"characterise y*: {'; '.join(culprits)}. Rewrite it following cvxpy's DCP rules "
+        "(https://www.cvxpy.org/tutorial/dcp/) — e.g. minimise a convex function, use convex <= concave."
+    )
+
+
+def _objective_function(objective) -> TorchFn:
+    f = to_torch(objective.expr)
+    if isinstance(objective, cp.Maximize):
+        return lambda env: -f(env)
+    return f
+
+
+def _constraint_blocks(constraints) -> tuple[list[ConstraintBlock], list[ConstraintBlock]]:
+    """Split constraints into inequalities p <= 0 and equalities q = 0 (cvxpy's signs)."""
+    inequalities, equalities = [], []
+    n_ineq = n_eq = 0
+    for c in constraints:
+        if isinstance(c, cp.constraints.Inequality):
+            lhs, rhs = (to_torch(a) for a in c.args)
+            fn, sign, equality = (lambda env, lhs=lhs, rhs=rhs: lhs(env) - rhs(env)), 1.0, False
+        elif isinstance(c, cp.constraints.NonPos):
+            fn, sign, equality = to_torch(c.args[0]), 1.0, False
+        elif isinstance(c, cp.constraints.NonNeg):
+            fn, sign, equality = to_torch(c.args[0]), -1.0, False
+        elif isinstance(c, cp.constraints.Equality):
+            lhs, rhs = (to_torch(a) for a in c.args)
+            fn, sign, equality = (lambda env, lhs=lhs, rhs=rhs: lhs(env) - rhs(env)), 1.0, True
+        elif isinstance(c, cp.constraints.Zero):
+            fn, sign, equality = to_torch(c.args[0]), 1.0, True
+        else:
+            raise ProblemDefinitionError(
+                f"Constraint `{c}` is a {type(c).__name__} cone constraint, which the smooth KKT route "
+                "cannot differentiate yet. Write it as smooth scalar constraints instead, e.g. "
+                "cp.SOC(t, y) as cp.norm(y, 2) <= t or cp.sum_squares(y) <= t**2 with t fixed."
+            )
+        if equality:
+            equalities.append(ConstraintBlock(c, fn, n_eq, c.size, sign))
+            n_eq += c.size
+        else:
+            inequalities.append(ConstraintBlock(c, fn, n_ineq, c.size, sign))
+            n_ineq += c.size
+    return inequalities, equalities

@@ -1,0 +1,370 @@
+"""Translate cvxpy expressions into torch functions of the parameters and variables.
+
+``to_torch(expr)`` walks the cvxpy expression tree once and returns a function
+``f(env) -> torch.Tensor`` that evaluates the same expression on torch tensors,
+so that torch autograd supplies every derivative of the inner objective and
+constraints with respect to both the variables y and the parameters x.
+
+Because the original expression is differentiated (not cvxpy's cone program),
+parameters may enter anywhere, DPP or not: ``x * cp.square(y)`` translates to
+``x * y**2``.
+
+Shapes follow cvxpy, which follows numpy: 1-D vectors, 0-D scalars, numpy
+broadcasting; ``reshape`` honours cvxpy's ``order`` ('F' by default in cvxpy).
+
+Nonsmooth atoms (abs, pos, maximum, norm1, norm_inf, ...) have no Hessian at
+their kinks and are refused with :class:`~cbo.errors.NonSmoothAtomError`,
+whose message gives the epigraph rewrite that keeps the problem smooth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from cvxpy.atoms.affine.add_expr import AddExpression
+from cvxpy.atoms.affine.binary_operators import DivExpression, MulExpression, multiply
+from cvxpy.atoms.affine.broadcast_to import broadcast_to
+from cvxpy.atoms.affine.cumsum import cumsum
+from cvxpy.atoms.affine.diag import diag_mat, diag_vec
+from cvxpy.atoms.affine.hstack import Hstack
+from cvxpy.atoms.affine.index import index, special_index
+from cvxpy.atoms.affine.promote import Promote
+from cvxpy.atoms.affine.reshape import reshape
+from cvxpy.atoms.affine.sum import Sum
+from cvxpy.atoms.affine.trace import Trace
+from cvxpy.atoms.affine.transpose import transpose
+from cvxpy.atoms.affine.unary_operators import NegExpression
+from cvxpy.atoms.affine.vstack import Vstack
+from cvxpy.atoms.elementwise.entr import entr
+from cvxpy.atoms.elementwise.exp import exp
+from cvxpy.atoms.elementwise.huber import huber
+from cvxpy.atoms.elementwise.kl_div import kl_div
+from cvxpy.atoms.elementwise.log import log
+from cvxpy.atoms.elementwise.log1p import log1p
+from cvxpy.atoms.elementwise.logistic import logistic
+from cvxpy.atoms.elementwise.power import Power
+from cvxpy.atoms.elementwise.rel_entr import rel_entr
+from cvxpy.atoms.elementwise.xexp import xexp
+from cvxpy.atoms.log_sum_exp import log_sum_exp
+from cvxpy.atoms.pnorm import Pnorm
+from cvxpy.atoms.quad_form import QuadForm
+from cvxpy.atoms.quad_over_lin import quad_over_lin
+
+from .errors import NonSmoothAtomError, UnsupportedAtomError
+
+__all__ = ["Env", "to_torch", "SUPPORTED_ATOMS"]
+
+
+@dataclass
+class Env:
+    """Values of the cvxpy leaves for one evaluation.
+
+    ``values`` maps ``leaf.id`` to a tensor shaped like the leaf. A parameter
+    missing from ``values`` is read from its current ``.value`` (a constant of
+    the evaluation). Constants are created on ``device`` with ``dtype``.
+    """
+
+    values: dict[int, torch.Tensor]
+    dtype: torch.dtype = torch.float64
+    device: torch.device | str = "cpu"
+    _constants: dict = field(default_factory=dict)
+
+    def tensor(self, value) -> torch.Tensor:
+        """``value`` (numpy, scipy.sparse or scalar) as a tensor of this env."""
+        if sp.issparse(value):
+            value = value.toarray()
+        return torch.as_tensor(np.asarray(value, dtype=float), dtype=self.dtype, device=self.device)
+
+
+TorchFn = Callable[[Env], torch.Tensor]
+
+
+def to_torch(expr: cp.Expression) -> TorchFn:
+    """Return ``f(env)`` evaluating the cvxpy expression ``expr`` in torch.
+
+    Raises
+    ------
+    NonSmoothAtomError
+        For abs, pos, neg, maximum, minimum, max, min, norm1, norm_inf, ...
+    UnsupportedAtomError
+        For any atom with no translation yet.
+    """
+    if isinstance(expr, cp.Constant):
+        return _constant(expr.value)
+    if isinstance(expr, cp.Parameter):
+        return _parameter(expr)
+    if isinstance(expr, cp.Variable):
+        return _variable(expr)
+    handler = _find_handler(expr)
+    args = [to_torch(a) for a in expr.args]
+    return handler(expr, *args)
+
+
+# ---------------------------------------------------------------- leaves
+
+def _constant(value) -> TorchFn:
+    cache: dict = {}
+
+    def f(env: Env) -> torch.Tensor:
+        key = (str(env.device), env.dtype)
+        if key not in cache:
+            cache[key] = env.tensor(value)
+        return cache[key]
+
+    return f
+
+
+def _parameter(param: cp.Parameter) -> TorchFn:
+    def f(env: Env) -> torch.Tensor:
+        if param.id in env.values:
+            return env.values[param.id]
+        if param.value is None:
+            raise ValueError(
+                f"Parameter {param.name()} has no value. Either list it in "
+                "`parameters=[...]` of the BilevelProblem or set `.value` before solving."
+            )
+        return env.tensor(param.value)
+
+    return f
+
+
+def _variable(var: cp.Variable) -> TorchFn:
+    def f(env: Env) -> torch.Tensor:
+        return env.values[var.id]
+
+    return f
+
+
+# ---------------------------------------------------------------- helpers
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cvxpy's ``@``/``*`` between expressions: matmul, or scaling if one is a scalar."""
+    if a.dim() == 0 or b.dim() == 0:
+        return a * b
+    return a @ b
+
+
+def _reshape(t: torch.Tensor, shape: tuple, order: str) -> torch.Tensor:
+    """numpy's ``reshape(t, shape, order)``; torch reshapes in 'C' order only."""
+    if order == "C":
+        return t.reshape(shape)
+    # Fortran order = C order on the reversed axes.
+    flat = t.permute(*reversed(range(t.dim()))).reshape(-1)
+    return flat.reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape))))
+
+
+def _numpy_index(shape: tuple, key) -> torch.Tensor:
+    """Flat positions that numpy's ``a[key]`` picks from an array of ``shape``."""
+    positions = np.arange(int(np.prod(shape, dtype=int))).reshape(shape)[key]
+    return torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.long)
+
+
+def _sum_axis(t: torch.Tensor, axis, keepdims: bool) -> torch.Tensor:
+    if axis is None:
+        s = t.sum()
+        return s.reshape((1,) * t.dim()) if keepdims else s
+    return t.sum(dim=axis, keepdim=keepdims)
+
+
+def _p_value(p) -> float:
+    return float(np.asarray(p.value if isinstance(p, cp.Expression) else p))
+
+
+# ---------------------------------------------------------------- handlers
+# Each handler takes the cvxpy atom and the torch functions of its arguments
+# and returns the torch function of the atom.
+
+def _elementwise(op):
+    return lambda expr, a: (lambda env: op(a(env)))
+
+
+def _index(expr, a):
+    positions = _numpy_index(expr.args[0].shape, expr.get_data()[-1])
+    return lambda env: a(env).reshape(-1)[positions.to(env.device)]
+
+
+def _special_index(expr, a):
+    positions = _numpy_index(expr.args[0].shape, expr.key)
+    return lambda env: a(env).reshape(-1)[positions.to(env.device)]
+
+
+def _power(expr, a):
+    p = _p_value(expr.p)
+    if p == 1:
+        return a
+    return lambda env: a(env) ** p
+
+
+def _pnorm(expr, a):
+    p, axis, keepdims = float(expr.p), expr.axis, expr.keepdims
+    if p <= 1 or np.isinf(p):
+        raise _nonsmooth(expr)
+    return lambda env: torch.linalg.vector_norm(a(env), ord=p, dim=axis, keepdim=keepdims)
+
+
+def _quad_over_lin(expr, x, y):
+    axis, keepdims = expr.axis, expr.keepdims
+    return lambda env: _sum_axis(x(env) ** 2, axis, keepdims) / y(env)
+
+
+def _quad_form(expr, x, P):
+    return lambda env: x(env).reshape(-1) @ P(env) @ x(env).reshape(-1)
+
+
+def _log_sum_exp(expr, a):
+    axis, keepdims = expr.axis, expr.keepdims
+    if axis is None:
+        return lambda env: _flat_lse(a(env), keepdims)
+    return lambda env: torch.logsumexp(a(env), dim=axis, keepdim=keepdims)
+
+
+def _flat_lse(t, keepdims):
+    s = torch.logsumexp(t.reshape(-1), dim=0)
+    return s.reshape((1,) * t.dim()) if keepdims else s
+
+
+def _huber(expr, a):
+    M = expr.M
+
+    def f(env):
+        t, m = a(env), env.tensor(M.value)
+        absolute = t.abs()
+        return torch.where(absolute <= m, t ** 2, 2 * m * absolute - m ** 2)
+
+    return f
+
+
+def _entr(t: torch.Tensor) -> torch.Tensor:
+    return -t * torch.log(t)
+
+
+def _kl_div(expr, x, y):
+    return lambda env: x(env) * torch.log(x(env) / y(env)) - x(env) + y(env)
+
+
+def _rel_entr(expr, x, y):
+    return lambda env: x(env) * torch.log(x(env) / y(env))
+
+
+def _xexp(t: torch.Tensor) -> torch.Tensor:
+    return t * torch.exp(t)
+
+
+def _add(expr, *args):
+    def f(env):
+        total = args[0](env)
+        for a in args[1:]:
+            total = total + a(env)
+        return total
+
+    return f
+
+
+def _hstack(expr, *args):
+    return lambda env: torch.hstack([a(env) for a in args])
+
+
+def _vstack(expr, *args):
+    return lambda env: torch.vstack([a(env) for a in args])
+
+
+def _diag_vec(expr, a):
+    k = expr.k if hasattr(expr, "k") else 0
+    return lambda env: torch.diag(a(env), k)
+
+
+def _diag_mat(expr, a):
+    k = expr.k if hasattr(expr, "k") else 0
+    return lambda env: torch.diagonal(a(env), offset=k)
+
+
+def _cumsum(expr, a):
+    axis = expr.axis
+    if axis is None:
+        return lambda env: torch.cumsum(a(env).reshape(-1), 0)
+    return lambda env: torch.cumsum(a(env), dim=axis)
+
+
+_HANDLERS: dict[type, Callable] = {
+    # affine
+    AddExpression: _add,
+    NegExpression: lambda e, a: (lambda env: -a(env)),
+    MulExpression: lambda e, a, b: (lambda env: _matmul(a(env), b(env))),
+    multiply: lambda e, a, b: (lambda env: a(env) * b(env)),
+    DivExpression: lambda e, a, b: (lambda env: a(env) / b(env)),
+    index: _index,
+    special_index: _special_index,
+    reshape: lambda e, a: (lambda env: _reshape(a(env), e.shape, e.order)),
+    Sum: lambda e, a: (lambda env: _sum_axis(a(env), e.axis, e.keepdims)),
+    transpose: lambda e, a: (
+        lambda env: a(env).permute(*(e.axes if e.axes is not None else reversed(range(len(e.args[0].shape)))))
+    ),
+    Hstack: _hstack,
+    Vstack: _vstack,
+    Trace: lambda e, a: (lambda env: torch.trace(a(env))),
+    Promote: lambda e, a: (lambda env: a(env).expand(e.shape)),
+    broadcast_to: lambda e, a: (lambda env: a(env).expand(e.shape)),
+    diag_vec: _diag_vec,
+    diag_mat: _diag_mat,
+    cumsum: _cumsum,
+    # smooth nonlinear
+    Power: _power,
+    Pnorm: _pnorm,
+    quad_over_lin: _quad_over_lin,
+    QuadForm: _quad_form,
+    exp: _elementwise(torch.exp),
+    log: _elementwise(torch.log),
+    log1p: _elementwise(torch.log1p),
+    log_sum_exp: _log_sum_exp,
+    logistic: _elementwise(lambda t: torch.logaddexp(torch.zeros_like(t), t)),
+    entr: _elementwise(_entr),
+    huber: _huber,
+    kl_div: _kl_div,
+    rel_entr: _rel_entr,
+    xexp: _elementwise(_xexp),
+}
+
+SUPPORTED_ATOMS = sorted({cls.__name__ for cls in _HANDLERS})
+
+# Nonsmooth atoms and the epigraph rewrite that makes each smooth.
+# ``{e}`` is the atom's argument as cvxpy prints it.
+_EPIGRAPH_REWRITES = {
+    "abs": "t = cp.Variable({shape}) with constraints [-t <= {e}, {e} <= t], and use t in place of abs({e})",
+    "maximum": "t = cp.Variable({shape}) with constraints [t >= a for each argument a], and use t in place of the maximum",
+    "minimum": "minimum is concave: in a concave position use t = cp.Variable({shape}) with [t <= a for each argument a]",
+    "max": "t = cp.Variable() with the constraint {e} <= t, and use t in place of max({e})",
+    "min": "t = cp.Variable() with the constraint t <= {e}, and use t in place of min({e})",
+    "norm1": "t = cp.Variable({arg_shape}) with [-t <= {e}, {e} <= t], and use cp.sum(t) in place of norm1({e})",
+    "norm_inf": "s = cp.Variable() with [-s <= {e}, {e} <= s], and use s in place of norm_inf({e})",
+    "Pnorm": "for p=1 use t = cp.Variable({arg_shape}) with [-t <= {e}, {e} <= t] and cp.sum(t); "
+             "for p=inf use s = cp.Variable() with [-s <= {e}, {e} <= s]",
+}
+
+
+def _nonsmooth(expr) -> NonSmoothAtomError:
+    name = next(c.__name__ for c in type(expr).__mro__ if c.__name__ in _EPIGRAPH_REWRITES)
+    arg = expr.args[0]
+    rewrite = _EPIGRAPH_REWRITES[name].format(e=arg, shape=expr.shape, arg_shape=arg.shape)
+    return NonSmoothAtomError(
+        f"The atom {type(expr).__name__} in `{expr}` is nonsmooth: it has no Hessian at its kinks, "
+        f"so the KKT conditions cbo differentiates do not exist there. Rewrite it in smooth "
+        f"epigraph form: {rewrite}."
+    )
+
+
+def _find_handler(expr) -> Callable:
+    for cls in type(expr).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+        if cls.__name__ in _EPIGRAPH_REWRITES and cls.__name__ != "Pnorm":
+            raise _nonsmooth(expr)
+    raise UnsupportedAtomError(
+        f"cbo cannot translate the cvxpy atom {type(expr).__name__} (in `{expr}`) to torch yet. "
+        f"Supported atoms: {', '.join(SUPPORTED_ATOMS)}. Rewrite the expression with these, "
+        "or open an issue asking for the atom."
+    )
