@@ -136,7 +136,7 @@ def hypergrad(
     with _timed(timings, "inner_solve"):
         sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], solver, solver_options)
     with _timed(timings, "polish"):
-        op, active, polish_info = _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution)
+        op, active, polish_info = _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution, method)
     with _timed(timings, "kkt_checks"):
         licq = licq_check(op)
     with _timed(timings, "adjoint_solve"):
@@ -202,8 +202,12 @@ def as_parameter_tensors(problem: BilevelProblem, x) -> tuple[list[torch.Tensor]
     return xs, originals
 
 
-def _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution):
-    """Active set from the cvxpy solution, then the (polished) KKT operator there."""
+def _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution, method):
+    """Active set from the cvxpy solution, then the (polished) KKT operator there.
+
+    The Newton steps of the polish use the adjoint method when it is a direct
+    or Krylov one, else MINRES.
+    """
     device = xs[0].device
     y = torch.as_tensor(sol.y, dtype=torch.float64, device=device)
     env = problem.env(xs, problem.split_y(y))
@@ -219,7 +223,12 @@ def _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution):
         return bool((p[torch.as_tensor(inactive, device=device)] <= active.tol_p).all()) if inactive.size else True
 
     if polish_solution:
-        op, info = polish(problem, xs, w, active, inactive_feasible)
+        newton_method = method if method in ("direct", "cg", "minres") else "minres"
+
+        def newton_step(op, rhs):
+            return ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-8)[0]
+
+        op, info = polish(problem, xs, w, active, inactive_feasible, newton_step)
     else:
         op = KKTOperator(problem, xs, w, active.active)
         residual = float(op.residual.abs().max()) if op.size else 0.0

@@ -64,7 +64,10 @@ def solve_inner(
     options = {**DEFAULT_SOLVER_OPTIONS.get(solver, {}), **(solver_options or {})}
     start = time.perf_counter()
     try:
-        problem.inner.solve(solver=solver, **options)
+        with warnings.catch_warnings():
+            # cbo re-canonicalizes non-DPP problems on purpose; cvxpy's notice is noise here.
+            warnings.filterwarnings("ignore", message=".*not DPP.*")
+            problem.inner.solve(solver=solver, **options)
     except cp.error.SolverError as err:
         raise InnerSolveError(
             f"The inner solver {solver} failed: {err}. Try another solver "

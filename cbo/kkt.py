@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,17 +62,24 @@ class ActiveSet:
 def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: float = 1e-6) -> ActiveSet:
     r"""Classify inequality entries from the multipliers mu and constraint values p = slack.
 
-    An entry is active when mu_i > tol_mu = tol * max(1, ||mu||_inf) (seed 003:
-    entries with mu_i = 0 are dropped from the KKT system). An entry with
-    mu_i <= tol_mu and |p_i| <= tol_p = sqrt(tol) * max(1, ||p||_inf) is
-    *weakly active*: it touches its bound without a multiplier, strict
-    complementarity fails and y*(x) has only one-sided derivatives there. A
-    :class:`DegenerateKKTWarning` names such constraints.
+    With scales s_mu = max(1, ||mu||_inf) and s_p = max(1, ||p||_inf):
+
+    * *weakly active* when mu_i <= tol_p s_mu and |p_i| <= tol_p s_p, with
+      tol_p = sqrt(tol) / 10: the constraint touches its bound with a (near)
+      zero multiplier. Strict complementarity fails, y*(x) has only one-sided
+      derivatives there, and an interior-point solver returns mu_i and |p_i|
+      both of order sqrt(its gap tolerance). Treated as inactive, and named in
+      a :class:`DegenerateKKTWarning`.
+    * *active* otherwise when mu_i > tol_mu = tol s_mu (seed 003: entries
+      with mu_i = 0 are dropped from the KKT system);
+    * *inactive* otherwise.
     """
-    tol_mu = tol * max(1.0, float(np.abs(mu).max(initial=0.0)))
-    tol_p = np.sqrt(tol) * max(1.0, float(np.abs(slack).max(initial=0.0)))
-    is_active = mu > tol_mu
-    weak = np.flatnonzero(~is_active & (np.abs(slack) <= tol_p))
+    scale_mu = max(1.0, float(np.abs(mu).max(initial=0.0)))
+    scale_p = max(1.0, float(np.abs(slack).max(initial=0.0)))
+    tol_mu, tol_p = tol * scale_mu, np.sqrt(tol) / 10 * scale_p
+    weak_mask = (mu <= np.sqrt(tol) / 10 * scale_mu) & (np.abs(slack) <= tol_p)
+    is_active = (mu > tol_mu) & ~weak_mask
+    weak = np.flatnonzero(weak_mask)
     labels = {int(i): problem.constraint_label(int(i)) for i in weak}
     if labels:
         warnings.warn(
@@ -201,11 +208,12 @@ def polish(
     x: Sequence[torch.Tensor],
     w: torch.Tensor,
     active: ActiveSet,
-    slack_inactive_ok,
+    slack_inactive_ok: Callable[[torch.Tensor], bool],
+    linear_solve: Callable[[KKTOperator, torch.Tensor], torch.Tensor],
     tol: float = 1e-12,
     max_steps: int = 5,
 ) -> tuple[KKTOperator, PolishInfo]:
-    r"""Newton steps w <- w - K^{-1} R(w) on the active-set KKT system, solved by MINRES.
+    r"""Newton steps w <- w - K^{-1} R(w) on the active-set KKT system.
 
     Interior-point solutions are accurate to ~1e-8 on QPs but only to 1e-5..1e-7
     on exponential and second-order cone problems; a few Newton steps bring
@@ -213,18 +221,18 @@ def polish(
     solution kept) if it makes an active multiplier negative or an inactive
     constraint infeasible: that means the active set was misjudged.
 
-    ``slack_inactive_ok(y) -> bool`` checks the inactive constraints.
+    ``slack_inactive_ok(y) -> bool`` checks the inactive constraints;
+    ``linear_solve(op, rhs)`` solves K d = rhs (one of the adjoint solvers: the
+    step needs only a modest relative accuracy, as rhs = -R is already small).
     Returns the operator at the final point and a :class:`PolishInfo`.
     """
-    from .linsolve import minres  # local: linsolve imports nothing from here, keep it that way
-
     op = KKTOperator(problem, x, w, active.active)
     before = _residual_norm(op)
     best_op, best = op, before
     steps = 0
     n_y, n_A = problem.n_y, active.active.numel()
     while steps < max_steps and best > tol * _residual_scale(best_op):
-        step, _ = minres(op.matvec, -op.residual, tol=1e-14, maxiter=5 * op.size)
+        step = linear_solve(op, -op.residual)
         candidate = op.w.detach() + step
         if n_A and (candidate[n_y:n_y + n_A] < 0).any():
             return best_op, PolishInfo(steps, before, best, steps > 0, "an active multiplier turned negative")

@@ -120,18 +120,18 @@ class NegativeCurvature(ArithmeticError):
 
 
 def cg(matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None, *, tol: float = 1e-10,
-       maxiter: int | None = None) -> tuple[torch.Tensor, int]:
+       maxiter: int | None = None, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     r"""Conjugate gradients for A x = b with A symmetric positive definite.
 
-    Stops when ||b - A x_k|| <= tol * ||b||. Raises :class:`NegativeCurvature`
-    if a search direction has p^T A p <= 0 (A not positive definite).
-    Returns (x, iterations).
+    Stops when ||b - A x_k|| <= tol * scale (default scale: ||b||). Raises
+    :class:`NegativeCurvature` if a search direction has p^T A p <= 0 (A not
+    positive definite). Returns (x, iterations).
     """
     maxiter = maxiter or 10 * b.shape[-1]
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - matvec(x) if x0 is not None else b.clone()
     p, rs = r, _dot(r, r)
-    threshold = (tol * _norm(b)) ** 2
+    threshold = (tol * (_norm(b) if scale is None else scale)) ** 2
     done = rs <= threshold
     iterations = 0
     while iterations < maxiter and not bool(done.all()):
@@ -194,6 +194,7 @@ class NullSpaceSystem:
         self.op, self.n_y = op, op.n_y
         self.J = op.constraint_jacobian()
         self.gram_solve = _gram_solver(self.J)
+        self.b = b
         self.b_y, self.c = b[..., : self.n_y], b[..., self.n_y:]
         self.v_p = self._range_part(self.c)
         self.rhs = self.project(self.b_y - self.hess(self.v_p))
@@ -251,7 +252,7 @@ def solve_projected_cg(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torc
     sufficient condition holds; raises :class:`ConvergenceError` on negative curvature."""
     system = NullSpaceSystem(op, b)
     try:
-        z, iterations = cg(system.matvec, system.rhs, system.initial(x0), tol=tol, maxiter=maxiter)
+        z, iterations = cg(system.matvec, system.rhs, system.initial(x0), tol=tol, maxiter=maxiter, scale=_norm(b))
     except NegativeCurvature as err:
         raise ConvergenceError(
             f"cg: the Hessian of the Lagrangian is not positive definite on the null space of the "
@@ -282,7 +283,7 @@ def _step_size(system: NullSpaceSystem, iterations: int = 30) -> tuple[float, fl
 
 
 def _richardson(system: NullSpaceSystem, z0, tol, maxiter, restart_from_best: bool):
-    r"""Iterate z <- z + alpha (r - P H P z); stop at ||r - P H P z|| <= tol ||r||.
+    r"""Iterate z <- z + alpha (r - P H P z); stop at ||r - P H P z|| <= tol ||b||.
 
     Halves alpha (restarting from the best iterate when ``restart_from_best``,
     else from zero) whenever the residual grows 10-fold.
@@ -290,7 +291,7 @@ def _richardson(system: NullSpaceSystem, z0, tol, maxiter, restart_from_best: bo
     """
     alpha, lam_max = _step_size(system)
     r = system.rhs
-    target = tol * float(_norm(r).max())
+    target = tol * float(_norm(system.b).max())
     z = torch.zeros_like(r) if z0 is None else z0.clone()
     best_z, best = z, math.inf
     history: list[float] = []

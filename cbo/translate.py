@@ -161,7 +161,7 @@ def _reshape(t: torch.Tensor, shape: tuple, order: str) -> torch.Tensor:
 def _numpy_index(shape: tuple, key) -> torch.Tensor:
     """Flat positions that numpy's ``a[key]`` picks from an array of ``shape``."""
     positions = np.arange(int(np.prod(shape, dtype=int))).reshape(shape)[key]
-    return torch.as_tensor(np.ascontiguousarray(positions), dtype=torch.long)
+    return torch.as_tensor(np.array(positions), dtype=torch.long)  # np.array keeps 0-d keys 0-d
 
 
 def _sum_axis(t: torch.Tensor, axis, keepdims: bool) -> torch.Tensor:
@@ -169,10 +169,6 @@ def _sum_axis(t: torch.Tensor, axis, keepdims: bool) -> torch.Tensor:
         s = t.sum()
         return s.reshape((1,) * t.dim()) if keepdims else s
     return t.sum(dim=axis, keepdim=keepdims)
-
-
-def _p_value(p) -> float:
-    return float(np.asarray(p.value if isinstance(p, cp.Expression) else p))
 
 
 # ---------------------------------------------------------------- handlers
@@ -194,15 +190,13 @@ def _special_index(expr, a):
 
 
 def _power(expr, a):
-    p = _p_value(expr.p)
-    if p == 1:
-        return a
-    return lambda env: a(env) ** p
+    p = to_torch(expr.p) if isinstance(expr.p, cp.Expression) else _constant(expr.p)
+    return lambda env: a(env) ** p(env)
 
 
 def _pnorm(expr, a):
     p, axis, keepdims = float(expr.p), expr.axis, expr.keepdims
-    if p <= 1 or np.isinf(p):
+    if p == 1 or np.isinf(p):
         raise _nonsmooth(expr)
     return lambda env: torch.linalg.vector_norm(a(env), ord=p, dim=axis, keepdim=keepdims)
 
@@ -229,10 +223,10 @@ def _flat_lse(t, keepdims):
 
 
 def _huber(expr, a):
-    M = expr.M
+    M = to_torch(expr.M)
 
     def f(env):
-        t, m = a(env), env.tensor(M.value)
+        t, m = a(env), M(env)
         absolute = t.abs()
         return torch.where(absolute <= m, t ** 2, 2 * m * absolute - m ** 2)
 
@@ -240,15 +234,20 @@ def _huber(expr, a):
 
 
 def _entr(t: torch.Tensor) -> torch.Tensor:
-    return -t * torch.log(t)
+    return -torch.special.xlogy(t, t)
+
+
+def _rel_entr_values(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x log(x / y), with 0 log 0 = 0."""
+    return torch.special.xlogy(x, x) - torch.special.xlogy(x, y)
 
 
 def _kl_div(expr, x, y):
-    return lambda env: x(env) * torch.log(x(env) / y(env)) - x(env) + y(env)
+    return lambda env: _rel_entr_values(x(env), y(env)) - x(env) + y(env)
 
 
 def _rel_entr(expr, x, y):
-    return lambda env: x(env) * torch.log(x(env) / y(env))
+    return lambda env: _rel_entr_values(x(env), y(env))
 
 
 def _xexp(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""Bad input and degenerate problems: each gets a clear exception or warning, never NaN."""
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import cbo
+from builders import random_qp
+
+
+def simple_problem(constraints=lambda y, x: [y <= 1], objective=None, n=3, **kwargs):
+    x, y = cp.Parameter(n), cp.Variable(n)
+    objective = objective or (lambda y, x: cp.Minimize(cp.sum_squares(y - x)))
+    inner = cp.Problem(objective(y, x), constraints(y, x))
+    return cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: (y ** 2).sum(), **kwargs)
+
+
+# ---------------------------------------------------------------- inner solve failures
+
+def test_infeasible_inner_problem_raises():
+    problem = simple_problem(lambda y, x: [y <= x, y >= x + 1])
+    with pytest.raises(cbo.InnerSolveError, match="infeasible"):
+        cbo.hypergrad(problem, torch.zeros(3))
+
+
+def test_unbounded_inner_problem_raises():
+    problem = simple_problem(lambda y, x: [y <= 1], objective=lambda y, x: cp.Minimize(x @ y))
+    with pytest.raises(cbo.InnerSolveError, match="unbounded"):
+        cbo.hypergrad(problem, torch.ones(3))
+
+
+def test_infeasible_only_for_some_x():
+    problem = simple_problem(lambda y, x: [y >= 0, cp.sum(y) <= x[0]])
+    assert torch.isfinite(cbo.hypergrad(problem, torch.ones(3))).all()
+    with pytest.raises(cbo.InnerSolveError, match="infeasible for this x"):
+        cbo.hypergrad(problem, -torch.ones(3))
+
+
+# ---------------------------------------------------------------- problem definition
+
+def test_non_dcp_problem_names_the_culprit():
+    with pytest.raises(cbo.ProblemDefinitionError, match="not DCP.*objective"):
+        simple_problem(objective=lambda y, x: cp.Maximize(cp.sum_squares(y - x)))
+
+
+def test_non_dcp_constraint_is_named():
+    with pytest.raises(cbo.ProblemDefinitionError, match="not DCP.*constraint"):
+        simple_problem(lambda y, x: [cp.sum_squares(y) >= 1])
+
+
+@pytest.mark.parametrize("atom, name", [
+    (lambda y: cp.norm1(y), "norm1"),
+    (lambda y: cp.sum(cp.abs(y)), "abs"),
+    (lambda y: cp.sum(cp.pos(y)), "maximum"),
+    (lambda y: cp.norm_inf(y), "norm_inf"),
+    (lambda y: cp.max(y), "max"),
+])
+def test_nonsmooth_atom_names_atom_and_rewrite(atom, name):
+    with pytest.raises(cbo.NonSmoothAtomError, match=f"{name}.*epigraph"):
+        simple_problem(objective=lambda y, x: cp.Minimize(cp.sum_squares(y - x) + atom(y)))
+
+
+def test_cone_constraint_is_refused_with_rewrite():
+    with pytest.raises(cbo.ProblemDefinitionError, match="SOC.*norm"):
+        simple_problem(lambda y, x: [cp.SOC(cp.Constant(1.0), y)])
+
+
+def test_parameter_not_in_problem():
+    x, y, z = cp.Parameter(2), cp.Variable(2), cp.Parameter(2)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)))
+    with pytest.raises(cbo.ProblemDefinitionError, match="does not appear"):
+        cbo.BilevelProblem(inner, [z], [y])
+
+
+def test_variable_not_in_problem():
+    x, y = cp.Parameter(2), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)))
+    with pytest.raises(cbo.ProblemDefinitionError, match="does not appear"):
+        cbo.BilevelProblem(inner, [x], [cp.Variable(2)])
+
+
+def test_variable_attributes_need_explicit_constraints():
+    x, y = cp.Parameter(2), cp.Variable(2, nonneg=True)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)))
+    with pytest.raises(cbo.ProblemDefinitionError, match="nonneg.*>= 0"):
+        cbo.BilevelProblem(inner, [x], [y])
+
+
+def test_outer_not_callable():
+    x, y = cp.Parameter(2), cp.Variable(2)
+    with pytest.raises(cbo.ProblemDefinitionError, match="callable"):
+        cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], outer=3.0)
+
+
+def test_outer_must_return_scalar():
+    x, y = cp.Parameter(3), cp.Variable(3)
+    problem = cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], outer=lambda x, y: y)
+    with pytest.raises(cbo.ProblemDefinitionError, match="scalar"):
+        cbo.hypergrad(problem, torch.ones(3))
+
+
+def test_missing_outer():
+    x, y = cp.Parameter(3), cp.Variable(3)
+    problem = cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x])
+    with pytest.raises(cbo.ProblemDefinitionError, match="no outer objective"):
+        cbo.hypergrad(problem, torch.ones(3))
+
+
+# ---------------------------------------------------------------- parameter values
+
+def test_wrong_shape_names_parameter_and_shapes():
+    problem = simple_problem()
+    with pytest.raises(ValueError, match=r"shape \(3,\).*shape \(4,\)"):
+        cbo.hypergrad(problem, torch.ones(4))
+
+
+def test_wrong_number_of_parameters():
+    problem = simple_problem()
+    with pytest.raises(ValueError, match="1 parameter"):
+        cbo.hypergrad(problem, [torch.ones(3), torch.ones(3)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_x_raises(bad):
+    problem = simple_problem()
+    x = torch.ones(3)
+    x[1] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cbo.hypergrad(problem, x)
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(ValueError, match="minres"):
+        cbo.hypergrad(simple_problem(), torch.ones(3), method="gmress")
+
+
+# ---------------------------------------------------------------- linear solve
+
+@pytest.mark.parametrize("method", ["minres", "cg", "fixed_point", "neumann"])
+def test_tiny_maxiter_raises_with_residual(method):
+    case = random_qp(40, seed=11)
+    with pytest.raises(cbo.ConvergenceError, match="did not converge: relative residual") as err:
+        cbo.hypergrad(case.problem, case.x_tensors, method=method, maxiter=2, warm_start=False)
+    assert err.value.info.iterations <= 2 and err.value.info.residual > 1e-10
+
+
+def test_nonconvergence_can_warn_instead():
+    case = random_qp(40, seed=11)
+    with pytest.warns(cbo.ConvergenceWarning, match="did not converge"):
+        g = cbo.hypergrad(case.problem, case.x_tensors, method="minres", maxiter=2,
+                          warm_start=False, on_nonconvergence="warn")
+    assert all(torch.isfinite(t).all() for t in g)
+
+
+# ---------------------------------------------------------------- degenerate KKT systems
+
+def test_weakly_active_constraint_is_named():
+    # min (y - x)^2 s.t. y <= 1 at x = 1: the bound is touched with zero multiplier.
+    problem = simple_problem(lambda y, x: [y <= 1])
+    with pytest.warns(cbo.DegenerateKKTWarning, match="weakly active") as record:
+        g, info = cbo.hypergrad(problem, torch.ones(3), return_info=True)
+    message = str(record[0].message)
+    assert "<= 1" in message and "entry (2,)" in message
+    assert len(info.active_set.weakly_active) == 3
+    assert torch.isfinite(g).all()
+
+
+def test_dependent_active_constraints_warn_licq():
+    # The same active constraint twice: J has rank 1 for 2 rows.
+    problem = simple_problem(lambda y, x: [cp.sum(y) >= 3, 2 * cp.sum(y) >= 6])
+    with pytest.warns(cbo.DegenerateKKTWarning, match="LICQ fails"):
+        g, info = cbo.hypergrad(problem, torch.zeros(3), method="minres", return_info=True)
+    assert not info.licq.holds
+    # y* = (1, 1, 1) for every x near 0: dy*/dx projects out the all-ones direction.
+    expected = 2 * torch.ones(3) @ (torch.eye(3) - torch.ones(3, 3) / 3)
+    assert torch.allclose(g.float(), expected, atol=1e-5)
+
+
+def test_no_nan_on_degenerate_direct_solve():
+    problem = simple_problem(lambda y, x: [cp.sum(y) >= 3, 2 * cp.sum(y) >= 6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)
+        g = cbo.hypergrad(problem, np.zeros(3), method="direct")
+    assert torch.isfinite(g).all()
