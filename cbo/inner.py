@@ -106,7 +106,7 @@ def _check_status(status: str, solver: str) -> None:
             f"The inner solver {solver} returned 'optimal_inaccurate'; cbo polishes the solution on "
             "the KKT system, but check info.kkt_residual.",
             InaccurateSolutionWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return
     raise InnerSolveError(f"The inner solver {solver} stopped with status '{status}'. Try another solver.")

@@ -84,12 +84,12 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
     if labels:
         warnings.warn(
             "Strict complementarity fails at the inner solution: "
-            + "; ".join(labels.values())
+            + problem.describe_entries(weak)
             + " touch(es) the bound with a zero multiplier (weakly active). y*(x) is not "
             "differentiable there; cbo returns the one-sided derivative that keeps these "
             "constraints inactive. Move x slightly, or check info.active_set.",
             DegenerateKKTWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return ActiveSet(torch.as_tensor(np.flatnonzero(is_active), dtype=torch.long), list(map(int, weak)), labels, tol_mu, tol_p)
 

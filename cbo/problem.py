@@ -43,8 +43,13 @@ class ConstraintBlock:
 
     def label(self, entry: int | None = None) -> str:
         """Human-readable name: ``constraint 2 (`G @ y <= h`), entry 5``."""
-        where = f", entry {np.unravel_index(entry, self.constraint.shape)}" if entry is not None and self.size > 1 else ""
-        return f"constraint {self.constraint.constr_id} (`{self.constraint}`){where}"
+        return f"constraint {self.constraint.constr_id} (`{self.constraint}`){self._entry_text(entry)}"
+
+    def _entry_text(self, entry: int | None) -> str:
+        if entry is None or self.size == 1:
+            return ""
+        position = tuple(int(i) for i in np.unravel_index(entry, self.constraint.shape))
+        return f", entry {position[0] if len(position) == 1 else position}"
 
 
 class BilevelProblem:
@@ -163,9 +168,30 @@ class BilevelProblem:
 
     def constraint_label(self, flat_index: int, equality: bool = False) -> str:
         """Name of entry ``flat_index`` of the stacked inequalities (or equalities)."""
+        block = self._block_of(flat_index, equality)
+        return block.label(flat_index - block.offset)
+
+    def describe_entries(self, flat_indices, equality: bool = False) -> str:
+        """Names of several stacked entries, grouped by constraint:
+        ``constraint 2 (`G @ y <= h`), entries 0, 3``."""
+        groups: dict[int, list[int]] = {}
+        for i in flat_indices:
+            block = self._block_of(int(i), equality)
+            groups.setdefault(block.offset, []).append(int(i) - block.offset)
+        parts = []
+        for offset, entries in groups.items():
+            block = self._block_of(offset, equality)
+            if block.size == 1:
+                parts.append(block.label())
+            else:
+                positions = [block._entry_text(e).removeprefix(", entry ") for e in entries]
+                parts.append(f"{block.label()}, entr{'y' if len(entries) == 1 else 'ies'} {', '.join(positions)}")
+        return "; ".join(parts)
+
+    def _block_of(self, flat_index: int, equality: bool) -> ConstraintBlock:
         for block in self.equalities if equality else self.inequalities:
             if block.offset <= flat_index < block.offset + block.size:
-                return block.label(flat_index - block.offset)
+                return block
         raise IndexError(flat_index)
 
 
