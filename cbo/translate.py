@@ -40,6 +40,7 @@ from cvxpy.atoms.affine.trace import Trace
 from cvxpy.atoms.affine.transpose import transpose
 from cvxpy.atoms.affine.unary_operators import NegExpression
 from cvxpy.atoms.affine.vstack import Vstack
+from cvxpy.atoms.affine.wraps import Wrap
 from cvxpy.atoms.elementwise.entr import entr
 from cvxpy.atoms.elementwise.exp import exp
 from cvxpy.atoms.elementwise.huber import huber
@@ -305,12 +306,13 @@ _HANDLERS: dict[type, Callable] = {
     ),
     Hstack: _hstack,
     Vstack: _vstack,
-    Trace: lambda e, a: (lambda env: torch.trace(a(env))),
+    Trace: lambda e, a: (lambda env: torch.diagonal(a(env)).sum()),
     Promote: lambda e, a: (lambda env: a(env).expand(e.shape)),
     broadcast_to: lambda e, a: (lambda env: a(env).expand(e.shape)),
     diag_vec: _diag_vec,
     diag_mat: _diag_mat,
     cumsum: _cumsum,
+    Wrap: lambda e, a: a,  # psd_wrap, symmetric_wrap, ...: assertions for cvxpy, the identity here
     # smooth nonlinear
     Power: _power,
     Pnorm: _pnorm,

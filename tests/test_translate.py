@@ -195,6 +195,7 @@ NONLINEAR = cases(
     square=cp.square(y),
     quad_form_const=cp.quad_form(y, P_CONST),
     quad_form_psd_param=cp.quad_form(y, Ppsd),
+    quad_form_psd_wrap=cp.quad_form(y, cp.psd_wrap(P_CONST)),
     power_3=cp.power(y, 3),
     power_half=cp.power(yp, 0.5),
     power_1_5=cp.power(yp, 1.5),
