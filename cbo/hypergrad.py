@@ -11,7 +11,6 @@ dimension of x.
 from __future__ import annotations
 
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -19,9 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InaccurateSolutionWarning
 from .inner import solve_inner
-from .kkt import ActiveSet, KKTOperator, LICQInfo, PolishInfo, active_set, licq_check, polish
+from .kkt import ActiveSet, LICQInfo, PolishInfo, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .problem import BilevelProblem
 
@@ -135,32 +133,30 @@ def hypergrad(
 
     with _timed(timings, "inner_solve"):
         sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], solver, solver_options)
+    batch = [t.unsqueeze(0) for t in xs]  # the KKT machinery is batched: a batch of one
     with _timed(timings, "polish"):
-        op, active, polish_info = _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution, method)
+        op, (active,), (polish_info,) = kkt_at_solutions(problem, batch, [sol], method, active_tol, polish_solution)
     with _timed(timings, "kkt_checks"):
-        licq = licq_check(op)
+        (licq,) = licq_check(op)
     with _timed(timings, "adjoint_solve"):
-        y_flat = op.w.detach()[: problem.n_y]
+        y_flat = op.w.detach()[0, : problem.n_y]
         outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
-        b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)])
+        b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)]).unsqueeze(0)
         x0 = _warm_start(problem, method, active) if warm_start else None
         v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=tol, maxiter=maxiter,
                                       on_nonconvergence=on_nonconvergence)
         problem.adjoint_cache[method] = (active.signature, v.detach())
-        grads = [gx - gr for gx, gr in zip(dF_dx, op.vjp_x(v))]
+        grads = [gx - gr[0] for gx, gr in zip(dF_dx, op.vjp_x(v))]
     timings["total"] = time.perf_counter() - start
 
     grads = [g.detach().to(dtype=t.dtype, device=t.device) for g, t in zip(grads, like)]
     result = grads[0] if len(like) == 1 and not isinstance(x, (list, tuple)) else grads
     if not return_info:
         return result
-    w = op.w.detach()
-    n_A = active.active.numel()
-    mu = torch.zeros(problem.n_ineq, dtype=w.dtype, device=w.device)
-    mu[active.active.to(w.device)] = w[problem.n_y: problem.n_y + n_A]
+    y, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
     info = HypergradInfo(
         method=method, solver=sol.solver, solver_status=sol.status, outer_value=outer_value,
-        y=problem.split_y(w[: problem.n_y]), mu=mu, nu=w[problem.n_y + n_A:], active_set=active,
+        y=problem.split_y(y), mu=mu, nu=nu, active_set=active,
         licq=licq, kkt_residual=polish_info.residual_after, polish=polish_info,
         linear_solve=solve_info, timings=timings,
     )
@@ -200,48 +196,6 @@ def as_parameter_tensors(problem: BilevelProblem, x) -> tuple[list[torch.Tensor]
             )
         xs.append(value.detach().to(device=device, dtype=torch.float64))
     return xs, originals
-
-
-def _kkt_operator_at_solution(problem, xs, sol, active_tol, polish_solution, method):
-    """Active set from the cvxpy solution, then the (polished) KKT operator there.
-
-    The Newton steps of the polish use the adjoint method when it is a direct
-    or Krylov one, else MINRES.
-    """
-    device = xs[0].device
-    y = torch.as_tensor(sol.y, dtype=torch.float64, device=device)
-    env = problem.env(xs, problem.split_y(y))
-    slack = problem.stack(problem.inequalities, env).cpu().numpy()
-    active = active_set(problem, sol.mu, slack, active_tol)
-    mu_active = torch.as_tensor(sol.mu[active.active.numpy()], dtype=torch.float64, device=device)
-    nu = torch.as_tensor(sol.nu, dtype=torch.float64, device=device)
-    w = torch.cat([y, mu_active, nu])
-    inactive = np.setdiff1d(np.arange(problem.n_ineq), active.active.numpy())
-
-    def inactive_feasible(y_flat):
-        p = problem.stack(problem.inequalities, problem.env(xs, problem.split_y(y_flat)))
-        return bool((p[torch.as_tensor(inactive, device=device)] <= active.tol_p).all()) if inactive.size else True
-
-    if polish_solution:
-        newton_method = method if method in ("direct", "cg", "minres") else "minres"
-
-        def newton_step(op, rhs):
-            return ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-8)[0]
-
-        op, info = polish(problem, xs, w, active, inactive_feasible, newton_step)
-    else:
-        op = KKTOperator(problem, xs, w, active.active)
-        residual = float(op.residual.abs().max()) if op.size else 0.0
-        info = PolishInfo(0, residual, residual, False, "disabled")
-    if info.residual_after > 1e-6 * max(1.0, float(w.abs().max())):
-        warnings.warn(
-            f"The KKT residual at the inner solution is {info.residual_after:.2e} "
-            f"(polish: {info.reason or 'ran'}): the hypergradient will be inaccurate. Tighten the "
-            "solver tolerances or try another solver.",
-            InaccurateSolutionWarning,
-            stacklevel=3,
-        )
-    return op, active, info
 
 
 def _outer_gradients(problem, xs, y_flat):

@@ -1,17 +1,21 @@
-r"""The KKT system of the active set, as a matrix-free torch operator.
+r"""The KKT system of the active set, as a matrix-free, batched torch operator.
 
-With w = (y, mu_A, nu) and the Lagrangian of the active constraints
+With w = (y, mu, nu) and the Lagrangian of the active constraints (inactive
+multipliers padded with the trivial equation mu_i = 0, see
+:meth:`BilevelProblem.lagrangian`)
 
     L(w, x) = g(x, y) + mu_A . p_A(x, y) + nu . q(x, y),
 
 the KKT residual is R(w, x) = grad_w L = (grad_y L, p_A, q), which vanishes at
 the inner solution. Its Jacobian in w is the symmetric, indefinite KKT matrix
 
-    K = hess_ww L = [[H, J^T], [J, 0]],   H = hess_yy L,   J = d(p_A, q)/dy,
+    K = hess_ww L = [[H, J^T], [J, 0]],   H = hess_yy L,   J = d(p_A, q)/dy
 
-so every product K v is one Hessian-vector product of L, and every
-(dR/dx)^T v one mixed second derivative: both come from torch autograd on the
-graph of R, built once per point w.
+(with a unit diagonal on the padded inactive rows), so every product K v is
+one Hessian-vector product of L, and every (dR/dx)^T v one mixed second
+derivative: both come from torch autograd on the graph of R, built once per
+point w. A batch of B items is one graph (the items' Lagrangians evaluated by
+``torch.func.vmap`` and summed), so one backward pass applies all B operators.
 """
 from __future__ import annotations
 
@@ -21,27 +25,31 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.func import vmap
 
-from .errors import DegenerateKKTWarning
+from .errors import DegenerateKKTWarning, InaccurateSolutionWarning
+from .linsolve import ADJOINT_SOLVERS
 from .problem import BilevelProblem
 
-__all__ = ["ActiveSet", "active_set", "KKTOperator", "polish", "PolishInfo", "licq_check", "LICQInfo"]
+__all__ = [
+    "ActiveSet", "active_set", "KKTOperator", "polish", "PolishInfo", "licq_check", "LICQInfo", "kkt_at_solutions",
+]
 
 
 # ---------------------------------------------------------------- active set
 
 @dataclass
 class ActiveSet:
-    """Which stacked inequality entries are active at the inner solution.
+    """Which stacked inequality entries are active at one inner solution.
 
     Attributes
     ----------
     active : LongTensor
-        Entries with mu_i > tol_mu (strongly active): kept as equalities.
+        Entries kept as equalities in the KKT system.
     weakly_active : list[int]
-        Entries with mu_i <= tol_mu but |p_i| <= tol_p: strict
-        complementarity fails, the derivative is one-sided there. They are
-        treated as inactive.
+        Entries touching their bound with a (near) zero multiplier: strict
+        complementarity fails, the derivative is one-sided there. Treated as
+        inactive.
     labels : dict[int, str]
         Human-readable names of the weakly active entries.
     tol_mu, tol_p : float
@@ -58,8 +66,15 @@ class ActiveSet:
     def signature(self) -> tuple:
         return tuple(self.active.tolist())
 
+    def mask(self, n_ineq: int) -> torch.Tensor:
+        """The active set as a {0, 1} float64 vector over all inequality entries."""
+        mask = torch.zeros(n_ineq, dtype=torch.float64)
+        mask[self.active] = 1.0
+        return mask
 
-def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: float = 1e-6) -> ActiveSet:
+
+def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: float = 1e-6,
+               where: str = "") -> ActiveSet:
     r"""Classify inequality entries from the multipliers mu and constraint values p = slack.
 
     With scales s_mu = max(1, ||mu||_inf) and s_p = max(1, ||p||_inf):
@@ -69,7 +84,7 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
       zero multiplier. Strict complementarity fails, y*(x) has only one-sided
       derivatives there, and an interior-point solver returns mu_i and |p_i|
       both of order sqrt(its gap tolerance). Treated as inactive, and named in
-      a :class:`DegenerateKKTWarning`.
+      a :class:`DegenerateKKTWarning` (prefixed by ``where``, e.g. a batch item).
     * *active* otherwise when mu_i > tol_mu = tol s_mu (seed 003: entries
       with mu_i = 0 are dropped from the KKT system);
     * *inactive* otherwise.
@@ -83,7 +98,7 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
     labels = {int(i): problem.constraint_label(int(i)) for i in weak}
     if labels:
         warnings.warn(
-            "Strict complementarity fails at the inner solution: "
+            f"{where}Strict complementarity fails at the inner solution: "
             + problem.describe_entries(weak)
             + " touch(es) the bound with a zero multiplier (weakly active). y*(x) is not "
             "differentiable there; cbo returns the one-sided derivative that keeps these "
@@ -97,69 +112,75 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
 # ---------------------------------------------------------------- operator
 
 class KKTOperator:
-    r"""Products with K = hess_ww L and with (dR/dx)^T at one point (w, x).
+    r"""Products with K = hess_ww L and with (dR/dx)^T at a batch of points (w, x).
 
     Parameters
     ----------
     problem : BilevelProblem
-    x : list of tensors
-        Parameter values (device and dtype of the whole computation).
-    w : tensor, shape (n_y + n_A + n_eq,)
-        Stacked (y, mu_A, nu).
-    active : LongTensor
-        Active entries of the stacked inequalities.
+    x : list of tensors, each (B, *parameter.shape)
+        Parameter values; their device and dtype are the computation's.
+    w : tensor (B, n_y + n_ineq + n_eq)
+        Stacked (y, mu, nu) per item; mu is zero off the active set.
+    active : tensor (B, n_ineq)
+        1.0 on active inequality entries, 0.0 elsewhere.
     """
 
     def __init__(self, problem: BilevelProblem, x: Sequence[torch.Tensor], w: torch.Tensor, active: torch.Tensor):
         self.problem = problem
-        self.active = active.to(w.device)
-        self.n_y = problem.n_y
-        self.n_dual = w.numel() - self.n_y
+        self.n_y, self.n_dual = problem.n_y, problem.n_ineq + problem.n_eq
+        self.active = active.to(w)
+        self.dual_mask = torch.cat([self.active, torch.ones_like(w[:, :problem.n_eq])], -1)
         self.x = [t.detach().requires_grad_(True) for t in x]
         self.w = w.detach().requires_grad_(True)
-        y, mu_active, nu = torch.split(self.w, [self.n_y, self.active.numel(), problem.n_eq])
         with torch.enable_grad():
-            L = problem.lagrangian(self.x, y, mu_active, self.active, nu)
+            L = vmap(problem.lagrangian)(self.x, self.w, self.active).sum()
             (self.R,) = torch.autograd.grad(L, self.w, create_graph=True)
 
     @property
     def size(self) -> int:
-        return self.w.numel()
+        return self.w.shape[-1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.w.shape[0]
 
     @property
     def residual(self) -> torch.Tensor:
-        """R(w, x) = (grad_y L, p_A, q)."""
+        """R(w, x) = (grad_y L, p_A, q), shape (B, N)."""
         return self.R.detach()
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """K v for v of shape (N,) or (B, N) (a batch of vectors)."""
-        batched = v.dim() == 2
-        (Kv,) = torch.autograd.grad(self.R, self.w, v, retain_graph=True, is_grads_batched=batched, allow_unused=True)
+        """K v for v of shape (B, N); for (k, B, N), k products at once."""
+        (Kv,) = torch.autograd.grad(self.R, self.w, v, retain_graph=True, is_grads_batched=v.dim() == 3,
+                                    allow_unused=True)
         return torch.zeros_like(v) if Kv is None else Kv
 
     def vjp_x(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """(dR/dx)^T v, one tensor per parameter."""
+        """(dR/dx)^T v, one (B, *shape) tensor per parameter."""
         grads = torch.autograd.grad(self.R, self.x, v, retain_graph=True, allow_unused=True)
         return [torch.zeros_like(t) if g is None else g for t, g in zip(self.x, grads)]
 
     def dense(self) -> torch.Tensor:
-        """K as a dense (N, N) matrix: N Hessian-vector products at once."""
-        return self.matvec(torch.eye(self.size, dtype=self.w.dtype, device=self.w.device))
+        """K as dense (B, N, N) matrices: N Hessian-vector products at once."""
+        eye = torch.eye(self.size, dtype=self.w.dtype, device=self.w.device)
+        return self.matvec(eye.unsqueeze(1).expand(-1, self.batch_size, -1)).transpose(0, 1)
 
     def constraint_jacobian(self) -> torch.Tensor:
-        """J = d(p_A, q)/dy as a dense (n_dual, n_y) matrix, from K e_j for the dual unit vectors."""
+        """J = d(p_A, q)/dy, shape (B, n_dual, n_y), with zero rows for inactive entries.
+
+        Row i is the y-block of K e_i for the dual unit vector e_i.
+        """
+        eye = torch.eye(self.size, dtype=self.w.dtype, device=self.w.device)[self.n_y:]
         if self.n_dual == 0:
-            return torch.zeros(0, self.n_y, dtype=self.w.dtype, device=self.w.device)
-        E = torch.zeros(self.n_dual, self.size, dtype=self.w.dtype, device=self.w.device)
-        E[:, self.n_y:] = torch.eye(self.n_dual, dtype=self.w.dtype, device=self.w.device)
-        return self.matvec(E)[:, : self.n_y]
+            return torch.zeros(self.batch_size, 0, self.n_y, dtype=self.w.dtype, device=self.w.device)
+        return self.matvec(eye.unsqueeze(1).expand(-1, self.batch_size, -1))[..., : self.n_y].transpose(0, 1)
 
 
 # ---------------------------------------------------------------- LICQ
 
 @dataclass
 class LICQInfo:
-    """Linear independence of the active constraint gradients (the rows of J)."""
+    """Linear independence of one item's active constraint gradients (the rows of J)."""
 
     rank: int
     n_constraints: int
@@ -170,31 +191,35 @@ class LICQInfo:
         return self.rank == self.n_constraints
 
 
-def licq_check(op: KKTOperator, tol: float = 1e-9) -> LICQInfo:
-    """Rank of J by SVD; warn with :class:`DegenerateKKTWarning` when LICQ fails."""
+def licq_check(op: KKTOperator, tol: float = 1e-9, where: Callable[[int], str] = lambda b: "") -> list[LICQInfo]:
+    """Rank of J per item by SVD; warn with :class:`DegenerateKKTWarning` where LICQ fails."""
     J = op.constraint_jacobian()
-    if J.shape[0] == 0:
-        return LICQInfo(0, 0, float("inf"))
+    counts = op.dual_mask.sum(-1).round().long().tolist()
+    if J.shape[1] == 0:
+        return [LICQInfo(0, 0, float("inf")) for _ in counts]
     s = torch.linalg.svdvals(J)
-    rank = int((s > tol * max(1.0, float(s[0]))).sum())
-    info = LICQInfo(rank, J.shape[0], float(s[-1]) if J.shape[0] <= J.shape[1] else 0.0)
-    if not info.holds:
-        warnings.warn(
-            f"LICQ fails at the inner solution: the {info.n_constraints} active constraints "
-            f"(active inequalities and equalities) have gradients of rank {rank} only. The multipliers are "
-            "not unique; the hypergradient uses a least-squares / minimum-residual solution. Remove "
-            "redundant constraints for a well-posed problem.",
-            DegenerateKKTWarning,
-            stacklevel=3,
-        )
-    return info
+    infos = []
+    for b, (values, count) in enumerate(zip(s, counts)):
+        rank = int((values > tol * max(1.0, float(values[0]))).sum())
+        smallest = float(values[count - 1]) if 0 < count <= values.numel() else float("inf")
+        infos.append(LICQInfo(rank, count, smallest if rank == count else 0.0))
+        if rank < count:
+            warnings.warn(
+                f"{where(b)}LICQ fails at the inner solution: the {count} active constraints "
+                f"(active inequalities and equalities) have gradients of rank {rank} only. The multipliers "
+                "are not unique; the hypergradient uses a least-squares / minimum-residual solution. Remove "
+                "redundant constraints for a well-posed problem.",
+                DegenerateKKTWarning,
+                stacklevel=3,
+            )
+    return infos
 
 
 # ---------------------------------------------------------------- polish
 
 @dataclass
 class PolishInfo:
-    """Newton polish of w on R(w, x) = 0."""
+    """Newton polish of one item's w on R(w, x) = 0."""
 
     steps: int
     residual_before: float
@@ -207,49 +232,106 @@ def polish(
     problem: BilevelProblem,
     x: Sequence[torch.Tensor],
     w: torch.Tensor,
-    active: ActiveSet,
-    slack_inactive_ok: Callable[[torch.Tensor], bool],
+    active: torch.Tensor,
     linear_solve: Callable[[KKTOperator, torch.Tensor], torch.Tensor],
     tol: float = 1e-12,
     max_steps: int = 5,
-) -> tuple[KKTOperator, PolishInfo]:
-    r"""Newton steps w <- w - K^{-1} R(w) on the active-set KKT system.
+) -> tuple[KKTOperator, list[PolishInfo]]:
+    r"""Newton steps w <- w - K^{-1} R(w) on the active-set KKT system, for a batch.
 
     Interior-point solutions are accurate to ~1e-8 on QPs but only to 1e-5..1e-7
     on exponential and second-order cone problems; a few Newton steps bring
-    ||R||_inf to ~1e-14 (one step on a QP). The step is rejected (the cvxpy
-    solution kept) if it makes an active multiplier negative or an inactive
-    constraint infeasible: that means the active set was misjudged.
+    ||R||_inf to ~1e-14 (one step on a QP). An item's step is rejected (its
+    previous point kept) if it makes an active multiplier negative or an
+    inactive constraint infeasible, which means the active set was misjudged,
+    or if it does not reduce the residual.
 
-    ``slack_inactive_ok(y) -> bool`` checks the inactive constraints;
     ``linear_solve(op, rhs)`` solves K d = rhs (one of the adjoint solvers: the
-    step needs only a modest relative accuracy, as rhs = -R is already small).
-    Returns the operator at the final point and a :class:`PolishInfo`.
+    step needs only modest relative accuracy, as rhs = -R is already small).
+    Returns the operator at the final points and one :class:`PolishInfo` per item.
     """
-    op = KKTOperator(problem, x, w, active.active)
-    before = _residual_norm(op)
-    best_op, best = op, before
-    steps = 0
-    n_y, n_A = problem.n_y, active.active.numel()
-    while steps < max_steps and best > tol * _residual_scale(best_op):
-        step = linear_solve(op, -op.residual)
-        candidate = op.w.detach() + step
-        if n_A and (candidate[n_y:n_y + n_A] < 0).any():
-            return best_op, PolishInfo(steps, before, best, steps > 0, "an active multiplier turned negative")
-        if not slack_inactive_ok(candidate[:n_y]):
-            return best_op, PolishInfo(steps, before, best, steps > 0, "an inactive constraint became violated")
-        op = KKTOperator(problem, x, candidate, active.active)
-        steps += 1
-        residual = _residual_norm(op)
-        if residual >= best:
+    n_y, n_ineq = problem.n_y, problem.n_ineq
+    op = KKTOperator(problem, x, w, active)
+    before = _residual_norms(op)
+    best = before.clone()
+    steps = torch.zeros_like(before, dtype=torch.long)
+    reasons = [""] * op.batch_size
+    pending = best > tol * _residual_scales(op)
+    for _ in range(max_steps):
+        if not bool(pending.any()):
             break
-        best_op, best = op, residual
-    return best_op, PolishInfo(steps, before, best, True)
+        candidate = torch.where(pending[:, None], op.w.detach() + linear_solve(op, -op.residual), op.w.detach())
+        bad_multiplier = (active * candidate[:, n_y:n_y + n_ineq] < 0).any(-1)
+        slack = vmap(problem.inequality_values)(op.x, candidate[:, :n_y]).detach()
+        tol_p = 1e-7 * slack.abs().amax(-1, keepdim=True).clamp_min(1.0)
+        bad_slack = ((1 - active) * (slack > tol_p)).any(-1) if n_ineq else torch.zeros_like(pending)
+        for b in torch.nonzero(pending & (bad_multiplier | bad_slack)).flatten().tolist():
+            reasons[b] = "an active multiplier turned negative" if bad_multiplier[b] else \
+                "an inactive constraint became violated"
+        trial_ok = pending & ~bad_multiplier & ~bad_slack
+        trial = KKTOperator(problem, x, torch.where(trial_ok[:, None], candidate, op.w.detach()), active)
+        improved = trial_ok & (_residual_norms(trial) < best)
+        if not bool(improved.any()):
+            break
+        accepted_w = torch.where(improved[:, None], trial.w.detach(), op.w.detach())
+        op = trial if bool(improved.eq(trial_ok).all()) else KKTOperator(problem, x, accepted_w, active)
+        best = torch.where(improved, _residual_norms(op), best)
+        steps += improved.long()
+        pending = improved & (best > tol * _residual_scales(op))
+    infos = [PolishInfo(int(s), float(r0), float(r1), not reason or int(s) > 0, reason)
+             for s, r0, r1, reason in zip(steps, before, best, reasons)]
+    return op, infos
 
 
-def _residual_norm(op: KKTOperator) -> float:
-    return float(op.residual.abs().max()) if op.size else 0.0
+def _residual_norms(op: KKTOperator) -> torch.Tensor:
+    return op.residual.abs().amax(-1) if op.size else torch.zeros(op.batch_size, dtype=op.w.dtype)
 
 
-def _residual_scale(op: KKTOperator) -> float:
-    return max(1.0, float(op.w.detach().abs().max())) if op.size else 1.0
+def _residual_scales(op: KKTOperator) -> torch.Tensor:
+    return op.w.detach().abs().amax(-1).clamp_min(1.0) if op.size else torch.ones(op.batch_size, dtype=op.w.dtype)
+
+
+# ---------------------------------------------------------------- from cvxpy's solutions
+
+def kkt_at_solutions(
+    problem: BilevelProblem,
+    x: Sequence[torch.Tensor],
+    solutions: Sequence,
+    method: str,
+    active_tol: float = 1e-6,
+    polish_solution: bool = True,
+    where: Callable[[int], str] = lambda b: "",
+) -> tuple[KKTOperator, list[ActiveSet], list[PolishInfo]]:
+    """The (polished) KKT operator at a batch of cvxpy solutions.
+
+    ``x`` are (B, *shape) parameter tensors and ``solutions`` B
+    :class:`~cbo.inner.InnerSolution`. The active sets come from cvxpy's
+    multipliers (:func:`active_set`); the Newton steps of the polish use
+    ``method`` when it is a direct or Krylov solver, else MINRES. Warns with
+    :class:`InaccurateSolutionWarning` for items whose KKT residual stays large.
+    """
+    device = x[0].device
+    y = torch.as_tensor(np.stack([s.y for s in solutions]), dtype=torch.float64, device=device)
+    slack = vmap(problem.inequality_values)(x, y).cpu().numpy()
+    actives = [active_set(problem, s.mu, p, active_tol, where(b)) for b, (s, p) in enumerate(zip(solutions, slack))]
+    mask = torch.stack([a.mask(problem.n_ineq) for a in actives]).to(device)
+    mu = torch.as_tensor(np.stack([s.mu for s in solutions]), dtype=torch.float64, device=device) * mask
+    nu = torch.as_tensor(np.stack([s.nu for s in solutions]), dtype=torch.float64, device=device)
+    w = torch.cat([y, mu.reshape(len(solutions), -1), nu.reshape(len(solutions), -1)], -1)
+    if polish_solution:
+        newton_method = method if method in ("direct", "cg", "minres") else "minres"
+        op, infos = polish(problem, x, w, mask, lambda op, rhs: ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-8)[0])
+    else:
+        op = KKTOperator(problem, x, w, mask)
+        infos = [PolishInfo(0, float(r), float(r), False, "disabled") for r in _residual_norms(op)]
+    scales = _residual_scales(op)
+    for b, info in enumerate(infos):
+        if info.residual_after > 1e-6 * float(scales[b]):
+            warnings.warn(
+                f"{where(b)}The KKT residual at the inner solution is {info.residual_after:.2e} "
+                f"(polish: {info.reason or 'ran'}): the hypergradient will be inaccurate. Tighten the "
+                "solver tolerances or try another solver.",
+                InaccurateSolutionWarning,
+                stacklevel=3,
+            )
+    return op, actives, infos

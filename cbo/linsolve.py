@@ -153,19 +153,19 @@ def cg(matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None, *, tol: 
 # ---------------------------------------------------------------- adjoint solvers
 
 def solve_direct(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torch.Tensor, SolveInfo]:
-    r"""Dense solve of K v = b. Materializes K (N Hessian-vector products).
+    r"""Dense solve of K v = b, item by item of the batch. Materializes K (N Hessian-vector products).
 
-    Uses an LU solve; if K is singular (LICQ fails), the minimum-norm
+    Uses an LU solve; where K is singular (LICQ fails), the minimum-norm
     least-squares solution by a symmetric pseudo-inverse.
     """
     K = op.dense()
-    v, status = torch.linalg.solve_ex(K, b.unsqueeze(-1) if b.dim() == 1 else b.mT)
+    v, status = torch.linalg.solve_ex(K, b.unsqueeze(-1))
+    singular = (status != 0) | ~torch.isfinite(v).all(-1).all(-1)
     extra = {"factorization": "lu"}
-    if bool((status != 0).any()) or not bool(torch.isfinite(v).all()):
-        v = torch.linalg.pinv(K, hermitian=True) @ (b.unsqueeze(-1) if b.dim() == 1 else b.mT)
-        extra = {"factorization": "pinv (K singular)"}
-    v = v.squeeze(-1) if b.dim() == 1 else v.mT
-    return _finish(op, b, v, "direct", 1, tol, **extra)
+    if bool(singular.any()):
+        v = torch.where(singular[:, None, None], torch.linalg.pinv(K, hermitian=True) @ b.unsqueeze(-1), v)
+        extra = {"factorization": "pinv (K singular)", "singular_items": torch.nonzero(singular).flatten().tolist()}
+    return _finish(op, b, v.squeeze(-1), "direct", 1, tol, **extra)
 
 
 def solve_minres(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torch.Tensor, SolveInfo]:
@@ -178,22 +178,25 @@ def solve_minres(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torch.Tens
 class NullSpaceSystem:
     r"""K v = (b_y, c) reduced to the null space of J, where K is positive definite.
 
-    With P = I - J^T (J J^T)^{-1} J the projector onto null(J) and the
-    particular solution v_p = J^T (J J^T)^{-1} c of J v_p = c:
+    With P = I - J^T G^{-1} J the projector onto null(J), G = J J^T, and the
+    particular solution v_p = J^T G^{-1} c of J v_p = c:
 
-        v_y = v_p + z,   (P H P) z = P (b_y - H v_p),   v_l = (J J^T)^{-1} J (b_y - H v_y).
+        v_y = v_p + z,   (P H P) z = P (b_y - H v_p),   v_l = G^{-1} J (b_y - H v_y).
 
     P H P is positive definite on null(J) exactly when the second-order
     sufficient condition holds (H positive definite on the tangent space of
     the active constraints), so CG and Richardson iterations are sound there
-    although K itself is indefinite. Forms J (n_dual x n_y) and factors the
-    small Gram matrix J J^T; never forms H.
+    although K itself is indefinite. Forms J (B x n_dual x n_y) and factors
+    the small Gram matrices; never forms H. Rows of inactive (padded)
+    inequalities are zero in J; they get a unit diagonal in G and keep
+    v_l = c there, matching K's unit diagonal on those rows.
     """
 
     def __init__(self, op, b: torch.Tensor):
         self.op, self.n_y = op, op.n_y
         self.J = op.constraint_jacobian()
-        self.gram_solve = _gram_solver(self.J)
+        self.padded = 1 - op.dual_mask
+        self.gram_solve = _gram_solver(self.J, self.padded)
         self.b = b
         self.b_y, self.c = b[..., : self.n_y], b[..., self.n_y:]
         self.v_p = self._range_part(self.c)
@@ -205,8 +208,8 @@ class NullSpaceSystem:
         return self.op.matvec(torch.cat([z, zeros], -1))[..., : self.n_y]
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
-        """P z = z - J^T (J J^T)^{-1} J z."""
-        return z - self._range_part(z @ self.J.mT) if self.J.shape[0] else z
+        """P z = z - J^T G^{-1} J z."""
+        return z - self._range_part(_apply(self.J, z))
 
     def matvec(self, z: torch.Tensor) -> torch.Tensor:
         """P H P z."""
@@ -219,26 +222,36 @@ class NullSpaceSystem:
     def recover(self, z: torch.Tensor) -> torch.Tensor:
         """Full solution (v_y, v_l) from the reduced one."""
         v_y = self.v_p + z
-        v_l = self.gram_solve((self.b_y - self.hess(v_y)) @ self.J.mT) if self.J.shape[0] else self.c
+        v_l = self.gram_solve(_apply(self.J, self.b_y - self.hess(v_y))) + self.padded * self.c
         return torch.cat([v_y, v_l], -1)
 
     def _range_part(self, u: torch.Tensor) -> torch.Tensor:
-        """J^T (J J^T)^{-1} u."""
-        if not self.J.shape[0]:
-            return torch.zeros(*u.shape[:-1], self.n_y, dtype=u.dtype, device=u.device)
-        return self.gram_solve(u) @ self.J
+        """J^T G^{-1} u."""
+        return _apply_transpose(self.J, self.gram_solve(u))
 
 
-def _gram_solver(J: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """u -> (J J^T)^{-1} u by Cholesky; the pseudo-inverse if J is rank deficient (LICQ fails)."""
-    if J.shape[0] == 0:
+def _apply(J: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """J z for batches: J (B, d, n), z (B, n) -> (B, d)."""
+    return torch.einsum("bdn,bn->bd", J, z)
+
+
+def _apply_transpose(J: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """J^T u for batches: J (B, d, n), u (B, d) -> (B, n)."""
+    return torch.einsum("bdn,bd->bn", J, u)
+
+
+def _gram_solver(J: torch.Tensor, padded: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """u -> G^{-1} u with G = J J^T + diag(padded), by Cholesky; by the
+    pseudo-inverse if some J is rank deficient (LICQ fails)."""
+    if J.shape[1] == 0:
         return lambda u: u
-    gram = J @ J.mT
+    gram = J @ J.mT + torch.diag_embed(padded)
     L, status = torch.linalg.cholesky_ex(gram)
-    if int(status) == 0 and bool(torch.diagonal(L).min() > 1e-7 * torch.diagonal(L).max()):
+    diagonal = torch.diagonal(L, dim1=-2, dim2=-1)
+    if bool((status == 0).all()) and bool((diagonal.amin(-1) > 1e-7 * diagonal.amax(-1)).all()):
         return lambda u: torch.cholesky_solve(u.unsqueeze(-1), L).squeeze(-1)
     pinv = torch.linalg.pinv(gram, hermitian=True)
-    return lambda u: u @ pinv
+    return lambda u: (pinv @ u.unsqueeze(-1)).squeeze(-1)
 
 
 def _finish(op, b, v, method, iterations, tol, **extra) -> tuple[torch.Tensor, SolveInfo]:
@@ -259,27 +272,29 @@ def solve_projected_cg(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torc
             f"active constraints ({err}); the second-order sufficient condition fails and the inner "
             "solution may not be unique. Use method='minres' or 'direct', or add a strongly convex term."
         ) from err
-    return _finish(op, b, system.recover(z), "cg", iterations, tol, null_space_dim=system.n_y - system.J.shape[0])
+    null_space_dim = (system.n_y - op.dual_mask.sum(-1)).round().long().tolist()
+    return _finish(op, b, system.recover(z), "cg", iterations, tol, null_space_dim=null_space_dim)
 
 
 # ---------------------------------------------------------------- fixed point and Neumann
 
-def _step_size(system: NullSpaceSystem, iterations: int = 30) -> tuple[float, float]:
-    r"""alpha = 1 / lambda_max(P H P), lambda_max estimated by power iteration.
+def _step_size(system: NullSpaceSystem, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""alpha = 1 / lambda_max(P H P) per item, lambda_max estimated by power iteration.
 
-    Returns (alpha, lambda_max estimate). With alpha below 2 / lambda_max the
-    map z -> z + alpha (r - P H P z) contracts at rate 1 - alpha lambda_min on
-    null(J); the iterations halve alpha if the residual grows anyway.
+    Returns (alpha, lambda_max), each (B, 1). With alpha below 2 / lambda_max
+    the map z -> z + alpha (r - P H P z) contracts at rate 1 - alpha lambda_min
+    on null(J); the iterations halve alpha if the residual grows anyway.
     """
     generator = torch.Generator(device="cpu").manual_seed(0)
     z = torch.randn(system.rhs.shape, generator=generator, dtype=system.rhs.dtype).to(system.rhs.device)
     z = system.project(z)
-    lam = 0.0
+    lam = torch.zeros_like(z[..., :1])
     for _ in range(iterations):
         z = z / _norm(z).clamp_min(torch.finfo(z.dtype).tiny)
         z = system.matvec(z)
-        lam = max(lam, float(_norm(z).max()))
-    return (1.0 / (1.05 * lam) if lam > 0 else 1.0), lam
+        lam = torch.maximum(lam, _norm(z))
+    alpha = torch.where(lam > 0, 1 / (1.05 * lam), torch.ones_like(lam))
+    return alpha, lam
 
 
 def _richardson(system: NullSpaceSystem, z0, tol, maxiter, restart_from_best: bool):
@@ -314,8 +329,8 @@ def _richardson(system: NullSpaceSystem, z0, tol, maxiter, restart_from_best: bo
         z = z + alpha * residual
     window = history[-50:]
     rate = (window[-1] / window[0]) ** (1 / (len(window) - 1)) if len(window) > 1 and window[0] > 0 else 0.0
-    return best_z, iteration, {"step_size": alpha, "lambda_max": lam_max, "step_halvings": halvings,
-                               "contraction_factor": rate}
+    return best_z, iteration, {"step_size": alpha.flatten().tolist(), "lambda_max": lam_max.flatten().tolist(),
+                               "step_halvings": halvings, "contraction_factor": rate}
 
 
 def solve_fixed_point(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torch.Tensor, SolveInfo]:

@@ -139,12 +139,26 @@ class BilevelProblem:
             return torch.zeros(0, dtype=env.dtype, device=env.device)
         return torch.cat([b.sign * b.function(env).reshape(-1) for b in blocks])
 
-    def lagrangian(self, x, y_flat, mu_active, active, nu) -> torch.Tensor:
-        r"""L(w, x) = g(x, y) + \mu_A \cdot p_A(x, y) + \nu \cdot q(x, y)."""
-        env = self.env(x, self.split_y(y_flat))
+    def inequality_values(self, x: Sequence[torch.Tensor], y_flat: torch.Tensor) -> torch.Tensor:
+        """p(x, y): the stacked inequality constraint values (feasible where <= 0)."""
+        return self.stack(self.inequalities, self.env(x, self.split_y(y_flat)))
+
+    def lagrangian(self, x: Sequence[torch.Tensor], w: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        r"""Lagrangian of the active set, padded to all inequalities, for one item.
+
+            L(w, x) = g(x, y) + sum_i a_i mu_i p_i(x, y) + 1/2 sum_i (1 - a_i) mu_i^2 + nu . q(x, y)
+
+        with w = (y, mu, nu) stacking all variables, all inequality multipliers
+        and all equality multipliers, and a = ``active`` in {0, 1}^{n_ineq}. At a
+        KKT point (mu_i = 0 off the active set) grad_w L = (grad_y L, p_A, 0, q):
+        inactive multipliers get the trivial equation mu_i = 0, so every item of
+        a batch has a KKT system of the same size, whatever its active set.
+        """
+        y, mu, nu = torch.split(w, [self.n_y, self.n_ineq, self.n_eq])
+        env = self.env(x, self.split_y(y))
         L = self.objective(env)
-        if active.numel():
-            L = L + mu_active @ self.stack(self.inequalities, env)[active]
+        if self.n_ineq:
+            L = L + (active * mu) @ self.stack(self.inequalities, env) + 0.5 * ((1 - active) * mu ** 2).sum()
         if self.n_eq:
             L = L + nu @ self.stack(self.equalities, env)
         return L
