@@ -16,6 +16,7 @@ from .errors import (
     UnsupportedAtomError,
 )
 from .hypergrad import HypergradInfo, hypergrad
+from .layer import ArgminLayer, LayerInfo
 from .linsolve import ADJOINT_SOLVERS, SolveInfo
 from .problem import BilevelProblem
 
@@ -24,7 +25,7 @@ METHODS = tuple(ADJOINT_SOLVERS)
 __version__ = "0.1.0"
 
 __all__ = [
-    "BilevelProblem", "hypergrad", "HypergradInfo", "SolveInfo", "METHODS",
+    "BilevelProblem", "hypergrad", "HypergradInfo", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS",
     "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning",
     "InaccurateSolutionWarning", "InnerSolveError", "NonSmoothAtomError", "ProblemDefinitionError",
     "UnsupportedAtomError",

@@ -189,13 +189,18 @@ def as_parameter_tensors(problem: BilevelProblem, x) -> tuple[list[torch.Tensor]
             )
         if not value.is_floating_point() and value.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"Parameter {param.name()}: expected a real tensor, got dtype {value.dtype}.")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(
-                f"Parameter {param.name()} contains NaN or infinite entries; the inner problem is not "
-                "defined there. Check the outer iterate (a diverging outer step size is a common cause)."
-            )
+        check_finite(param, value)
         xs.append(value.detach().to(device=device, dtype=torch.float64))
     return xs, originals
+
+
+def check_finite(param, value: torch.Tensor) -> None:
+    """Raise ValueError naming ``param`` if ``value`` has NaN or infinite entries."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"Parameter {param.name()} contains NaN or infinite entries; the inner problem is not "
+            "defined there. Check the outer iterate (a diverging outer step size is a common cause)."
+        )
 
 
 def _outer_gradients(problem, xs, y_flat):

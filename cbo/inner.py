@@ -2,21 +2,34 @@
 
 A DPP inner problem is canonicalized once by cvxpy and re-solved for each new
 x from its cached parameter map; a non-DPP one is canonicalized per x.
+
+:class:`BatchSolver` solves a batch of inner problems in parallel: in worker
+processes that each hold a compiled copy of the problem, or through any
+``concurrent.futures.Executor`` (a Dask ``Client.get_executor()``, a Ray-backed
+executor, ...) that spreads them over a cluster.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
+import multiprocessing
+import os
+import pickle
+import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import cvxpy as cp
 import numpy as np
+from cvxpy.lin_ops import lin_utils
 
 from .errors import InaccurateSolutionWarning, InnerSolveError
 from .problem import BilevelProblem
 
-__all__ = ["InnerSolution", "solve_inner", "DEFAULT_SOLVER", "DEFAULT_SOLVER_OPTIONS"]
+__all__ = ["InnerSolution", "solve_inner", "BatchSolver", "DEFAULT_SOLVER", "DEFAULT_SOLVER_OPTIONS"]
 
 DEFAULT_SOLVER = "CLARABEL"
 # Tight tolerances: the hypergradient is no more accurate than y*. cbo's
@@ -42,6 +55,21 @@ class InnerSolution:
     solve_time: float
 
 
+@dataclass
+class _Layout:
+    """Where the BilevelProblem's pieces sit in a cvxpy problem: what a worker needs besides the problem."""
+
+    parameters: list
+    variables: list
+    inequalities: list
+    equalities: list
+
+
+def _layout(problem: BilevelProblem) -> _Layout:
+    return _Layout(problem.parameters, problem.all_variables,
+                   [b.constraint for b in problem.inequalities], [b.constraint for b in problem.equalities])
+
+
 def solve_inner(
     problem: BilevelProblem,
     x: Sequence[np.ndarray],
@@ -55,7 +83,13 @@ def solve_inner(
     InnerSolveError
         If the problem is infeasible, unbounded, or the solver fails.
     """
-    for param, value in zip(problem.parameters, x):
+    solution = _solve(problem.inner, _layout(problem), x, solver, solver_options)
+    _warn_if_inaccurate(solution)
+    return solution
+
+
+def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options) -> InnerSolution:
+    for param, value in zip(layout.parameters, x):
         try:
             param.value = value
         except ValueError as err:  # cvxpy checks sign attributes (nonneg=True, ...)
@@ -67,27 +101,26 @@ def solve_inner(
         with warnings.catch_warnings():
             # cbo re-canonicalizes non-DPP problems on purpose; cvxpy's notice is noise here.
             warnings.filterwarnings("ignore", message=".*not DPP.*")
-            problem.inner.solve(solver=solver, **options)
+            inner.solve(solver=solver, **options)
     except cp.error.SolverError as err:
         raise InnerSolveError(
             f"The inner solver {solver} failed: {err}. Try another solver "
-            "(hypergrad(..., solver='SCS' or 'ECOS' or 'OSQP')) or looser solver_options."
+            "(solver='SCS', 'ECOS' or 'OSQP') or looser solver_options."
         ) from err
     elapsed = time.perf_counter() - start
-    status = problem.inner.status
-    _check_status(status, solver)
+    _check_status(inner.status, solver)
     return InnerSolution(
-        y=np.concatenate([np.asarray(v.value, dtype=float).reshape(-1) for v in problem.all_variables]),
-        mu=_stacked_duals(problem.inequalities),
-        nu=_stacked_duals(problem.equalities),
-        status=status,
+        y=np.concatenate([np.asarray(v.value, dtype=float).reshape(-1) for v in layout.variables]),
+        mu=_stacked_duals(layout.inequalities),
+        nu=_stacked_duals(layout.equalities),
+        status=inner.status,
         solver=solver,
         solve_time=elapsed,
     )
 
 
 def _check_status(status: str, solver: str) -> None:
-    if status in (cp.OPTIMAL,):
+    if status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
         return
     if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
         raise InnerSolveError(
@@ -101,18 +134,172 @@ def _check_status(status: str, solver: str) -> None:
             "decreases without limit, so y*(x) does not exist. Add bounds on y or a strongly convex "
             "term (e.g. a small ridge penalty) to the inner objective."
         )
-    if status == cp.OPTIMAL_INACCURATE:
-        warnings.warn(
-            f"The inner solver {solver} returned 'optimal_inaccurate'; cbo polishes the solution on "
-            "the KKT system, but check info.kkt_residual.",
-            InaccurateSolutionWarning,
-            stacklevel=4,
-        )
-        return
     raise InnerSolveError(f"The inner solver {solver} stopped with status '{status}'. Try another solver.")
 
 
-def _stacked_duals(blocks) -> np.ndarray:
-    if not blocks:
+def _warn_if_inaccurate(solution: InnerSolution, where: str = "") -> None:
+    if solution.status == cp.OPTIMAL_INACCURATE:
+        warnings.warn(
+            f"{where}The inner solver {solution.solver} returned 'optimal_inaccurate'; cbo polishes the "
+            "solution on the KKT system, but check info.kkt_residual.",
+            InaccurateSolutionWarning,
+            stacklevel=4,
+        )
+
+
+def _stacked_duals(constraints) -> np.ndarray:
+    if not constraints:
         return np.zeros(0)
-    return np.concatenate([np.asarray(b.constraint.dual_value, dtype=float).reshape(-1) for b in blocks])
+    return np.concatenate([np.asarray(c.dual_value, dtype=float).reshape(-1) for c in constraints])
+
+
+# ---------------------------------------------------------------- batches
+
+@dataclass(frozen=True)
+class _WorkerTask:
+    """What a worker needs to solve items of one problem: the pickled cvxpy problem and its layout.
+
+    ``id_floor`` is cvxpy's id counter in the parent when the problem was
+    pickled: a worker raises its own counter above it, so that variables cvxpy
+    creates while canonicalizing never reuse an id of the unpickled problem.
+    """
+
+    key: str
+    blob: bytes
+    id_floor: int
+    solver: str | None
+    solver_options: dict | None
+
+
+_WORKER_PROBLEMS: dict[str, tuple[cp.Problem, _Layout]] = {}
+
+
+def _solve_items(task: _WorkerTask, items: list[tuple[int, list[np.ndarray]]]):
+    """Worker entry point: solve ``items`` = [(batch index, parameter values)], one result each.
+
+    A result is an InnerSolution or the exception the item raised, so that one
+    failing item does not hide the others.
+    """
+    if task.key not in _WORKER_PROBLEMS:
+        lin_utils.ID_COUNTER.count = max(lin_utils.ID_COUNTER.count, task.id_floor)
+        _WORKER_PROBLEMS.clear()  # one problem per worker at a time: bounded memory
+        _WORKER_PROBLEMS[task.key] = pickle.loads(task.blob)
+    inner, layout = _WORKER_PROBLEMS[task.key]
+    results = []
+    for index, values in items:
+        try:
+            results.append((index, _solve(inner, layout, values, task.solver, task.solver_options)))
+        except Exception as err:  # reported per item by the parent
+            results.append((index, err))
+    return results
+
+
+class BatchSolver:
+    """Solve the inner problem for a batch of parameter values, in parallel.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+    solver, solver_options : cvxpy solver and its options.
+    executor : concurrent.futures.Executor, optional
+        Where to run the solves, e.g. ``distributed.Client(...).get_executor()``.
+        Default: a pool of ``n_workers`` processes of this machine, started on
+        first use and kept; each worker compiles the problem once.
+    n_workers : int, optional
+        Processes of the default pool (default: the number of CPUs). With 1,
+        or for a batch of one, the solves run in this process.
+    timeout : float, optional
+        Seconds to wait for a batch before raising :class:`InnerSolveError`.
+    """
+
+    def __init__(self, problem: BilevelProblem, solver: str | None = None, solver_options: dict | None = None,
+                 executor: cf.Executor | None = None, n_workers: int | None = None, timeout: float | None = None):
+        self.problem, self.solver, self.solver_options = problem, solver, solver_options
+        self.executor, self.timeout = executor, timeout
+        self.n_workers = n_workers or os.cpu_count() or 1
+        self._pool: cf.ProcessPoolExecutor | None = None
+        fresh = cp.Problem(problem.inner.objective, problem.inner.constraints)  # no solver cache: picklable
+        layout = _layout(problem)
+        blob = pickle.dumps((fresh, layout))
+        self._task = _WorkerTask(uuid.uuid4().hex, blob, lin_utils.ID_COUNTER.count, solver, solver_options)
+
+    def solve(self, values: Sequence[list[np.ndarray]]) -> list[InnerSolution]:
+        """Solutions for each item's parameter values; raises InnerSolveError naming a failing item."""
+        if self.executor is None and (len(values) == 1 or self.n_workers == 1):
+            results = [(i, self._solve_here(v)) for i, v in enumerate(values)]
+        else:
+            results = self._solve_parallel(values)
+        solutions = []
+        for index, result in sorted(results, key=lambda r: r[0]):
+            if isinstance(result, Exception):
+                raise type(result)(f"batch item {index}: {result}") from result
+            _warn_if_inaccurate(result, f"batch item {index}: ")
+            solutions.append(result)
+        return solutions
+
+    def _solve_here(self, values):
+        try:
+            return _solve(self.problem.inner, _layout(self.problem), values, self.solver, self.solver_options)
+        except (InnerSolveError, ValueError) as err:
+            return err
+
+    def _solve_parallel(self, values):
+        executor = self.executor or self._default_pool()
+        chunks = [c for c in np.array_split(np.arange(len(values)), min(len(values), self.n_workers)) if c.size]
+        with _main_module_hidden():  # the default pool may start processes during submit
+            futures = [executor.submit(_solve_items, self._task, [(int(i), values[i]) for i in chunk])
+                       for chunk in chunks]
+        try:
+            done, pending = cf.wait(futures, timeout=self.timeout)
+            if pending:
+                raise InnerSolveError(
+                    f"The inner solves of {len(pending)} chunk(s) of the batch did not finish within "
+                    f"timeout={self.timeout} s. Raise the timeout or check the solver options."
+                )
+            return [item for future in futures for item in future.result()]
+        except cf.process.BrokenProcessPool as err:
+            lost = [int(i) for chunk, f in zip(chunks, futures) if f.exception() is not None for i in chunk]
+            self.close()
+            raise InnerSolveError(
+                f"A worker process died while solving batch items {lost} ({err}). The worker pool was "
+                "shut down; the next call starts a new one. If this repeats, the solver may be crashing "
+                "on these items: try solving one of them in this process (n_workers=1)."
+            ) from err
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+    def _default_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(self.n_workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def close(self) -> None:
+        """Shut the default worker pool down (a user-given executor is left alone)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        self.close()
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Hide ``__main__.__file__`` while worker processes start.
+
+    A 'spawn' worker re-runs the parent's main script unless it is guarded by
+    ``if __name__ == "__main__":``; the workers need nothing from it (they
+    import cbo and unpickle cvxpy objects), so cbo keeps them from running it.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path

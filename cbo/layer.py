@@ -1,0 +1,191 @@
+r"""`ArgminLayer`: y*(x) = argmin_y g(x, y) s.t. p(x, y) <= 0, q(x, y) = 0 as a batched torch layer.
+
+Forward solves the inner problems of a batch with cvxpy, in parallel
+(:class:`~cbo.inner.BatchSolver`), and Newton-polishes them on their KKT
+systems. Backward solves one batched adjoint system with the KKT operators of
+all items stacked (:class:`~cbo.kkt.KKTOperator`),
+
+    K_b v_b = (dL/dy_b, 0),   dL/dx_b = -(dR_b/dx_b)^T v_b,
+
+and sums the gradients of unbatched (broadcast) inputs over the batch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import cvxpy as cp
+import torch
+
+from .hypergrad import _timed, check_finite
+from .inner import BatchSolver, InnerSolution
+from .kkt import ActiveSet, LICQInfo, PolishInfo, kkt_at_solutions, licq_check
+from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
+from .problem import BilevelProblem
+
+__all__ = ["ArgminLayer", "LayerInfo"]
+
+
+@dataclass
+class LayerInfo:
+    """Diagnostics of one :class:`ArgminLayer` call, per batch item (items in row-major batch order).
+
+    ``linear_solve`` and the ``adjoint_solve`` timing are filled in by the backward pass.
+    """
+
+    batch_shape: tuple
+    solver_status: list[str]
+    active_sets: list[ActiveSet]
+    polish: list[PolishInfo]
+    licq: list[LICQInfo]
+    kkt_residual: list[float]
+    linear_solve: SolveInfo | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ArgminLayer(torch.nn.Module):
+    """A differentiable layer returning the solution of a convex cvxpy problem.
+
+    Parameters
+    ----------
+    inner : cvxpy.Problem
+        The problem; its ``parameters`` are the layer's inputs.
+    parameters : sequence of cvxpy.Parameter
+        Inputs, in call order.
+    variables : sequence of cvxpy.Variable, optional
+        Outputs, in order (default: all variables of ``inner``).
+    method : str
+        Adjoint solver of the backward pass: one of ``cbo.METHODS`` (default "cg").
+    tol, maxiter, on_nonconvergence : adjoint-solve settings, as in :func:`cbo.hypergrad`.
+    solver, solver_options : cvxpy solver of the forward pass.
+    active_tol, polish_solution : as in :func:`cbo.hypergrad`.
+    executor : concurrent.futures.Executor, optional
+        Runs the forward solves (e.g. ``distributed.Client(...).get_executor()``);
+        default: a pool of ``n_workers`` local processes.
+    n_workers : int, optional
+        Size of the default pool (default: the number of CPUs; 1 solves in this process).
+    timeout : float, optional
+        Seconds to wait for a batch's forward solves.
+
+    Call ``layer(*inputs)`` with one tensor per parameter, each shaped like the
+    parameter or with leading batch dimensions (unbatched inputs broadcast);
+    it returns a tuple of tensors, one per variable, shaped
+    ``batch_shape + variable.shape``. ``layer(*inputs, return_info=True)``
+    returns ``(outputs, LayerInfo)``.
+    """
+
+    def __init__(self, inner: cp.Problem, parameters: Sequence[cp.Parameter],
+                 variables: Sequence[cp.Variable] | None = None, method: str = "cg", *, tol: float = 1e-10,
+                 maxiter: int | None = None, on_nonconvergence: str = "raise", solver: str | None = None,
+                 solver_options: dict | None = None, active_tol: float = 1e-6, polish_solution: bool = True,
+                 executor=None, n_workers: int | None = None, timeout: float | None = None):
+        super().__init__()
+        if method not in ADJOINT_SOLVERS:
+            raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(ADJOINT_SOLVERS)}.")
+        self.problem = BilevelProblem(inner, parameters, variables)
+        self.method, self.tol, self.maxiter, self.on_nonconvergence = method, tol, maxiter, on_nonconvergence
+        self.active_tol, self.polish_solution = active_tol, polish_solution
+        self.batch_solver = BatchSolver(self.problem, solver, solver_options, executor, n_workers, timeout)
+
+    def forward(self, *inputs: torch.Tensor, return_info: bool = False):
+        if len(inputs) != len(self.problem.parameters):
+            raise ValueError(
+                f"ArgminLayer takes {len(self.problem.parameters)} input(s) "
+                f"{[p.name() for p in self.problem.parameters]}, got {len(inputs)}."
+            )
+        info_box: list[LayerInfo] = []
+        outputs = _ArgminFunction.apply(self, info_box, *inputs)
+        return (outputs, info_box[0]) if return_info else outputs
+
+    def close(self) -> None:
+        """Shut down the layer's worker processes (they also stop when the layer is garbage collected)."""
+        self.batch_solver.close()
+
+
+def broadcast_inputs(problem: BilevelProblem, inputs: Sequence[torch.Tensor]):
+    """Inputs as float64 (B, *shape) tensors, and the common batch shape.
+
+    Each input is shaped like its parameter or has leading batch dimensions;
+    the batch dimensions of all inputs broadcast to one batch shape.
+    """
+    tensors = [torch.as_tensor(t) for t in inputs]
+    device = tensors[0].device
+    batch_shapes = []
+    for param, t in zip(problem.parameters, tensors):
+        if t.dim() < param.ndim or tuple(t.shape[t.dim() - param.ndim:]) != tuple(param.shape):
+            raise ValueError(
+                f"Input for parameter {param.name()} has shape {tuple(t.shape)}; expected {tuple(param.shape)} "
+                f"or (*batch, {', '.join(map(str, param.shape))})."
+            )
+        batch_shapes.append(tuple(t.shape[: t.dim() - param.ndim]))
+        check_finite(param, t)
+    try:
+        batch_shape = torch.broadcast_shapes(*batch_shapes)
+    except RuntimeError as err:
+        described = ", ".join(f"{p.name()}: {s}" for p, s in zip(problem.parameters, batch_shapes))
+        raise ValueError(f"The inputs' batch shapes do not broadcast ({described}).") from err
+    batch = int(torch.Size(batch_shape).numel())
+    flat = [t.detach().to(device=device, dtype=torch.float64).expand(*batch_shape, *p.shape).reshape(batch, *p.shape)
+            for p, t in zip(problem.parameters, tensors)]
+    return flat, tuple(batch_shape)
+
+
+class _ArgminFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer: ArgminLayer, info_box: list, *inputs):
+        problem = layer.problem
+        timings: dict[str, float] = {}
+        x, batch_shape = broadcast_inputs(problem, inputs)
+        with _timed(timings, "inner_solve"):
+            values = [[t[b].cpu().numpy() for t in x] for b in range(x[0].shape[0])]
+            solutions: list[InnerSolution] = layer.batch_solver.solve(values)
+        where = _item_names(batch_shape)
+        with _timed(timings, "polish"):
+            op, actives, polish_infos = kkt_at_solutions(problem, x, solutions, layer.method, layer.active_tol,
+                                                         layer.polish_solution, where)
+        with _timed(timings, "kkt_checks"):
+            licq = licq_check(op, where=where)
+        info = LayerInfo(batch_shape, [s.status for s in solutions], actives, polish_infos, licq,
+                         [p.residual_after for p in polish_infos], timings=timings)
+        info_box.append(info)
+        ctx.layer, ctx.op, ctx.info, ctx.batch_shape = layer, op, info, batch_shape
+        ctx.input_shapes = [tuple(t.shape) for t in inputs]
+        ctx.input_meta = [(t.dtype, t.device) for t in inputs]
+        y = torch.split(op.w.detach()[:, : problem.n_y], [v.size for v in problem.all_variables], dim=-1)
+        by_id = {v.id: t for v, t in zip(problem.all_variables, y)}
+        dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.float64
+        return tuple(by_id[v.id].reshape(*batch_shape, *v.shape).to(dtype=dtype, device=inputs[0].device)
+                     for v in problem.variables)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        layer, op, problem = ctx.layer, ctx.op, ctx.layer.problem
+        start = time.perf_counter()
+        batch = op.batch_size
+        by_id = {v.id: g for v, g in zip(problem.variables, grad_outputs)}
+        dy = torch.cat([
+            torch.zeros(batch, v.size, dtype=op.w.dtype, device=op.w.device) if by_id.get(v.id) is None
+            else by_id[v.id].reshape(batch, v.size).to(op.w)
+            for v in problem.all_variables
+        ], -1)
+        b = torch.cat([dy, torch.zeros(batch, op.n_dual, dtype=dy.dtype, device=dy.device)], -1)
+        v, solve_info = adjoint_solve(op, b, layer.method, tol=layer.tol, maxiter=layer.maxiter,
+                                      on_nonconvergence=layer.on_nonconvergence)
+        grads = []
+        for g, shape, (dtype, device) in zip(op.vjp_x(v), ctx.input_shapes, ctx.input_meta):
+            g = (-g).reshape(*ctx.batch_shape, *g.shape[1:]).sum_to_size(shape)
+            grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
+        ctx.info.linear_solve = solve_info
+        ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
+        return (None, None, *grads)
+
+
+def _item_names(batch_shape: tuple):
+    """batch item b -> 'batch item (i, j): ' in the caller's batch shape."""
+    def where(b: int) -> str:
+        if len(batch_shape) <= 1:
+            return f"batch item {b}: "
+        return f"batch item {tuple(int(i) for i in torch.unravel_index(torch.tensor(b), batch_shape))}: "
+    return where
