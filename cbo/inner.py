@@ -26,7 +26,7 @@ import cvxpy as cp
 import numpy as np
 from cvxpy.lin_ops import lin_utils
 
-from .errors import InaccurateSolutionWarning, InnerSolveError
+from .errors import InnerSolveError
 from .problem import BilevelProblem
 
 __all__ = ["InnerSolution", "solve_inner", "BatchSolver", "DEFAULT_SOLVER", "DEFAULT_SOLVER_OPTIONS"]
@@ -83,9 +83,7 @@ def solve_inner(
     InnerSolveError
         If the problem is infeasible, unbounded, or the solver fails.
     """
-    solution = _solve(problem.inner, _layout(problem), x, solver, solver_options)
-    _warn_if_inaccurate(solution)
-    return solution
+    return _solve(problem.inner, _layout(problem), x, solver, solver_options)
 
 
 def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options) -> InnerSolution:
@@ -120,6 +118,8 @@ def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options) -> Inn
 
 
 def _check_status(status: str, solver: str) -> None:
+    """Raise for statuses without a solution. 'optimal_inaccurate' passes: the Newton polish
+    usually repairs it, and cbo.kkt warns if the KKT residual stays large."""
     if status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
         return
     if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
@@ -135,16 +135,6 @@ def _check_status(status: str, solver: str) -> None:
             "term (e.g. a small ridge penalty) to the inner objective."
         )
     raise InnerSolveError(f"The inner solver {solver} stopped with status '{status}'. Try another solver.")
-
-
-def _warn_if_inaccurate(solution: InnerSolution, where: str = "") -> None:
-    if solution.status == cp.OPTIMAL_INACCURATE:
-        warnings.warn(
-            f"{where}The inner solver {solution.solver} returned 'optimal_inaccurate'; cbo polishes the "
-            "solution on the KKT system, but check info.kkt_residual.",
-            InaccurateSolutionWarning,
-            stacklevel=4,
-        )
 
 
 def _stacked_duals(constraints) -> np.ndarray:
@@ -233,7 +223,6 @@ class BatchSolver:
         for index, result in sorted(results, key=lambda r: r[0]):
             if isinstance(result, Exception):
                 raise type(result)(f"batch item {index}: {result}") from result
-            _warn_if_inaccurate(result, f"batch item {index}: ")
             solutions.append(result)
         return solutions
 

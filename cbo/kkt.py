@@ -234,6 +234,7 @@ def polish(
     w: torch.Tensor,
     active: torch.Tensor,
     linear_solve: Callable[[KKTOperator, torch.Tensor], torch.Tensor],
+    tol_p: torch.Tensor,
     tol: float = 1e-12,
     max_steps: int = 5,
 ) -> tuple[KKTOperator, list[PolishInfo]]:
@@ -243,8 +244,9 @@ def polish(
     on exponential and second-order cone problems; a few Newton steps bring
     ||R||_inf to ~1e-14 (one step on a QP). An item's step is rejected (its
     previous point kept) if it makes an active multiplier negative or an
-    inactive constraint infeasible, which means the active set was misjudged,
-    or if it does not reduce the residual.
+    inactive constraint infeasible by more than ``tol_p`` (B,), the
+    active-set tolerance (the active set was misjudged), or if it does not
+    reduce the residual.
 
     ``linear_solve(op, rhs)`` solves K d = rhs (one of the adjoint solvers: the
     step needs only modest relative accuracy, as rhs = -R is already small).
@@ -263,8 +265,7 @@ def polish(
         candidate = torch.where(pending[:, None], op.w.detach() + linear_solve(op, -op.residual), op.w.detach())
         bad_multiplier = (active * candidate[:, n_y:n_y + n_ineq] < 0).any(-1)
         slack = vmap(problem.inequality_values)(op.x, candidate[:, :n_y]).detach()
-        tol_p = 1e-7 * slack.abs().amax(-1, keepdim=True).clamp_min(1.0)
-        bad_slack = ((1 - active) * (slack > tol_p)).any(-1) if n_ineq else torch.zeros_like(pending)
+        bad_slack = ((1 - active) * (slack > tol_p[:, None])).any(-1) if n_ineq else torch.zeros_like(pending)
         for b in torch.nonzero(pending & (bad_multiplier | bad_slack)).flatten().tolist():
             reasons[b] = "an active multiplier turned negative" if bad_multiplier[b] else \
                 "an inactive constraint became violated"
@@ -320,7 +321,9 @@ def kkt_at_solutions(
     w = torch.cat([y, mu.reshape(len(solutions), -1), nu.reshape(len(solutions), -1)], -1)
     if polish_solution:
         newton_method = method if method in ("direct", "cg", "minres") else "minres"
-        op, infos = polish(problem, x, w, mask, lambda op, rhs: ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-8)[0])
+        tol_p = torch.tensor([a.tol_p for a in actives], dtype=w.dtype, device=device)
+        op, infos = polish(problem, x, w, mask, lambda op, rhs: ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-8)[0],
+                           tol_p)
     else:
         op = KKTOperator(problem, x, w, mask)
         infos = [PolishInfo(0, float(r), float(r), False, "disabled") for r in _residual_norms(op)]
@@ -329,8 +332,8 @@ def kkt_at_solutions(
         if info.residual_after > 1e-6 * float(scales[b]):
             warnings.warn(
                 f"{where(b)}The KKT residual at the inner solution is {info.residual_after:.2e} "
-                f"(polish: {info.reason or 'ran'}): the hypergradient will be inaccurate. Tighten the "
-                "solver tolerances or try another solver.",
+                f"(solver status '{solutions[b].status}', polish: {info.reason or 'ran'}): the hypergradient "
+                "will be inaccurate. Tighten the solver tolerances or try another solver.",
                 InaccurateSolutionWarning,
                 stacklevel=3,
             )

@@ -40,10 +40,13 @@ class ConstraintBlock:
     offset: int
     size: int
     sign: float
+    index: int
 
     def label(self, entry: int | None = None) -> str:
-        """Human-readable name: ``constraint 2 (`G @ y <= h`), entry 5``."""
-        return f"constraint {self.constraint.constr_id} (`{self.constraint}`){self._entry_text(entry)}"
+        """Human-readable name: ``constraint 2 (`var1 <= param3`), entry 5``, 2 its position in the problem."""
+        text = str(self.constraint)
+        text = text if len(text) <= 60 and "\n" not in text else f"{type(self.constraint).__name__} of shape {self.constraint.shape}"
+        return f"constraint {self.index} (`{text}`){self._entry_text(entry)}"
 
     def _entry_text(self, entry: int | None) -> str:
         if entry is None or self.size == 1:
@@ -288,7 +291,7 @@ def _constraint_blocks(constraints) -> tuple[list[ConstraintBlock], list[Constra
     """Split constraints into inequalities p <= 0 and equalities q = 0 (cvxpy's signs)."""
     inequalities, equalities = [], []
     n_ineq = n_eq = 0
-    for c in constraints:
+    for index, c in enumerate(constraints):
         if isinstance(c, cp.constraints.Inequality):
             lhs, rhs = (to_torch(a) for a in c.args)
             fn, sign, equality = (lambda env, lhs=lhs, rhs=rhs: lhs(env) - rhs(env)), 1.0, False
@@ -308,9 +311,9 @@ def _constraint_blocks(constraints) -> tuple[list[ConstraintBlock], list[Constra
                 "cp.SOC(t, y) as cp.norm(y, 2) <= t or cp.sum_squares(y) <= t**2 with t fixed."
             )
         if equality:
-            equalities.append(ConstraintBlock(c, fn, n_eq, c.size, sign))
+            equalities.append(ConstraintBlock(c, fn, n_eq, c.size, sign, index))
             n_eq += c.size
         else:
-            inequalities.append(ConstraintBlock(c, fn, n_ineq, c.size, sign))
+            inequalities.append(ConstraintBlock(c, fn, n_ineq, c.size, sign, index))
             n_ineq += c.size
     return inequalities, equalities
