@@ -180,29 +180,43 @@ class KKTOperator:
 
 @dataclass
 class LICQInfo:
-    """Linear independence of one item's active constraint gradients (the rows of J)."""
+    """Linear independence of one item's active constraint gradients (the rows of J).
+
+    ``conditioning`` is min/max of the Cholesky pivots of J_A J_A^T (0 when
+    LICQ fails): the square root of its inverse condition number.
+    """
 
     rank: int
     n_constraints: int
-    smallest_singular_value: float
+    conditioning: float
 
     @property
     def holds(self) -> bool:
         return self.rank == self.n_constraints
 
 
-def licq_check(op: KKTOperator, tol: float = 1e-9, where: Callable[[int], str] = lambda b: "") -> list[LICQInfo]:
-    """Rank of J per item by SVD; warn with :class:`DegenerateKKTWarning` where LICQ fails."""
+def licq_check(op: KKTOperator, tol: float = 1e-7, where: Callable[[int], str] = lambda b: "") -> list[LICQInfo]:
+    """LICQ per item from a Cholesky factorization of J J^T (padded rows get a unit diagonal).
+
+    Pivots below ``tol`` times the largest flag rank deficiency; only then is
+    the rank computed, by SVD. Warns with :class:`DegenerateKKTWarning` where LICQ fails.
+    """
     J = op.constraint_jacobian()
     counts = op.dual_mask.sum(-1).round().long().tolist()
     if J.shape[1] == 0:
-        return [LICQInfo(0, 0, float("inf")) for _ in counts]
-    s = torch.linalg.svdvals(J)
+        return [LICQInfo(0, 0, 1.0) for _ in counts]
+    gram = J @ J.mT + torch.diag_embed(1 - op.dual_mask)
+    L, status = torch.linalg.cholesky_ex(gram)
+    pivots = torch.diagonal(L, dim1=-2, dim2=-1).abs()
+    conditioning = torch.where(status == 0, pivots.amin(-1) / pivots.amax(-1).clamp_min(1e-300), 0.0)
     infos = []
-    for b, (values, count) in enumerate(zip(s, counts)):
-        rank = int((values > tol * max(1.0, float(values[0]))).sum())
-        smallest = float(values[count - 1]) if 0 < count <= values.numel() else float("inf")
-        infos.append(LICQInfo(rank, count, smallest if rank == count else 0.0))
+    for b, count in enumerate(counts):
+        if float(conditioning[b]) > tol:
+            infos.append(LICQInfo(count, count, float(conditioning[b])))
+            continue
+        values = torch.linalg.svdvals(J[b])
+        rank = int((values > 1e-9 * max(1.0, float(values[0]))).sum())
+        infos.append(LICQInfo(rank, count, float(conditioning[b])))
         if rank < count:
             warnings.warn(
                 f"{where(b)}LICQ fails at the inner solution: the {count} active constraints "
