@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import statistics
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -149,11 +151,19 @@ def build_inner(data: QPData) -> InnerQP:
 
 @dataclass
 class Reference:
-    """Reference gradients dL/dq (B, n), dL/dr (B, m) and the active sets."""
+    """Reference gradients dL/dq (B, n), dL/dr (B, m), the active sets and their checks.
+
+    ``margins[b]``: min(mu_S, -slack off S) at the exact KKT point of item b's
+    active set S; > 0 certifies S (P is positive definite, so that point is the
+    unique optimum). ``reclassified[b]``: rows with mu above the threshold that
+    are inactive because their slack outweighs mu (see :func:`reference_active_set`).
+    """
 
     grad_q: np.ndarray
     grad_r: np.ndarray
     actives: list[np.ndarray]
+    margins: list[float]
+    reclassified: list[int]
 
     @property
     def flat(self) -> np.ndarray:
@@ -169,33 +179,56 @@ def solve_reference(inner: InnerQP, q: np.ndarray, r: np.ndarray) -> tuple[np.nd
     return np.asarray(inner.y.value, dtype=float), np.asarray(inner.inequality.dual_value, dtype=float)
 
 
-def kkt_gradient(data: QPData, active: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r"""dL/dq, dL/dr of L = w . y* from a dense solve of the active-set KKT system.
+def reference_active_set(data: QPData, b: int, y: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, int]:
+    """Active rows of item b: mu_i > ACTIVE_TOL * max(1, max mu), and mu_i > -slack_i.
 
-    The KKT residual R = (P y + q + A^T (mu_S, nu), G_S y - h_S - r_S, C y - d)
-    has dR/dq = (I, 0, 0) and dR/dr = (0, -I_S, 0); with K [u; lam] = [w; 0],
-    dL/dq = -u and dL/dr_S = lam_S.
+    The second test lets the complementary pair decide: an interior-point solver
+    may return mu_i ~ 1e-6 on a row with slack -1e-3 (complementarity ~1e-9 is
+    within its gap tolerance when the objective is large); such a row is
+    inactive. Returns the active rows and how many rows the second test removed.
+    """
+    slack = data.G @ y - data.h - data.r[b]
+    by_mu = mu > ACTIVE_TOL * max(1.0, mu.max())
+    active = by_mu & (mu > -slack)
+    return np.flatnonzero(active), int((by_mu & ~active).sum())
+
+
+def active_set_solve(data: QPData, b: int, active: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    r"""Dense solves with the active-set KKT matrix K = [[P, A^T], [A, 0]], A = [G_S; C], of item b.
+
+    Gradient of L = W_b . y*: the KKT residual R = (P y + q + A^T (mu_S, nu),
+    G_S y - h_S - r_S, C y - d) has dR/dq = (I, 0, 0) and dR/dr = (0, -I_S, 0);
+    with K [u; lam] = [W_b; 0], dL/dq = -u and dL/dr_S = lam_S.
+    Certificate: the KKT point K [y; mu_S; nu] = [-q; h_S + r_S; d] of S.
+    Returns dL/dq, dL/dr and the certificate margin min(mu_S, -slack off S).
     """
     A = sp.vstack([data.G[active], data.C]).toarray()
     n_dual = A.shape[0]
     K = np.block([[data.P.toarray(), A.T], [A, np.zeros((n_dual, n_dual))]])
-    solution = np.linalg.solve(K, np.concatenate([w, np.zeros(n_dual)]))
+    rhs = np.column_stack([
+        np.concatenate([data.W[b], np.zeros(n_dual)]),
+        np.concatenate([-data.q[b], data.h[active] + data.r[b][active], data.d]),
+    ])
+    solution = np.linalg.solve(K, rhs)
     grad_r = np.zeros(data.m)
-    grad_r[active] = solution[data.n: data.n + active.size]
-    return -solution[: data.n], grad_r
+    grad_r[active] = solution[data.n: data.n + active.size, 0]
+    y, mu_active = solution[: data.n, 1], solution[data.n: data.n + active.size, 1]
+    inactive = np.setdiff1d(np.arange(data.m), active)
+    slack = (data.G @ y - data.h - data.r[b])[inactive]
+    margin = min(mu_active.min(initial=np.inf), (-slack).min(initial=np.inf))
+    return -solution[: data.n, 0], grad_r, float(margin)
 
 
 def reference_gradient(data: QPData, inner: InnerQP) -> Reference:
     """Reference gradients of the whole batch."""
-    grads_q, grads_r, actives = [], [], []
+    grads_q, grads_r, actives, margins, reclassified = [], [], [], [], []
     for b in range(data.batch):
-        _, mu = solve_reference(inner, data.q[b], data.r[b])
-        active = np.flatnonzero(mu > ACTIVE_TOL * max(1.0, mu.max()))
-        grad_q, grad_r = kkt_gradient(data, active, data.W[b])
-        grads_q.append(grad_q)
-        grads_r.append(grad_r)
-        actives.append(active)
-    return Reference(np.stack(grads_q), np.stack(grads_r), actives)
+        active, removed = reference_active_set(data, b, *solve_reference(inner, data.q[b], data.r[b]))
+        grad_q, grad_r, margin = active_set_solve(data, b, active)
+        for values, value in zip((grads_q, grads_r, actives, margins, reclassified),
+                                 (grad_q, grad_r, active, margin, removed)):
+            values.append(value)
+    return Reference(np.stack(grads_q), np.stack(grads_r), actives, margins, reclassified)
 
 
 def finite_difference_check(data: QPData, inner: InnerQP, reference: Reference) -> list[str]:
@@ -247,7 +280,8 @@ def cvxpylayers_method(data: QPData) -> Method:
     """cvxpylayers' CvxpyLayer with its default backend and solver (no solver_args)."""
     inner = build_inner(data)
     layer = CvxpyLayer(inner.problem, parameters=[inner.q, inner.r], variables=[inner.y])
-    return Method("cvxpylayers (default)", lambda q, r: (layer(q, r)[0], None))
+    backend = layer.ctx.solver if isinstance(layer.ctx.solver, str) else type(layer.ctx.solver).__name__
+    return Method(f"cvxpylayers ({backend}, default)", lambda q, r: (layer(q, r)[0], None))
 
 
 def cbo_method(data: QPData, name: str, **options) -> Method:
@@ -269,6 +303,56 @@ def make_methods(data: QPData) -> list[Method]:
         cbo_method(data, "cbo (Clarabel)"),
         cbo_method(data, "cbo (OSQP)", solver="OSQP", solver_options=OSQP_OPTIONS),
     ]
+
+
+# ---------------------------------------------------------------- CPU used by other processes
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def busy_ticks() -> int:
+    """Busy CPU ticks of the whole machine (all cores), from /proc/stat."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def own_ticks() -> int:
+    """CPU ticks (user + system) of this process and its live descendants (e.g. cbo's worker pool)."""
+    parents, ticks = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+        parents[int(entry)], ticks[int(entry)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    ours, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in ours]
+        ours.update(children)
+        frontier += children
+    return sum(ticks.get(pid, 0) for pid in ours)
+
+
+class ForeignLoad:
+    """Cores used by other processes (busy machine ticks minus ours) while the ``with`` block ran.
+
+    On a small shared machine other jobs slow every method down (torch's
+    OpenMP threads suffer most); this says how busy the machine was.
+    """
+
+    def __enter__(self):
+        self.start = (time.perf_counter(), busy_ticks(), own_ticks())
+        return self
+
+    def __exit__(self, *exc):
+        wall, busy, own = time.perf_counter(), busy_ticks(), own_ticks()
+        self.cores = ((busy - self.start[1]) - (own - self.start[2])) / CLOCK_TICKS / (wall - self.start[0])
+        return False
 
 
 # ---------------------------------------------------------------- timing
@@ -298,7 +382,7 @@ def run_once(method: Method, data: QPData) -> Sample:
         start = time.perf_counter()
         (y * W).sum().backward()
         backward = time.perf_counter() - start
-    names = sorted({w.category.__name__ for w in caught})
+    names = sorted({w.category.__name__ for w in caught if not issubclass(w.category, DeprecationWarning)})
     return Sample(forward, backward, q.grad.numpy().copy(), r.grad.numpy().copy(), info, names)
 
 
@@ -341,25 +425,65 @@ def summarize(n: int, name: str, samples: list[Sample], reference: Reference) ->
     return result
 
 
-def benchmark_size(data: QPData, reference: Reference, repeats: int, progress: tqdm) -> list[Result]:
-    """Interleaved repetitions of all methods (one warm-up excluded); one Result per method."""
+def benchmark_size(data: QPData, reference: Reference, repeats: int,
+                   progress: tqdm) -> tuple[list[Result], list[float]]:
+    """Interleaved repetitions of all methods (one warm-up excluded).
+
+    Returns one Result per method and the cores used by other processes during each timed repetition.
+    """
     methods = make_methods(data)
     samples: dict[str, list[Sample]] = {m.name: [] for m in methods}
+    foreign: list[float] = []
     try:
         for rep in range(repeats + 1):
-            for method in methods:
-                progress.set_postfix_str(f"n={data.n} rep {rep}/{repeats} {method.name}")
-                sample = run_once(method, data)
-                if rep > 0:
-                    samples[method.name].append(sample)
+            with ForeignLoad() as load:
+                for method in methods:
+                    progress.set_postfix_str(f"n={data.n} rep {rep}/{repeats} {method.name}")
+                    sample = run_once(method, data)
+                    if rep > 0:
+                        samples[method.name].append(sample)
+            if rep > 0:
+                foreign.append(load.cores)
             progress.update()
     finally:
         for method in methods:
             method.close()
-    return [summarize(data.n, m.name, samples[m.name], reference) for m in methods]
+    return [summarize(data.n, m.name, samples[m.name], reference) for m in methods], foreign
 
 
 # ---------------------------------------------------------------- profile
+
+# (label, file name ending, function name): where cbo's time goes; nested entries are indented.
+PROFILE_CATEGORIES = [
+    ("forward: wait for the worker pool (inner solves in workers)", "_base.py", "wait"),
+    ("forward: cvxpy Problem.solve (in this process)", "problem.py", "_solve"),
+    ("  cvxpy get_problem_data (DPP parameter map)", "problem.py", "get_problem_data"),
+    ("  solver call (cvxpy solve_via_data)", "solving_chain.py", "solve_via_data"),
+    ("  cvxpy unpack_results (primal/dual values)", "problem.py", "unpack_results"),
+    ("forward: kkt_at_solutions (active set + polish)", "kkt.py", "kkt_at_solutions"),
+    ("  active_set classification", "kkt.py", "active_set"),
+    ("  polish (Newton on the KKT system)", "kkt.py", "polish"),
+    ("forward: licq_check (kkt_checks)", "kkt.py", "licq_check"),
+    ("backward: adjoint_solve", "linsolve.py", "adjoint_solve"),
+    ("all: KKTOperator.__init__ (graph of R)", "kkt.py", "__init__"),
+    ("all: constraint_jacobian (J as n_dual batched HVPs)", "kkt.py", "constraint_jacobian"),
+    ("all: NullSpaceSystem.__init__ (J + Gram Cholesky)", "linsolve.py", "__init__"),
+    ("all: projected CG iterations (linsolve.cg)", "linsolve.py", "cg"),
+    ("  CG: hess (K products)", "linsolve.py", "hess"),
+    ("  CG: project (Gram solves)", "linsolve.py", "project"),
+]
+
+
+def profile_categories(stats: pstats.Stats) -> list[str]:
+    """Cumulative seconds and calls of the functions in PROFILE_CATEGORIES."""
+    lines = [f"{'where':60s} {'cum [s]':>8s} {'calls':>6s}"]
+    for label, file_end, name in PROFILE_CATEGORIES:
+        matches = [(ct, nc) for (file, _, func), (_, nc, _, ct, _) in stats.stats.items()
+                   if file.endswith(file_end) and func == name]
+        if matches:
+            lines.append(f"{label:60s} {sum(m[0] for m in matches):8.3f} {sum(m[1] for m in matches):6d}")
+    return lines
+
 
 def profile_cbo(data: QPData, **layer_options) -> str:
     """cProfile of one cbo forward + backward (after a warm-up call), top PROFILE_LINES by cumulative time."""
@@ -374,20 +498,23 @@ def profile_cbo(data: QPData, **layer_options) -> str:
         method.close()
     stream = io.StringIO()
     stats = pstats.Stats(profiler, stream=stream)
+    categories = profile_categories(stats)
     stats.strip_dirs().sort_stats("cumulative").print_stats(PROFILE_LINES)
     timings = ", ".join(f"{k} {v:.3f}s" for k, v in sample.info.timings.items())
     header = (f"forward {sample.forward:.3f}s, backward {sample.backward:.3f}s (under the profiler); "
               f"info.timings: {timings}")
-    return header + "\n" + stream.getvalue().strip()
+    return "\n".join([header, "", *categories, "", stream.getvalue().strip()])
 
 
 # ---------------------------------------------------------------- output
 
 def seconds(value: float) -> str:
+    """A duration for the tables."""
     return f"{value:.4f}" if np.isfinite(value) else "-"
 
 
 def ratio(a: float, b: float) -> str:
+    """a / b for the tables."""
     return f"{a / b:.2f}" if b > 0 else "-"
 
 
@@ -449,11 +576,28 @@ def target_lines(results: list[Result]) -> list[str]:
     return lines
 
 
+def code_version() -> str:
+    """The repository's commit, and whether cbo/ had uncommitted changes when the benchmark started."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    imported = Path(cbo.__file__).resolve().parent
+    if imported != root / "cbo":
+        return f"imported from {imported} (not this checkout; checkout at commit {git('rev-parse', '--short', 'HEAD')})"
+    dirty = git("status", "--porcelain", "--", "cbo")
+    return f"commit {git('rev-parse', '--short', 'HEAD') or '?'}" + (" (cbo/ modified)" if dirty else "")
+
+
 def describe_data(data: QPData, reference: Reference) -> str:
     """One line on the problem: active fractions of the reference solutions."""
     fractions = [a.size / data.m for a in reference.actives]
+    certified = sum(margin > 0 for margin in reference.margins)
     return (f"n={data.n}: m={data.m} inequalities, p={data.C.shape[0]} equalities, nnz(P)={data.P.nnz}, "
-            f"active fraction per item {min(fractions):.0%}..{max(fractions):.0%}")
+            f"active fraction per item {min(fractions):.0%}..{max(fractions):.0%}; reference active sets "
+            f"certified for {certified}/{data.batch} items (smallest margin {min(reference.margins):.1e}); "
+            f"rows with mu above threshold but inactive by slack: {sum(reference.reclassified)}")
 
 
 def write_markdown(path: Path, args, notes: list[str], main: list[list[str]], phases: list[list[str]],
@@ -487,19 +631,25 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repetitions per size (default: 5, or 3 for n >= 1000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads in this process (default: torch's default)")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help="Markdown file to write")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile runs at the largest size")
     return parser.parse_args()
 
 
 def repeats_for(n: int, args) -> int:
+    """Timed repetitions at size n."""
     return args.repeats or (3 if n >= 1000 else 5)
 
 
 def main():
     args = parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     start = time.perf_counter()
-    notes: list[str] = []
-    main: list[list[str]] = []
+    notes: list[str] = [f"cbo {code_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads"]
+    main_table: list[list[str]] = []
     phases: list[list[str]] = []
     targets: list[str] = []
     profiles: dict[str, str] = {}
@@ -512,10 +662,14 @@ def main():
         notes.append(describe_data(data, reference))
         tqdm.write(notes[-1])
         if n == min(args.sizes):
-            notes += finite_difference_check(data, reference_inner, reference)
-            tqdm.write("\n".join(notes[-4:]))
-        results = benchmark_size(data, reference, repeats_for(n, args), progress)
-        main += main_rows(results)
+            fd_lines = finite_difference_check(data, reference_inner, reference)
+            notes += fd_lines
+            tqdm.write("\n".join(fd_lines))
+        results, foreign = benchmark_size(data, reference, repeats_for(n, args), progress)
+        notes.append(f"n={n}: CPU used by other processes during the timed repetitions: "
+                     + ", ".join(f"{c:.2f}" for c in foreign) + f" cores (of {os.cpu_count()})")
+        tqdm.write(notes[-1])
+        main_table += main_rows(results)
         phases += phase_rows(results)
         tqdm.write("\n" + plain_table(MAIN_COLUMNS, main_rows(results)))
         tqdm.write("\n" + plain_table(PHASE_COLUMNS, phase_rows(results)) + "\n")
@@ -528,14 +682,14 @@ def main():
                 }
     progress.close()
     runtime = time.perf_counter() - start
-    print("\n== Timings and accuracy ==\n" + plain_table(MAIN_COLUMNS, main))
+    print("\n== Timings and accuracy ==\n" + plain_table(MAIN_COLUMNS, main_table))
     print("\n== cbo phases (info.timings, medians) ==\n" + plain_table(PHASE_COLUMNS, phases))
     print("\n== Targets ==\n" + "\n".join(targets))
     for title, profile in profiles.items():
         print(f"\n== Profile: {title} ==\n{profile}")
     print(f"\ntotal runtime {runtime:.1f} s")
-    write_markdown(OUTPUT, args, notes, main, phases, targets, profiles, runtime)
-    print(f"written to {OUTPUT}")
+    write_markdown(args.output, args, notes, main_table, phases, targets, profiles, runtime)
+    print(f"written to {args.output}")
 
 
 if __name__ == "__main__":

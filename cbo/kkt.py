@@ -16,6 +16,8 @@ one Hessian-vector product of L, and every (dR/dx)^T v one mixed second
 derivative: both come from torch autograd on the graph of R, built once per
 point w. A batch of B items is one graph (the items' Lagrangians evaluated by
 ``torch.func.vmap`` and summed), so one backward pass applies all B operators.
+J, needed by the null-space solvers and the LICQ check, is the Jacobian of
+the constraints alone (not of R), computed once per operator.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from .linsolve import ADJOINT_SOLVERS
 from .problem import BilevelProblem
 
 __all__ = [
-    "ActiveSet", "active_set", "KKTOperator", "polish", "PolishInfo", "licq_check", "LICQInfo", "kkt_at_solutions",
+    "ActiveSet", "active_set", "KKTOperator", "ConstraintGram", "polish", "PolishInfo", "licq_check", "LICQInfo", "kkt_at_solutions",
 ]
 
 
@@ -123,6 +125,9 @@ class KKTOperator:
         Stacked (y, mu, nu) per item; mu is zero off the active set.
     active : tensor (B, n_ineq)
         1.0 on active inequality entries, 0.0 elsewhere.
+
+    The dense matrices J and K, when asked for, come from ``torch.func``
+    Jacobians (of the constraints alone for J).
     """
 
     def __init__(self, problem: BilevelProblem, x: Sequence[torch.Tensor], w: torch.Tensor, active: torch.Tensor):
@@ -132,6 +137,8 @@ class KKTOperator:
         self.dual_mask = torch.cat([self.active, torch.ones_like(w[:, :problem.n_eq])], -1)
         self.x = [t.detach().requires_grad_(True) for t in x]
         self.w = w.detach().requires_grad_(True)
+        self._jacobian: torch.Tensor | None = None
+        self._gram: ConstraintGram | None = None
         with torch.enable_grad():
             L = vmap(problem.lagrangian)(self.x, self.w, self.active).sum()
             (self.R,) = torch.autograd.grad(L, self.w, create_graph=True)
@@ -150,9 +157,8 @@ class KKTOperator:
         return self.R.detach()
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """K v for v of shape (B, N); for (k, B, N), k products at once."""
-        (Kv,) = torch.autograd.grad(self.R, self.w, v, retain_graph=True, is_grads_batched=v.dim() == 3,
-                                    allow_unused=True)
+        """K v for v of shape (B, N)."""
+        (Kv,) = torch.autograd.grad(self.R, self.w, v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(v) if Kv is None else Kv
 
     def vjp_x(self, v: torch.Tensor) -> list[torch.Tensor]:
@@ -161,19 +167,85 @@ class KKTOperator:
         return [torch.zeros_like(t) if g is None else g for t, g in zip(self.x, grads)]
 
     def dense(self) -> torch.Tensor:
-        """K as dense (B, N, N) matrices: N Hessian-vector products at once."""
-        eye = torch.eye(self.size, dtype=self.w.dtype, device=self.w.device)
-        return self.matvec(eye.unsqueeze(1).expand(-1, self.batch_size, -1)).transpose(0, 1)
+        """K = hess_ww L as dense (B, N, N) matrices."""
+        x, w = [t.detach() for t in self.x], self.w.detach()
+        return vmap(torch.func.hessian(self.problem.lagrangian, argnums=1))(x, w, self.active)
 
     def constraint_jacobian(self) -> torch.Tensor:
-        """J = d(p_A, q)/dy, shape (B, n_dual, n_y), with zero rows for inactive entries.
+        """J = d(a * p, q)/dy, shape (B, n_dual, n_y): zero rows for inactive entries. Computed once."""
+        if self._jacobian is None:
+            x, y = [t.detach() for t in self.x], self.w.detach()[:, : self.n_y]
+            if self.n_dual == 0:
+                self._jacobian = torch.zeros(self.batch_size, 0, self.n_y, dtype=y.dtype, device=y.device)
+            else:
+                jacobian = torch.func.jacrev(self.problem.active_constraints, argnums=1)
+                self._jacobian = vmap(jacobian)(x, y, self.active)
+        return self._jacobian
 
-        Row i is the y-block of K e_i for the dual unit vector e_i.
-        """
-        eye = torch.eye(self.size, dtype=self.w.dtype, device=self.w.device)[self.n_y:]
-        if self.n_dual == 0:
-            return torch.zeros(self.batch_size, 0, self.n_y, dtype=self.w.dtype, device=self.w.device)
-        return self.matvec(eye.unsqueeze(1).expand(-1, self.batch_size, -1))[..., : self.n_y].transpose(0, 1)
+    def constraint_gram(self) -> ConstraintGram:
+        """The active rows of J and the factorization of their Gram matrix. Computed once."""
+        if self._gram is None:
+            self._gram = ConstraintGram(self.constraint_jacobian(), self.dual_mask)
+        return self._gram
+
+
+class ConstraintGram:
+    r"""Each item's active rows of J, packed, and a factorization of G = J_A J_A^T.
+
+    Items have different numbers of active rows; they are packed into r =
+    max_b (active rows of b) rows, the spare rows zero with a unit diagonal in
+    G, so that one batched Cholesky factors all items. If some G is singular
+    (LICQ fails) its solves use the pseudo-inverse.
+
+    Attributes
+    ----------
+    rows : LongTensor (B, r)
+        Positions of the packed rows among the n_dual dual entries.
+    valid : tensor (B, r)
+        1.0 on real rows, 0.0 on spare ones.
+    J : tensor (B, r, n_y)
+        The packed rows.
+    pivots : tensor (B, r)
+        Diagonal of the Cholesky factor (all ones on spare rows; NaN if the
+        factorization failed).
+    """
+
+    def __init__(self, jacobian: torch.Tensor, dual_mask: torch.Tensor):
+        counts = dual_mask.sum(-1).round().long()
+        r = int(counts.max()) if counts.numel() else 0
+        order = torch.argsort(-dual_mask, dim=-1, stable=True)[:, :r]  # active rows first, in order
+        self.rows = order
+        self.valid = torch.gather(dual_mask, 1, order)
+        self.J = torch.gather(jacobian, 1, order[..., None].expand(-1, -1, jacobian.shape[-1])) * self.valid[..., None]
+        self.n_dual = dual_mask.shape[-1]
+        gram = self.J @ self.J.mT + torch.diag_embed(1 - self.valid)
+        L, status = torch.linalg.cholesky_ex(gram)
+        diagonal = torch.diagonal(L, dim1=-2, dim2=-1)
+        self.pivots = torch.where((status == 0)[:, None], diagonal, torch.full_like(diagonal, float("nan")))
+        healthy = (status == 0) & (diagonal.amin(-1) > 1e-7 * diagonal.amax(-1)) if r else status == 0
+        if bool(healthy.all()):
+            self.solve = lambda u: torch.cholesky_solve(u.unsqueeze(-1), L).squeeze(-1)
+        else:
+            pinv = torch.linalg.pinv(gram, hermitian=True)
+            self.solve = lambda u: (pinv @ u.unsqueeze(-1)).squeeze(-1)
+        self.solve.__doc__ = "u -> G^{-1} u for packed dual vectors u (B, r)."
+
+    def pack(self, u: torch.Tensor) -> torch.Tensor:
+        """The active entries of full dual vectors u (B, n_dual), packed to (B, r)."""
+        return torch.gather(u, 1, self.rows) * self.valid
+
+    def unpack(self, u: torch.Tensor) -> torch.Tensor:
+        """Packed vectors (B, r) back to full dual vectors (B, n_dual), zero off the active rows."""
+        return torch.zeros(u.shape[0], self.n_dual, dtype=u.dtype, device=u.device).scatter_add(
+            1, self.rows, u * self.valid)
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """J_A z: (B, n_y) -> (B, r)."""
+        return torch.einsum("brn,bn->br", self.J, z)
+
+    def apply_transpose(self, u: torch.Tensor) -> torch.Tensor:
+        """J_A^T u: (B, r) -> (B, n_y)."""
+        return torch.einsum("brn,br->bn", self.J, u)
 
 
 # ---------------------------------------------------------------- LICQ
@@ -196,25 +268,22 @@ class LICQInfo:
 
 
 def licq_check(op: KKTOperator, tol: float = 1e-7, where: Callable[[int], str] = lambda b: "") -> list[LICQInfo]:
-    """LICQ per item from a Cholesky factorization of J J^T (padded rows get a unit diagonal).
+    """LICQ per item from the Cholesky pivots of J_A J_A^T (:meth:`KKTOperator.constraint_gram`).
 
     Pivots below ``tol`` times the largest flag rank deficiency; only then is
     the rank computed, by SVD. Warns with :class:`DegenerateKKTWarning` where LICQ fails.
     """
-    J = op.constraint_jacobian()
-    counts = op.dual_mask.sum(-1).round().long().tolist()
-    if J.shape[1] == 0:
-        return [LICQInfo(0, 0, 1.0) for _ in counts]
-    gram = J @ J.mT + torch.diag_embed(1 - op.dual_mask)
-    L, status = torch.linalg.cholesky_ex(gram)
-    pivots = torch.diagonal(L, dim1=-2, dim2=-1).abs()
-    conditioning = torch.where(status == 0, pivots.amin(-1) / pivots.amax(-1).clamp_min(1e-300), 0.0)
+    gram = op.constraint_gram()
+    counts = gram.valid.sum(-1).round().long().tolist()
+    pivots = gram.pivots.abs()
+    conditioning = (pivots.amin(-1) / pivots.amax(-1).clamp_min(1e-300)).nan_to_num(0.0) if pivots.shape[1] \
+        else torch.ones(len(counts))
     infos = []
     for b, count in enumerate(counts):
         if float(conditioning[b]) > tol:
             infos.append(LICQInfo(count, count, float(conditioning[b])))
             continue
-        values = torch.linalg.svdvals(J[b])
+        values = torch.linalg.svdvals(gram.J[b, :count])
         rank = int((values > 1e-9 * max(1.0, float(values[0]))).sum())
         infos.append(LICQInfo(rank, count, float(conditioning[b])))
         if rank < count:
@@ -336,7 +405,7 @@ def kkt_at_solutions(
     if polish_solution:
         newton_method = method if method in ("direct", "cg", "minres") else "minres"
         tol_p = torch.tensor([a.tol_p for a in actives], dtype=w.dtype, device=device)
-        op, infos = polish(problem, x, w, mask, lambda op, rhs: ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-8)[0],
+        op, infos = polish(problem, x, w, mask, lambda op, rhs: ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-6)[0],
                            tol_p)
     else:
         op = KKTOperator(problem, x, w, mask)

@@ -178,28 +178,26 @@ def solve_minres(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torch.Tens
 class NullSpaceSystem:
     r"""K v = (b_y, c) reduced to the null space of J, where K is positive definite.
 
-    With P = I - J^T G^{-1} J the projector onto null(J), G = J J^T, and the
-    particular solution v_p = J^T G^{-1} c of J v_p = c:
+    With P = I - J_A^T G^{-1} J_A the projector onto null(J_A), G = J_A J_A^T
+    (J_A: the active rows of J), and the particular solution
+    v_p = J_A^T G^{-1} c_A of J_A v_p = c_A:
 
-        v_y = v_p + z,   (P H P) z = P (b_y - H v_p),   v_l = G^{-1} J (b_y - H v_y).
+        v_y = v_p + z,   (P H P) z = P (b_y - H v_p),   v_A = G^{-1} J_A (b_y - H v_y),
 
-    P H P is positive definite on null(J) exactly when the second-order
+    and v_l = c on the padded inactive rows (where K has a unit diagonal).
+    P H P is positive definite on null(J_A) exactly when the second-order
     sufficient condition holds (H positive definite on the tangent space of
     the active constraints), so CG and Richardson iterations are sound there
-    although K itself is indefinite. Forms J (B x n_dual x n_y) and factors
-    the small Gram matrices; never forms H. Rows of inactive (padded)
-    inequalities are zero in J; they get a unit diagonal in G and keep
-    v_l = c there, matching K's unit diagonal on those rows.
+    although K itself is indefinite. Uses the operator's packed J_A and
+    Gram factorization (:class:`cbo.kkt.ConstraintGram`); never forms H.
     """
 
     def __init__(self, op, b: torch.Tensor):
         self.op, self.n_y = op, op.n_y
-        self.J = op.constraint_jacobian()
-        self.padded = 1 - op.dual_mask
-        self.gram_solve = _gram_solver(self.J, self.padded)
+        self.gram = op.constraint_gram()
         self.b = b
         self.b_y, self.c = b[..., : self.n_y], b[..., self.n_y:]
-        self.v_p = self._range_part(self.c)
+        self.v_p = self._range_part(self.gram.pack(self.c))
         self.rhs = self.project(self.b_y - self.hess(self.v_p))
 
     def hess(self, z: torch.Tensor) -> torch.Tensor:
@@ -208,8 +206,8 @@ class NullSpaceSystem:
         return self.op.matvec(torch.cat([z, zeros], -1))[..., : self.n_y]
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
-        """P z = z - J^T G^{-1} J z."""
-        return z - self._range_part(_apply(self.J, z))
+        """P z = z - J_A^T G^{-1} J_A z."""
+        return z - self._range_part(self.gram.apply(z))
 
     def matvec(self, z: torch.Tensor) -> torch.Tensor:
         """P H P z."""
@@ -222,36 +220,13 @@ class NullSpaceSystem:
     def recover(self, z: torch.Tensor) -> torch.Tensor:
         """Full solution (v_y, v_l) from the reduced one."""
         v_y = self.v_p + z
-        v_l = self.gram_solve(_apply(self.J, self.b_y - self.hess(v_y))) + self.padded * self.c
+        v_active = self.gram.solve(self.gram.apply(self.b_y - self.hess(v_y)))
+        v_l = self.gram.unpack(v_active) + (1 - self.op.dual_mask) * self.c
         return torch.cat([v_y, v_l], -1)
 
     def _range_part(self, u: torch.Tensor) -> torch.Tensor:
-        """J^T G^{-1} u."""
-        return _apply_transpose(self.J, self.gram_solve(u))
-
-
-def _apply(J: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """J z for batches: J (B, d, n), z (B, n) -> (B, d)."""
-    return torch.einsum("bdn,bn->bd", J, z)
-
-
-def _apply_transpose(J: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """J^T u for batches: J (B, d, n), u (B, d) -> (B, n)."""
-    return torch.einsum("bdn,bd->bn", J, u)
-
-
-def _gram_solver(J: torch.Tensor, padded: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """u -> G^{-1} u with G = J J^T + diag(padded), by Cholesky; by the
-    pseudo-inverse if some J is rank deficient (LICQ fails)."""
-    if J.shape[1] == 0:
-        return lambda u: u
-    gram = J @ J.mT + torch.diag_embed(padded)
-    L, status = torch.linalg.cholesky_ex(gram)
-    diagonal = torch.diagonal(L, dim1=-2, dim2=-1)
-    if bool((status == 0).all()) and bool((diagonal.amin(-1) > 1e-7 * diagonal.amax(-1)).all()):
-        return lambda u: torch.cholesky_solve(u.unsqueeze(-1), L).squeeze(-1)
-    pinv = torch.linalg.pinv(gram, hermitian=True)
-    return lambda u: (pinv @ u.unsqueeze(-1)).squeeze(-1)
+        """J_A^T G^{-1} u for packed dual vectors u."""
+        return self.gram.apply_transpose(self.gram.solve(u))
 
 
 def _finish(op, b, v, method, iterations, tol, **extra) -> tuple[torch.Tensor, SolveInfo]:

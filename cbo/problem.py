@@ -146,6 +146,11 @@ class BilevelProblem:
         """p(x, y): the stacked inequality constraint values (feasible where <= 0)."""
         return self.stack(self.inequalities, self.env(x, self.split_y(y_flat)))
 
+    def active_constraints(self, x: Sequence[torch.Tensor], y_flat: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """(a * p, q): the active inequalities (zero where inactive) and the equalities, stacked."""
+        env = self.env(x, self.split_y(y_flat))
+        return torch.cat([active * self.stack(self.inequalities, env), self.stack(self.equalities, env)])
+
     def lagrangian(self, x: Sequence[torch.Tensor], w: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         r"""Lagrangian of the active set, padded to all inequalities, for one item.
 

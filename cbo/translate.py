@@ -18,7 +18,7 @@ whose message gives the epigraph rewrite that keeps the problem smooth.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import cvxpy as cp
@@ -67,13 +67,14 @@ class Env:
 
     ``values`` maps ``leaf.id`` to a tensor shaped like the leaf. A parameter
     missing from ``values`` is read from its current ``.value`` (a constant of
-    the evaluation). Constants are created on ``device`` with ``dtype``.
+    the evaluation). Constants are created on ``device`` with ``dtype``
+    (scipy.sparse matrices become dense: torch's sparse tensors have no
+    efficient ``vmap`` rules).
     """
 
     values: dict[int, torch.Tensor]
     dtype: torch.dtype = torch.float64
     device: torch.device | str = "cpu"
-    _constants: dict = field(default_factory=dict)
 
     def tensor(self, value) -> torch.Tensor:
         """``value`` (numpy, scipy.sparse or scalar) as a tensor of this env."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import cbo
+from cbo.kkt import ConstraintGram
 from cbo.linsolve import ADJOINT_SOLVERS, NegativeCurvature, cg, minres
 
 
@@ -39,6 +40,9 @@ class DenseKKT:
 
     def constraint_jacobian(self):
         return self.J
+
+    def constraint_gram(self):
+        return ConstraintGram(self.J, self.dual_mask)
 
 
 @pytest.fixture
