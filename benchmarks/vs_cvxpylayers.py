@@ -466,7 +466,7 @@ PROFILE_CATEGORIES = [
     ("forward: licq_check (kkt_checks)", "kkt.py", "licq_check"),
     ("backward: adjoint_solve", "linsolve.py", "adjoint_solve"),
     ("all: KKTOperator.__init__ (graph of R)", "kkt.py", "__init__"),
-    ("all: constraint_jacobian (J as n_dual batched HVPs)", "kkt.py", "constraint_jacobian"),
+    ("all: constraint_jacobian (J)", "kkt.py", "constraint_jacobian"),
     ("all: NullSpaceSystem.__init__ (J + Gram Cholesky)", "linsolve.py", "__init__"),
     ("all: projected CG iterations (linsolve.cg)", "linsolve.py", "cg"),
     ("  CG: hess (K products)", "linsolve.py", "hess"),

@@ -6,10 +6,11 @@ Two layers:
   possibly indefinite) and :func:`cg` (symmetric positive definite). Vectors
   have shape (N,) or (B, N); a batch is solved at once, item by item to its
   own tolerance.
-* Adjoint solvers on a :class:`~cbo.kkt.KKTOperator`, one per method, all with
-  the signature ``solve(op, b, *, x0=None, tol, maxiter) -> (v, SolveInfo)``.
-  They differ only in how they solve the same system; :data:`ADJOINT_SOLVERS`
-  maps method names to them.
+* Adjoint solvers on a batched :class:`~cbo.kkt.KKTOperator` (b of shape
+  (B, N)), one per method, all with the signature
+  ``solve(op, b, *, x0=None, tol, maxiter) -> (v, SolveInfo)``. They differ
+  only in how they solve the same system; :data:`ADJOINT_SOLVERS` maps method
+  names to them.
 
 K = [[H, J^T], [J, 0]] is indefinite (it has n_A + n_eq negative eigenvalues),
 so plain CG on K is unsound: "cg" is CG on the null space of J, where the
