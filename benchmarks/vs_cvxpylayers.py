@@ -491,9 +491,10 @@ def profile_cbo(data: QPData, **layer_options) -> str:
     try:
         run_once(method, data)
         profiler = cProfile.Profile()
-        profiler.enable()
-        sample = run_once(method, data)
-        profiler.disable()
+        with ForeignLoad() as load:
+            profiler.enable()
+            sample = run_once(method, data)
+            profiler.disable()
     finally:
         method.close()
     stream = io.StringIO()
@@ -502,7 +503,7 @@ def profile_cbo(data: QPData, **layer_options) -> str:
     stats.strip_dirs().sort_stats("cumulative").print_stats(PROFILE_LINES)
     timings = ", ".join(f"{k} {v:.3f}s" for k, v in sample.info.timings.items())
     header = (f"forward {sample.forward:.3f}s, backward {sample.backward:.3f}s (under the profiler); "
-              f"info.timings: {timings}")
+              f"info.timings: {timings}; CPU used by other processes: {load.cores:.2f} cores")
     return "\n".join([header, "", *categories, "", stream.getvalue().strip()])
 
 

@@ -79,23 +79,24 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
                where: str = "") -> ActiveSet:
     r"""Classify inequality entries from the multipliers mu and constraint values p = slack.
 
-    With scales s_mu = max(1, ||mu||_inf) and s_p = max(1, ||p||_inf):
+    Complementarity says mu_i p_i = 0, and an interior-point solver returns
+    both mu_i and |p_i| small but nonzero; which of the two is *relatively*
+    larger tells an active entry from an inactive one. With the scales
+    s_mu = max(1, ||mu||_inf) and s_p = max(1, ||p||_inf) and tol_w = sqrt(tol) / 10:
 
-    * *weakly active* when mu_i <= tol_p s_mu and |p_i| <= tol_p s_p, with
-      tol_p = sqrt(tol) / 10: the constraint touches its bound with a (near)
-      zero multiplier. Strict complementarity fails, y*(x) has only one-sided
-      derivatives there, and an interior-point solver returns mu_i and |p_i|
-      both of order sqrt(its gap tolerance). Treated as inactive, and named in
-      a :class:`DegenerateKKTWarning` (prefixed by ``where``, e.g. a batch item).
-    * *active* otherwise when mu_i > tol_mu = tol s_mu (seed 003: entries
-      with mu_i = 0 are dropped from the KKT system);
-    * *inactive* otherwise.
+    * *weakly active* when mu_i <= tol_w s_mu and |p_i| <= tol_w s_p: the
+      constraint touches its bound with a (near) zero multiplier. Strict
+      complementarity fails and y*(x) has only one-sided derivatives there.
+      Treated as inactive, and named in a :class:`DegenerateKKTWarning`
+      (prefixed by ``where``, e.g. a batch item).
+    * *active* otherwise when mu_i / s_mu > |p_i| / s_p (and mu_i > tol s_mu);
+    * *inactive* otherwise (seed 003: entries with mu_i = 0 are dropped).
     """
     scale_mu = max(1.0, float(np.abs(mu).max(initial=0.0)))
     scale_p = max(1.0, float(np.abs(slack).max(initial=0.0)))
-    tol_mu, tol_p = tol * scale_mu, np.sqrt(tol) / 10 * scale_p
-    weak_mask = (mu <= np.sqrt(tol) / 10 * scale_mu) & (np.abs(slack) <= tol_p)
-    is_active = (mu > tol_mu) & ~weak_mask
+    tol_w = np.sqrt(tol) / 10
+    weak_mask = (mu <= tol_w * scale_mu) & (np.abs(slack) <= tol_w * scale_p)
+    is_active = (mu / scale_mu > np.abs(slack) / scale_p) & (mu > tol * scale_mu) & ~weak_mask
     weak = np.flatnonzero(weak_mask)
     labels = {int(i): problem.constraint_label(int(i)) for i in weak}
     if labels:
@@ -108,7 +109,8 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
             DegenerateKKTWarning,
             stacklevel=4,
         )
-    return ActiveSet(torch.as_tensor(np.flatnonzero(is_active), dtype=torch.long), list(map(int, weak)), labels, tol_mu, tol_p)
+    return ActiveSet(torch.as_tensor(np.flatnonzero(is_active), dtype=torch.long), list(map(int, weak)), labels,
+                     tol * scale_mu, tol_w * scale_p)
 
 
 # ---------------------------------------------------------------- operator

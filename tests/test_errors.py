@@ -184,3 +184,14 @@ def test_no_nan_on_degenerate_direct_solve():
         warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)
         g = cbo.hypergrad(problem, np.zeros(3), method="direct")
     assert torch.isfinite(g).all()
+
+
+def test_active_set_compares_multiplier_with_slack():
+    """A multiplier above the threshold but far smaller than its slack is an inactive entry
+    (an interior-point solution can leave mu_i = 3.5e-6 on a row with slack -3.3e-3)."""
+    from cbo.kkt import active_set
+
+    problem = simple_problem(lambda y, x: [y <= 1])
+    mu = np.array([3.5e-6, 2.0, 1e-9])
+    slack = np.array([-3.3e-3, -1e-10, -0.5])
+    assert active_set(problem, mu, slack).active.tolist() == [1]
