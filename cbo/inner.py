@@ -97,8 +97,10 @@ def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options) -> Inn
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
-            # cbo re-canonicalizes non-DPP problems on purpose; cvxpy's notice is noise here.
+            # cbo re-canonicalizes non-DPP problems on purpose, and polishes inaccurate
+            # solutions (warning if that fails): cvxpy's notices are noise here.
             warnings.filterwarnings("ignore", message=".*not DPP.*")
+            warnings.filterwarnings("ignore", message="Solution may be inaccurate.*")
             inner.solve(solver=solver, **options)
     except cp.error.SolverError as err:
         raise InnerSolveError(

@@ -211,8 +211,9 @@ class NullSpaceSystem:
         return z - self._range_part(self.gram.apply(z))
 
     def matvec(self, z: torch.Tensor) -> torch.Tensor:
-        """P H P z."""
-        return self.project(self.hess(self.project(z)))
+        """P H z, which equals P H P z for the z in null(J_A) that the iterations produce
+        (their starting point and right-hand side are projected): one projection per product."""
+        return self.project(self.hess(z))
 
     def initial(self, x0: torch.Tensor | None) -> torch.Tensor | None:
         """Reduced starting point from a full-space guess (v_y, v_l)."""
