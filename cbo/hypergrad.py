@@ -171,8 +171,6 @@ def as_parameter_tensors(problem: BilevelProblem, x) -> tuple[list[torch.Tensor]
     Raises ValueError for a wrong count, a wrong shape, or non-finite values.
     """
     values = list(x) if isinstance(x, (list, tuple)) else [x]
-    if len(problem.parameters) == 1 and len(values) != 1 and not isinstance(x, (list, tuple)):
-        values = [x]
     if len(values) != len(problem.parameters):
         raise ValueError(
             f"Got {len(values)} parameter value(s) for {len(problem.parameters)} parameter(s) "

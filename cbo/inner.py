@@ -86,7 +86,11 @@ def solve_inner(
     return _solve(problem.inner, _layout(problem), x, solver, solver_options)
 
 
-def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options) -> InnerSolution:
+def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options, item_state: dict | None = None
+           ) -> InnerSolution:
+    """Solve at parameter values ``x``. ``item_state`` (a dict kept per batch item) holds that
+    item's solver state, so that solvers that warm-start (OSQP, SCS) start from the item's
+    previous solution and reuse its factorization; cvxpy keeps that state in ``_solver_cache``."""
     for param, value in zip(layout.parameters, x):
         try:
             param.value = value
@@ -101,7 +105,11 @@ def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options) -> Inn
             # solutions (warning if that fails): cvxpy's notices are noise here.
             warnings.filterwarnings("ignore", message=".*not DPP.*")
             warnings.filterwarnings("ignore", message="Solution may be inaccurate.*")
+            if item_state is not None:
+                inner._solver_cache = item_state.setdefault("solver_cache", {})
             inner.solve(solver=solver, **options)
+            if item_state is not None:
+                item_state["solver_cache"] = inner._solver_cache
     except cp.error.SolverError as err:
         raise InnerSolveError(
             f"The inner solver {solver} failed: {err}. Try another solver "
@@ -164,6 +172,8 @@ class _WorkerTask:
 
 
 _WORKER_PROBLEMS: dict[str, tuple[cp.Problem, _Layout]] = {}
+_WORKER_ITEM_STATES: dict[int, dict] = {}  # per batch item, for the worker's current problem
+_MAX_ITEM_STATES = 1024
 
 
 def _solve_items(task: _WorkerTask, items: list[tuple[int, list[np.ndarray]]]):
@@ -175,15 +185,24 @@ def _solve_items(task: _WorkerTask, items: list[tuple[int, list[np.ndarray]]]):
     if task.key not in _WORKER_PROBLEMS:
         lin_utils.ID_COUNTER.count = max(lin_utils.ID_COUNTER.count, task.id_floor)
         _WORKER_PROBLEMS.clear()  # one problem per worker at a time: bounded memory
+        _WORKER_ITEM_STATES.clear()
         _WORKER_PROBLEMS[task.key] = pickle.loads(task.blob)
     inner, layout = _WORKER_PROBLEMS[task.key]
     results = []
     for index, values in items:
+        state = _item_state(_WORKER_ITEM_STATES, index)
         try:
-            results.append((index, _solve(inner, layout, values, task.solver, task.solver_options)))
+            results.append((index, _solve(inner, layout, values, task.solver, task.solver_options, state)))
         except Exception as err:  # reported per item by the parent
             results.append((index, err))
     return results
+
+
+def _item_state(states: dict[int, dict], index: int) -> dict:
+    """The solver state of batch item ``index`` (at most _MAX_ITEM_STATES kept)."""
+    if index not in states and len(states) >= _MAX_ITEM_STATES:
+        states.clear()
+    return states.setdefault(index, {})
 
 
 class BatchSolver:
@@ -202,6 +221,11 @@ class BatchSolver:
         or for a batch of one, the solves run in this process.
     timeout : float, optional
         Seconds to wait for a batch before raising :class:`InnerSolveError`.
+
+    Each item keeps its own solver state between calls, so solvers that
+    warm-start (OSQP, SCS; not Clarabel) start from that item's previous
+    solution: always in this process; in a pool, when the same worker picks
+    the item's chunk up again (the pool does not pin chunks to workers).
     """
 
     def __init__(self, problem: BilevelProblem, solver: str | None = None, solver_options: dict | None = None,
@@ -210,6 +234,7 @@ class BatchSolver:
         self.executor, self.timeout = executor, timeout
         self.n_workers = n_workers or os.cpu_count() or 1
         self._pool: cf.ProcessPoolExecutor | None = None
+        self._item_states: dict[int, dict] = {}
         fresh = cp.Problem(problem.inner.objective, problem.inner.constraints)  # no solver cache: picklable
         layout = _layout(problem)
         blob = pickle.dumps((fresh, layout))
@@ -218,7 +243,7 @@ class BatchSolver:
     def solve(self, values: Sequence[list[np.ndarray]]) -> list[InnerSolution]:
         """Solutions for each item's parameter values; raises InnerSolveError naming a failing item."""
         if self.executor is None and (len(values) == 1 or self.n_workers == 1):
-            results = [(i, self._solve_here(v)) for i, v in enumerate(values)]
+            results = [(i, self._solve_here(i, v)) for i, v in enumerate(values)]
         else:
             results = self._solve_parallel(values)
         solutions = []
@@ -228,9 +253,10 @@ class BatchSolver:
             solutions.append(result)
         return solutions
 
-    def _solve_here(self, values):
+    def _solve_here(self, index, values):
         try:
-            return _solve(self.problem.inner, _layout(self.problem), values, self.solver, self.solver_options)
+            return _solve(self.problem.inner, _layout(self.problem), values, self.solver, self.solver_options,
+                          _item_state(self._item_states, index))
         except (InnerSolveError, ValueError) as err:
             return err
 

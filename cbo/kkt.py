@@ -393,7 +393,8 @@ def kkt_at_solutions(
     ``x`` are (B, *shape) parameter tensors and ``solutions`` B
     :class:`~cbo.inner.InnerSolution`. The active sets come from cvxpy's
     multipliers (:func:`active_set`); the Newton steps of the polish use
-    ``method`` when it is a direct or Krylov solver, else MINRES. Warns with
+    ``method`` when it is "direct" or "minres", else projected CG (sound
+    under the same assumption as "fixed_point" and "neumann", and faster). Warns with
     :class:`InaccurateSolutionWarning` for items whose KKT residual stays large.
     """
     device = x[0].device
@@ -405,7 +406,7 @@ def kkt_at_solutions(
     nu = torch.as_tensor(np.stack([s.nu for s in solutions]), dtype=torch.float64, device=device)
     w = torch.cat([y, mu.reshape(len(solutions), -1), nu.reshape(len(solutions), -1)], -1)
     if polish_solution:
-        newton_method = method if method in ("direct", "cg", "minres") else "minres"
+        newton_method = method if method in ("direct", "minres") else "cg"
         tol_p = torch.tensor([a.tol_p for a in actives], dtype=w.dtype, device=device)
         op, infos = polish(problem, x, w, mask, lambda op, rhs: ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-6)[0],
                            tol_p)

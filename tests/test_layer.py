@@ -253,3 +253,18 @@ def test_nan_input(rng):
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         layer(bad, inputs[1])
+
+
+def test_items_warm_start_from_their_own_previous_solution(rng):
+    """With OSQP each item keeps its own solver state; warm results equal Clarabel's."""
+    problem, params, variables, inputs = qp(rng)
+    osqp = cbo.ArgminLayer(problem, params, variables, n_workers=1, solver="OSQP",
+                           solver_options=dict(eps_abs=1e-10, eps_rel=1e-10, max_iter=100000))
+    clarabel = cbo.ArgminLayer(problem, params, variables, n_workers=1)
+    osqp(*inputs)
+    states = osqp.batch_solver._item_states
+    assert sorted(states) == [0, 1, 2, 3] and all("OSQP" in s["solver_cache"] for s in states.values())
+    first_solver_of_item_0 = states[0]["solver_cache"]["OSQP"][0]
+    (y_warm,) = osqp(*inputs)
+    assert states[0]["solver_cache"]["OSQP"][0] is first_solver_of_item_0  # reused, not rebuilt
+    assert torch.allclose(y_warm, clarabel(*inputs)[0], atol=1e-8)
