@@ -21,11 +21,13 @@ import torch
 from .inner import solve_inner
 from .kkt import ActiveSet, LICQInfo, PolishInfo, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
+from .routes import ITERATIVE_ROUTES, PENALTY_ROUTES, iterative_hypergrad, penalty_hypergrad
 from .problem import BilevelProblem
 
-__all__ = ["hypergrad", "HypergradInfo", "as_parameter_tensors"]
+__all__ = ["hypergrad", "HypergradInfo", "as_parameter_tensors", "METHODS"]
 
 TensorLike = torch.Tensor | np.ndarray | float | Sequence[float]
+METHODS = (*ADJOINT_SOLVERS, *ITERATIVE_ROUTES, *PENALTY_ROUTES)
 
 
 @dataclass
@@ -85,6 +87,9 @@ def hypergrad(
     polish_solution: bool = True,
     warm_start: bool = True,
     on_nonconvergence: str = "raise",
+    steps: int = 100,
+    truncate: int | None = None,
+    penalty: float = 1e3,
     return_info: bool = False,
 ):
     r"""Hypergradient dF/dx of F(x, y*(x)) for a :class:`BilevelProblem`.
@@ -100,10 +105,15 @@ def hypergrad(
         Values of ``problem.parameters``: one tensor if there is one parameter,
         else a list in the same order. numpy arrays and floats are accepted.
         Computation runs in float64 on the device of the first tensor.
-    method : {"cg", "minres", "direct", "fixed_point", "neumann"}
-        Adjoint solver (see :mod:`cbo.linsolve`). "cg" is CG on the null space
-        of the active constraints; "minres" works on the indefinite K directly;
-        "direct" forms K densely.
+    method : str
+        Implicit differentiation with an adjoint solver (see :mod:`cbo.linsolve`):
+        "cg" (CG on the null space of the active constraints), "minres" (on the
+        indefinite K), "direct" (dense K), "fixed_point", "neumann". Or a route
+        of :mod:`cbo.routes`: "reverse", "truncated", "forward" (differentiate
+        ``steps`` descent-ascent steps of the Lagrangian from the solution; the
+        last ``truncate`` of them for "truncated"), "penalty",
+        "augmented_lagrangian" (quadratic penalty / augmented Lagrangian with
+        weight ``penalty`` instead of the constraints).
     tol, maxiter : adjoint solve's relative residual tolerance and iteration cap.
     solver, solver_options : cvxpy solver for the inner problem (default
         Clarabel with tight tolerances) and its options.
@@ -116,6 +126,10 @@ def hypergrad(
         (when the active set is the same).
     on_nonconvergence : {"raise", "warn"}
         What a non-converged adjoint solve does.
+    steps, truncate : int
+        Steps T of the iterative routes, and K for "truncated".
+    penalty : float
+        Weight rho of the penalty routes.
     return_info : bool
         Also return a :class:`HypergradInfo`.
 
@@ -125,8 +139,8 @@ def hypergrad(
         Shaped, typed and placed like ``x``.
     info : HypergradInfo, if ``return_info``.
     """
-    if method not in ADJOINT_SOLVERS:
-        raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(ADJOINT_SOLVERS)}.")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     xs, like = as_parameter_tensors(problem, x)
@@ -139,14 +153,12 @@ def hypergrad(
     with _timed(timings, "kkt_checks"):
         (licq,) = licq_check(op)
     with _timed(timings, "adjoint_solve"):
-        y_flat = op.w.detach()[0, : problem.n_y]
-        outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
-        b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)]).unsqueeze(0)
-        x0 = _warm_start(problem, method, active) if warm_start else None
-        v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=tol, maxiter=maxiter,
-                                      on_nonconvergence=on_nonconvergence)
-        problem.adjoint_cache[method] = (active.signature, v.detach())
-        grads = [gx - gr[0] for gx, gr in zip(dF_dx, op.vjp_x(v))]
+        if method in ADJOINT_SOLVERS:
+            grads, solve_info, outer_value = _implicit_gradients(problem, xs, op, active, method, tol, maxiter,
+                                                                 warm_start, on_nonconvergence)
+        else:
+            grads, solve_info, outer_value = _route_gradients(problem, xs, op, method, steps, truncate, penalty,
+                                                              tol, maxiter)
     timings["total"] = time.perf_counter() - start
 
     grads = [g.detach().to(dtype=t.dtype, device=t.device) for g, t in zip(grads, like)]
@@ -190,6 +202,29 @@ def as_parameter_tensors(problem: BilevelProblem, x) -> tuple[list[torch.Tensor]
         check_finite(param, value)
         xs.append(value.detach().to(device=device, dtype=torch.float64))
     return xs, originals
+
+
+def _implicit_gradients(problem, xs, op, active, method, tol, maxiter, warm_start, on_nonconvergence):
+    """dF/dx = d_x F - (dR/dx)^T v with K v = (d_y F, 0) solved by ``method``."""
+    y_flat = op.w.detach()[0, : problem.n_y]
+    outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
+    b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)]).unsqueeze(0)
+    x0 = _warm_start(problem, method, active) if warm_start else None
+    v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=tol, maxiter=maxiter, on_nonconvergence=on_nonconvergence)
+    problem.adjoint_cache[method] = (active.signature, v.detach())
+    return [gx - gr[0] for gx, gr in zip(dF_dx, op.vjp_x(v))], solve_info, outer_value
+
+
+def _route_gradients(problem, xs, op, method, steps, truncate, penalty, tol, maxiter):
+    """The iterative and penalty routes of :mod:`cbo.routes`, reported as a SolveInfo."""
+    if method in ITERATIVE_ROUTES:
+        grads, info = iterative_hypergrad(problem, xs, op, method, steps, truncate)
+    else:
+        _, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
+        grads, info, _ = penalty_hypergrad(problem, xs, method, penalty, mu.cpu().numpy(), nu.cpu().numpy(),
+                                           tol, maxiter or 10000)
+    outer_value = _outer_gradients(problem, xs, op.w.detach()[0, : problem.n_y])[0]
+    return grads, SolveInfo(method, True, info.iterations, info.residual, tol, info.extra), outer_value
 
 
 def check_finite(param, value: torch.Tensor) -> None:
