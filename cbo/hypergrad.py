@@ -11,6 +11,7 @@ dimension of x.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -18,8 +19,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import DegenerateKKTWarning
 from .inner import solve_inner
-from .kkt import ActiveSet, LICQInfo, PolishInfo, kkt_at_solutions, licq_check
+from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .routes import ITERATIVE_ROUTES, PENALTY_ROUTES, iterative_hypergrad, penalty_hypergrad
 from .problem import BilevelProblem
@@ -50,6 +52,10 @@ class HypergradInfo:
         Active inequality entries, weakly active ones, thresholds.
     licq : LICQInfo
         Rank of the active constraint Jacobian.
+    reduced_hessian_extremes : (float, float)
+        Lanczos estimates of the extreme eigenvalues of the Hessian of the
+        Lagrangian on the active constraints' null space (a smallest near 0:
+        the inner solution is not unique).
     kkt_residual : float
         ||R(w, x)||_inf after polishing (``polish.residual_before`` before it).
     polish : PolishInfo
@@ -68,6 +74,7 @@ class HypergradInfo:
     nu: torch.Tensor
     active_set: ActiveSet
     licq: LICQInfo
+    reduced_hessian_extremes: tuple[float, float]
     kkt_residual: float
     polish: PolishInfo
     linear_solve: SolveInfo
@@ -144,6 +151,15 @@ def hypergrad(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     xs, like = as_parameter_tensors(problem, x)
+    if problem.is_linear:
+        warnings.warn(
+            "The inner problem is a linear program: y*(x) is piecewise linear in the constraints' "
+            "right-hand sides and piecewise constant in the cost, so the hypergradient is zero almost "
+            "everywhere in cost parameters and undefined where the optimal vertex changes. For informative "
+            "gradients add a small strongly convex term, e.g. 1e-3 * cp.sum_squares(y), to the inner objective.",
+            DegenerateKKTWarning,
+            stacklevel=2,
+        )
 
     with _timed(timings, "inner_solve"):
         sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], solver, solver_options)
@@ -152,6 +168,7 @@ def hypergrad(
         op, (active,), (polish_info,) = kkt_at_solutions(problem, batch, [sol], method, active_tol, polish_solution)
     with _timed(timings, "kkt_checks"):
         (licq,) = licq_check(op)
+        ((curvature_min, curvature_max),) = curvature_check(op)
     with _timed(timings, "adjoint_solve"):
         if method in ADJOINT_SOLVERS:
             grads, solve_info, outer_value = _implicit_gradients(problem, xs, op, active, method, tol, maxiter,
@@ -169,7 +186,8 @@ def hypergrad(
     info = HypergradInfo(
         method=method, solver=sol.solver, solver_status=sol.status, outer_value=outer_value,
         y=problem.split_y(y), mu=mu, nu=nu, active_set=active,
-        licq=licq, kkt_residual=polish_info.residual_after, polish=polish_info,
+        licq=licq, reduced_hessian_extremes=(curvature_min, curvature_max),
+        kkt_residual=polish_info.residual_after, polish=polish_info,
         linear_solve=solve_info, timings=timings,
     )
     return result, info

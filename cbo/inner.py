@@ -282,9 +282,10 @@ class BatchSolver:
                 "shut down; the next call starts a new one. If this repeats, the solver may be crashing "
                 "on these items: try solving one of them in this process (n_workers=1)."
             ) from err
-        except BaseException:
+        except BaseException:  # KeyboardInterrupt, timeout, ...: leave no work running behind
             for future in futures:
                 future.cancel()
+            self.close()
             raise
 
     def _default_pool(self) -> cf.ProcessPoolExecutor:
@@ -293,9 +294,13 @@ class BatchSolver:
         return self._pool
 
     def close(self) -> None:
-        """Shut the default worker pool down (a user-given executor is left alone)."""
+        """Shut the default worker pool down, stopping its processes (a user-given executor is left alone)."""
         if self._pool is not None:
+            processes = list(getattr(self._pool, "_processes", {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:  # a worker busy with a long solve would outlive shutdown()
+                if process.is_alive():
+                    process.terminate()
             self._pool = None
 
     def __del__(self):

@@ -34,7 +34,7 @@ from .linsolve import ADJOINT_SOLVERS
 from .problem import BilevelProblem
 
 __all__ = [
-    "ActiveSet", "active_set", "KKTOperator", "ConstraintGram", "polish", "PolishInfo", "licq_check", "LICQInfo", "kkt_at_solutions",
+    "ActiveSet", "active_set", "KKTOperator", "ConstraintGram", "curvature_check", "polish", "PolishInfo", "licq_check", "LICQInfo", "kkt_at_solutions",
 ]
 
 
@@ -424,3 +424,57 @@ def kkt_at_solutions(
                 stacklevel=3,
             )
     return op, actives, infos
+
+
+# ---------------------------------------------------------------- curvature
+
+def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
+                    where: Callable[[int], str] = lambda b: "") -> list[tuple[float, float]]:
+    r"""Extreme Ritz values of the reduced Hessian P H P on null(J_A), per item, by Lanczos.
+
+    ``steps`` Lanczos steps (with full reorthogonalization) from a random
+    vector of null(J_A) estimate lambda_min and lambda_max of P H P. A ratio
+    lambda_min / lambda_max below ``tol`` means a direction of (near) zero
+    curvature: the inner solution is not unique there, y*(x) is not
+    differentiable, and the solvers return a minimum-norm answer. Warns with
+    :class:`DegenerateKKTWarning`. Returns [(lambda_min, lambda_max)] per item.
+    """
+    from .linsolve import NullSpaceSystem
+
+    system = NullSpaceSystem(op, torch.zeros_like(op.w.detach()))
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    q = system.project(torch.randn(op.batch_size, op.n_y, generator=generator, dtype=op.w.dtype).to(op.w.device))
+    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    basis, alphas, betas = [q], [], []
+    for k in range(min(steps, op.n_y)):
+        z = system.matvec(basis[-1])
+        alphas.append((z * basis[-1]).sum(-1))
+        for v in basis:  # full reorthogonalization: k is small
+            z = z - (z * v).sum(-1, keepdim=True) * v
+        beta = z.norm(dim=-1)
+        betas.append(beta)
+        if k + 1 == min(steps, op.n_y):
+            break
+        basis.append(z / beta.clamp_min(1e-300)[:, None])
+    alphas, betas = torch.stack(alphas, -1), torch.stack(betas, -1)
+    extremes = []
+    for b in range(op.batch_size):
+        # An item's Krylov space is exhausted at its first (relatively) zero beta: Ritz values
+        # of the leading block only, the rest would be noise.
+        tiny = (betas[b] <= 1e-10 * alphas[b].abs().max().clamp_min(1e-300)).nonzero()
+        length = int(tiny[0]) + 1 if len(tiny) else alphas.shape[-1]
+        tridiagonal = torch.diag(alphas[b, :length]) + torch.diag(betas[b, : length - 1], 1) \
+            + torch.diag(betas[b, : length - 1], -1)
+        ritz = torch.linalg.eigvalsh(tridiagonal)
+        extremes.append((float(ritz[0]), float(ritz[-1])))
+    for b, (low, high) in enumerate(extremes):
+        if high > 0 and low <= tol * high and op.n_y > int(op.dual_mask[b].sum()):
+            warnings.warn(
+                f"{where(b)}The inner solution is not unique: the Lagrangian has (near) zero curvature "
+                f"along a direction the active constraints leave free (reduced Hessian eigenvalue "
+                f"{low:.1e} vs {high:.1e}). y*(x) is not differentiable there; cbo returns the "
+                "minimum-norm derivative. Add a strongly convex term (e.g. 1e-3 * cp.sum_squares(y)).",
+                DegenerateKKTWarning,
+                stacklevel=3,
+            )
+    return extremes

@@ -20,7 +20,7 @@ import torch
 
 from .hypergrad import _timed, check_finite
 from .inner import BatchSolver, InnerSolution
-from .kkt import ActiveSet, LICQInfo, PolishInfo, kkt_at_solutions, licq_check
+from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .problem import BilevelProblem
 
@@ -39,6 +39,7 @@ class LayerInfo:
     active_sets: list[ActiveSet]
     polish: list[PolishInfo]
     licq: list[LICQInfo]
+    reduced_hessian_extremes: list[tuple[float, float]]
     kkt_residual: list[float]
     linear_solve: SolveInfo | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -146,7 +147,8 @@ class _ArgminFunction(torch.autograd.Function):
                                                          layer.polish_solution, where)
         with _timed(timings, "kkt_checks"):
             licq = licq_check(op, where=where)
-        info = LayerInfo(batch_shape, [s.status for s in solutions], actives, polish_infos, licq,
+            curvature = curvature_check(op, where=where)
+        info = LayerInfo(batch_shape, [s.status for s in solutions], actives, polish_infos, licq, curvature,
                          [p.residual_after for p in polish_infos], timings=timings)
         info_box.append(info)
         ctx.layer, ctx.op, ctx.info, ctx.batch_shape = layer, op, info, batch_shape

@@ -247,7 +247,8 @@ def solve_projected_cg(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torc
         raise ConvergenceError(
             f"cg: the Hessian of the Lagrangian is not positive definite on the null space of the "
             f"active constraints ({err}); the second-order sufficient condition fails and the inner "
-            "solution may not be unique. Use method='minres' or 'direct', or add a strongly convex term."
+            "solution may not be unique (y*(x) is then not differentiable). Add a strongly convex term "
+            "to the inner objective, or use method='minres' or 'direct' for a least-squares answer."
         ) from err
     null_space_dim = (system.n_y - op.dual_mask.sum(-1)).round().long().tolist()
     return _finish(op, b, system.recover(z), "cg", iterations, tol, null_space_dim=null_space_dim)
@@ -367,7 +368,9 @@ def adjoint_solve(op, b: torch.Tensor, method: str, *, x0=None, tol: float = 1e-
         message = (
             f"The adjoint solve with method={method!r} did not converge: relative residual "
             f"{info.residual:.3e} after {info.iterations} iterations (tol={tol:.1e}). "
-            "Raise maxiter, loosen tol, or use method='minres' or 'direct'."
+            "Raise maxiter, loosen tol, or use method='minres' or 'direct'. If no method converges, the "
+            "KKT system may be singular: the inner solution is not unique (a direction of zero curvature "
+            "of the Lagrangian along the active constraints); add a strongly convex term to the inner objective."
         )
         if on_nonconvergence == "raise" or not bool(torch.isfinite(v).all()):
             raise ConvergenceError(message, info)

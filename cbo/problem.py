@@ -110,6 +110,8 @@ class BilevelProblem:
         _check_dcp(inner)
         self.objective = _objective_function(inner.objective)
         self.inequalities, self.equalities = _constraint_blocks(inner.constraints)
+        self.is_linear = bool(inner.objective.expr.is_affine()) and all(
+            _constraint_is_affine(c) for c in inner.constraints)
         self.n_y = sum(v.size for v in self.all_variables)
         self.n_ineq = sum(b.size for b in self.inequalities)
         self.n_eq = sum(b.size for b in self.equalities)
@@ -283,6 +285,10 @@ def _check_dcp(inner: cp.Problem) -> None:
         f"characterise y*: {'; '.join(culprits)}. Rewrite it following cvxpy's DCP rules "
         "(https://www.cvxpy.org/tutorial/dcp/) — e.g. minimise a convex function, use convex <= concave."
     )
+
+
+def _constraint_is_affine(constraint) -> bool:
+    return all(arg.is_affine() for arg in constraint.args)
 
 
 def _objective_function(objective) -> TorchFn:

@@ -195,3 +195,43 @@ def test_active_set_compares_multiplier_with_slack():
     mu = np.array([3.5e-6, 2.0, 1e-9])
     slack = np.array([-3.3e-3, -1e-10, -0.5])
     assert active_set(problem, mu, slack).active.tolist() == [1]
+
+
+def test_linear_program_is_reported():
+    problem = simple_problem(lambda y, x: [y >= 0, cp.sum(y) <= 1, y <= 0.7],
+                             objective=lambda y, x: cp.Minimize(x @ y))
+    assert problem.is_linear
+    with pytest.warns(cbo.DegenerateKKTWarning, match="linear program.*piecewise constant"):
+        g = cbo.hypergrad(problem, torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64), method="minres")
+    assert torch.equal(g, torch.zeros(3, dtype=torch.float64))  # y* is a vertex: locally constant in x
+
+
+def test_non_unique_inner_solution_is_reported():
+    # min (y0 + y1 + y2 - x0)^2: a plane of solutions, zero curvature along it.
+    problem = simple_problem(lambda y, x: [y >= -5], objective=lambda y, x: cp.Minimize(cp.square(cp.sum(y) - x[0])))
+    with pytest.warns(cbo.DegenerateKKTWarning, match="not unique.*zero curvature"):
+        g, info = cbo.hypergrad(problem, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), return_info=True)
+    assert abs(info.reduced_hessian_extremes[0]) < 1e-9 < info.reduced_hessian_extremes[1]
+    assert torch.isfinite(g).all()
+
+
+BADLY_SCALED = pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 8): no equilibration of the KKT system yet; at these scales Clarabel "
+    "returns inaccurate solutions and the adjoint solvers' relative stopping tests stall",
+)
+
+
+@pytest.mark.parametrize("scale", [pytest.param(1e-6, marks=BADLY_SCALED), pytest.param(1e-3, marks=BADLY_SCALED),
+                                   1.0, 10.0, 0.1,
+                                   pytest.param(1e3, marks=BADLY_SCALED), pytest.param(1e6, marks=BADLY_SCALED)])
+def test_objective_and_constraint_scales(scale):
+    """Scaling the objective by s and a constraint row by 1/s changes multipliers by s^2 and
+    nothing else: the hypergradient stays within 1e-6 of the dense reference."""
+    from builders import dense_kkt_hypergrad, relative_error, scaled_qp
+
+    case = scaled_qp(scale)
+    reference = dense_kkt_hypergrad(case)
+    for method in ["cg", "minres", "direct"]:
+        grads = cbo.hypergrad(case.problem, case.x_tensors, method=method, warm_start=False)
+        assert relative_error([g.numpy() for g in grads], reference) <= 1e-6, method

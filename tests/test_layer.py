@@ -268,3 +268,38 @@ def test_items_warm_start_from_their_own_previous_solution(rng):
     (y_warm,) = osqp(*inputs)
     assert states[0]["solver_cache"]["OSQP"][0] is first_solver_of_item_0  # reused, not rebuilt
     assert torch.allclose(y_warm, clarabel(*inputs)[0], atol=1e-8)
+
+
+def test_keyboard_interrupt_during_a_batch_cleans_up(rng, monkeypatch):
+    problem, params, variables, inputs = qp(rng)
+    layer = cbo.ArgminLayer(problem, params, variables, n_workers=2)
+    try:
+        layer(*inputs)  # start the pool
+        pool = layer.batch_solver._pool
+        processes = list(pool._processes.values())
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cbo.inner.cf, "wait", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            layer(*inputs)
+        assert layer.batch_solver._pool is None
+        for process in processes:
+            process.join(timeout=10)
+            assert not process.is_alive()
+        monkeypatch.undo()
+        assert torch.isfinite(layer(*inputs)[0]).all()  # a fresh pool
+    finally:
+        layer.close()
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_failing_solver_names_the_item(rng, n_workers):
+    problem, params, variables, inputs = qp(rng)
+    layer = cbo.ArgminLayer(problem, params, variables, n_workers=n_workers, solver="NOT_A_SOLVER")
+    try:
+        with pytest.raises(cbo.InnerSolveError, match="batch item 0: The inner solver NOT_A_SOLVER failed"):
+            layer(*inputs)
+    finally:
+        layer.close()
