@@ -121,11 +121,16 @@ def hypergrad(
         last ``truncate`` of them for "truncated"), "penalty",
         "augmented_lagrangian" (quadratic penalty / augmented Lagrangian with
         weight ``penalty`` instead of the constraints).
-    tol, maxiter : adjoint solve's relative residual tolerance and iteration cap.
-    solver, solver_options : cvxpy solver for the inner problem (default
-        Clarabel with tight tolerances) and its options.
+    tol : float
+        Relative residual tolerance of the adjoint solve.
+    maxiter : int, optional
+        Iteration cap of the adjoint solve (default: a multiple of its size).
+    solver : str, optional
+        cvxpy solver for the inner problem (default Clarabel with tight tolerances).
+    solver_options : dict, optional
+        Options passed to that solver.
     active_tol : float
-        Inequality i is active when mu_i > active_tol * max(1, ||mu||_inf).
+        Threshold of the active-set classification (see :func:`cbo.kkt.active_set`).
     polish_solution : bool
         Newton-polish the cvxpy solution on the KKT system (recommended).
     warm_start : bool
@@ -133,8 +138,10 @@ def hypergrad(
         (when the active set is the same).
     on_nonconvergence : {"raise", "warn"}
         What a non-converged adjoint solve does.
-    steps, truncate : int
-        Steps T of the iterative routes, and K for "truncated".
+    steps : int
+        Steps T of the iterative routes.
+    truncate : int, optional
+        K for "truncated": differentiate through the last K of the T steps.
     penalty : float
         Weight rho of the penalty routes.
     return_info : bool

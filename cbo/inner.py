@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -172,6 +173,7 @@ class _WorkerTask:
 
 
 _WORKER_PROBLEMS: dict[str, tuple[cp.Problem, _Layout]] = {}
+_WORKER_LOCK = threading.Lock()  # a thread-based executor shares one problem per process
 _WORKER_ITEM_STATES: dict[int, dict] = {}  # per batch item, for the worker's current problem
 _MAX_ITEM_STATES = 1024
 
@@ -180,8 +182,14 @@ def _solve_items(task: _WorkerTask, items: list[tuple[int, list[np.ndarray]]]):
     """Worker entry point: solve ``items`` = [(batch index, parameter values)], one result each.
 
     A result is an InnerSolution or the exception the item raised, so that one
-    failing item does not hide the others.
+    failing item does not hide the others. Solves in one process are serialized:
+    cvxpy problems hold their parameter values, so threads must not share one at once.
     """
+    with _WORKER_LOCK:
+        return _solve_items_locked(task, items)
+
+
+def _solve_items_locked(task: _WorkerTask, items):
     if task.key not in _WORKER_PROBLEMS:
         lin_utils.ID_COUNTER.count = max(lin_utils.ID_COUNTER.count, task.id_floor)
         _WORKER_PROBLEMS.clear()  # one problem per worker at a time: bounded memory

@@ -256,8 +256,9 @@ class ConstraintGram:
 class LICQInfo:
     """Linear independence of one item's active constraint gradients (the rows of J).
 
-    ``conditioning`` is min/max of the Cholesky pivots of J_A J_A^T (0 when
-    LICQ fails): the square root of its inverse condition number.
+    ``conditioning`` is min/max of the Cholesky pivots of J_A J_A^T, the
+    square root of its inverse condition number: near 0 (below the check's
+    tolerance) when LICQ fails, 0 if the factorization broke down.
     """
 
     rank: int

@@ -58,9 +58,20 @@ class ArgminLayer(torch.nn.Module):
         Outputs, in order (default: all variables of ``inner``).
     method : str
         Adjoint solver of the backward pass: one of ``cbo.METHODS`` (default "cg").
-    tol, maxiter, on_nonconvergence : adjoint-solve settings, as in :func:`cbo.hypergrad`.
-    solver, solver_options : cvxpy solver of the forward pass.
-    active_tol, polish_solution : as in :func:`cbo.hypergrad`.
+    tol : float
+        Relative residual tolerance of the backward adjoint solve.
+    maxiter : int, optional
+        Iteration cap of the adjoint solve.
+    on_nonconvergence : {"raise", "warn"}
+        What a non-converged adjoint solve does.
+    solver : str, optional
+        cvxpy solver of the forward pass (default Clarabel with tight tolerances).
+    solver_options : dict, optional
+        Options passed to that solver.
+    active_tol : float
+        Threshold of the active-set classification, as in :func:`cbo.hypergrad`.
+    polish_solution : bool
+        Newton-polish the solutions on their KKT systems, as in :func:`cbo.hypergrad`.
     executor : concurrent.futures.Executor, optional
         Runs the forward solves (e.g. ``distributed.Client(...).get_executor()``);
         default: a pool of ``n_workers`` local processes.
@@ -69,6 +80,8 @@ class ArgminLayer(torch.nn.Module):
     timeout : float, optional
         Seconds to wait for a batch's forward solves.
 
+    Notes
+    -----
     Call ``layer(*inputs)`` with one tensor per parameter, each shaped like the
     parameter or with leading batch dimensions (unbatched inputs broadcast);
     it returns a tuple of tensors, one per variable, shaped
@@ -90,6 +103,20 @@ class ArgminLayer(torch.nn.Module):
         self.batch_solver = BatchSolver(self.problem, solver, solver_options, executor, n_workers, timeout)
 
     def forward(self, *inputs: torch.Tensor, return_info: bool = False):
+        """Solve the inner problems of a batch: ``y_1, ..., y_k = layer(*inputs)``.
+
+        Parameters
+        ----------
+        *inputs : tensors
+            One per parameter, shaped like it or with leading batch dimensions.
+        return_info : bool
+            Also return a :class:`LayerInfo` (its ``linear_solve`` is filled by the backward pass).
+
+        Returns
+        -------
+        tuple of tensors, one per variable, shaped ``batch_shape + variable.shape``
+        (and the LayerInfo if ``return_info``).
+        """
         if len(inputs) != len(self.problem.parameters):
             raise ValueError(
                 f"ArgminLayer takes {len(self.problem.parameters)} input(s) "

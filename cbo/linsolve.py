@@ -250,7 +250,7 @@ def solve_projected_cg(op, b, *, x0=None, tol=1e-10, maxiter=None) -> tuple[torc
             "solution may not be unique (y*(x) is then not differentiable). Add a strongly convex term "
             "to the inner objective, or use method='minres' or 'direct' for a least-squares answer."
         ) from err
-    null_space_dim = (system.n_y - op.dual_mask.sum(-1)).round().long().tolist()
+    null_space_dim = (system.n_y - op.dual_mask.sum(-1)).round().long().clamp_min(0).tolist()
     return _finish(op, b, system.recover(z), "cg", iterations, tol, null_space_dim=null_space_dim)
 
 

@@ -208,7 +208,10 @@ def fixed_point_hypergrad(
         K for "truncated": back-propagate through the last K of the T steps.
     w0 : tensor, optional
         Start of the iterative routes (default ``w_star``; it must not depend on lam).
-    tol, maxiter : for "fixed_point" and "cg".
+    tol : float
+        Tolerance of "fixed_point" and "cg".
+    maxiter : int
+        Iteration cap of "fixed_point" and "cg".
 
     Returns
     -------

@@ -303,3 +303,15 @@ def test_failing_solver_names_the_item(rng, n_workers):
             layer(*inputs)
     finally:
         layer.close()
+
+
+def test_thread_executor_gives_the_same_solutions(rng):
+    """Threads of one process share the worker's problem: solves are serialized, results exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problem, params, variables, inputs = qp(rng)
+    batch = [torch.tensor(rng.standard_normal((16, 8))), inputs[1]]
+    expected = cbo.ArgminLayer(problem, params, variables, n_workers=1)(*batch)[0]
+    with ThreadPoolExecutor(4) as pool:
+        (y,) = cbo.ArgminLayer(problem, params, variables, executor=pool, n_workers=4)(*batch)
+    assert torch.allclose(y, expected, atol=1e-9)
