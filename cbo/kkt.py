@@ -196,8 +196,10 @@ class ConstraintGram:
 
     Items have different numbers of active rows; they are packed into r =
     max_b (active rows of b) rows, the spare rows zero with a unit diagonal in
-    G, so that one batched Cholesky factors all items. If some G is singular
-    (LICQ fails) its solves use the pseudo-inverse.
+    G, so that one batched Cholesky factors all items. The rows are scaled to
+    unit norm before factoring (the projector onto null(J_A) does not depend
+    on row scales). If some G is singular (LICQ fails) its solves use the
+    pseudo-inverse.
 
     Attributes
     ----------
@@ -208,8 +210,8 @@ class ConstraintGram:
     J : tensor (B, r, n_y)
         The packed rows.
     pivots : tensor (B, r)
-        Diagonal of the Cholesky factor (all ones on spare rows; NaN if the
-        factorization failed).
+        Diagonal of the Cholesky factor of the row-equilibrated G (all ones on
+        spare rows; NaN if the factorization failed).
     """
 
     def __init__(self, jacobian: torch.Tensor, dual_mask: torch.Tensor):
@@ -220,17 +222,29 @@ class ConstraintGram:
         self.valid = torch.gather(dual_mask, 1, order)
         self.J = torch.gather(jacobian, 1, order[..., None].expand(-1, -1, jacobian.shape[-1])) * self.valid[..., None]
         self.n_dual = dual_mask.shape[-1]
-        gram = self.J @ self.J.mT + torch.diag_embed(1 - self.valid)
+        # Equilibrate: G = D^{-1} G_s D^{-1} with G_s = (D J)(D J)^T, D = 1 / row norms, so that
+        # constraints written at very different scales factor (and pass the LICQ test) alike.
+        norms = self.J.norm(dim=-1)
+        row_scale = torch.where((self.valid > 0) & (norms > 0), 1 / norms.clamp_min(1e-300), torch.ones_like(norms))
+        scaled = self.J * row_scale[..., None]
+        gram = scaled @ scaled.mT + torch.diag_embed(1 - self.valid)
         L, status = torch.linalg.cholesky_ex(gram)
         diagonal = torch.diagonal(L, dim1=-2, dim2=-1)
         self.pivots = torch.where((status == 0)[:, None], diagonal, torch.full_like(diagonal, float("nan")))
         healthy = (status == 0) & (diagonal.amin(-1) > 1e-7 * diagonal.amax(-1)) if r else status == 0
         if bool(healthy.all()):
-            self.solve = lambda u: torch.cholesky_solve(u.unsqueeze(-1), L).squeeze(-1)
+            def scaled_solve(u):
+                return torch.cholesky_solve(u.unsqueeze(-1), L).squeeze(-1)
         else:
             pinv = torch.linalg.pinv(gram, hermitian=True)
-            self.solve = lambda u: (pinv @ u.unsqueeze(-1)).squeeze(-1)
-        self.solve.__doc__ = "u -> G^{-1} u for packed dual vectors u (B, r)."
+
+            def scaled_solve(u):
+                return (pinv @ u.unsqueeze(-1)).squeeze(-1)
+        self._row_scale, self._scaled_solve = row_scale, scaled_solve
+
+    def solve(self, u: torch.Tensor) -> torch.Tensor:
+        """G^{-1} u = D G_s^{-1} D u for packed dual vectors u (B, r)."""
+        return self._row_scale * self._scaled_solve(self._row_scale * u)
 
     def pack(self, u: torch.Tensor) -> torch.Tensor:
         """The active entries of full dual vectors u (B, n_dual), packed to (B, r)."""
