@@ -154,8 +154,8 @@ def broadcast_inputs(problem: BilevelProblem, inputs: Sequence[torch.Tensor]):
         described = ", ".join(f"{p.name()}: {s}" for p, s in zip(problem.parameters, batch_shapes))
         raise ValueError(f"The inputs' batch shapes do not broadcast ({described}).") from err
     batch = int(torch.Size(batch_shape).numel())
-    flat = [t.detach().to(device=device, dtype=torch.float64).expand(*batch_shape, *p.shape).reshape(batch, *p.shape)
-            for p, t in zip(problem.parameters, tensors)]
+    flat = [t.detach().to(device=device, dtype=torch.float64).expand(torch.Size([*batch_shape, *p.shape]))
+            .reshape(batch, *p.shape) for p, t in zip(problem.parameters, tensors)]
     return flat, tuple(batch_shape)
 
 
@@ -184,7 +184,7 @@ class _ArgminFunction(torch.autograd.Function):
         y = torch.split(op.w.detach()[:, : problem.n_y], [v.size for v in problem.all_variables], dim=-1)
         by_id = {v.id: t for v, t in zip(problem.all_variables, y)}
         dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.float64
-        return tuple(by_id[v.id].reshape(*batch_shape, *v.shape).to(dtype=dtype, device=inputs[0].device)
+        return tuple(by_id[v.id].reshape(torch.Size([*batch_shape, *v.shape])).to(dtype=dtype, device=inputs[0].device)
                      for v in problem.variables)
 
     @staticmethod
@@ -204,7 +204,7 @@ class _ArgminFunction(torch.autograd.Function):
                                       on_nonconvergence=layer.on_nonconvergence)
         grads = []
         for g, shape, (dtype, device) in zip(op.vjp_x(v), ctx.input_shapes, ctx.input_meta):
-            g = (-g).reshape(*ctx.batch_shape, *g.shape[1:]).sum_to_size(shape)
+            g = (-g).reshape(torch.Size([*ctx.batch_shape, *g.shape[1:]])).sum_to_size(shape)
             grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
         ctx.info.linear_solve = solve_info
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start

@@ -97,5 +97,5 @@ def test_site_builds_strict(tmp_path):
     api = (site / "api" / "index.html").read_text()
     for name in ("hypergrad", "BilevelProblem", "ArgminLayer", "fixed_point_hypergrad", "HypergradInfo",
                  "LayerInfo", "ConvergenceError", "solve_projected_cg"):
-        assert f'id="cbo.' in api and name in api, f"API page lacks {name}"
+        assert 'id="cbo.' in api and name in api, f"API page lacks {name}"
     assert ":func:" not in api and ":class:" not in api, "Sphinx roles left unrendered"

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 
 import cvxpy as cp
 import numpy as np
-import pytest
 import torch
-from hypothesis import assume, given, note
+from hypothesis import given, note
 from hypothesis import strategies as st
 
 import cbo
@@ -352,18 +351,10 @@ def test_layer_gradcheck(spec, method, batch):
 
     With ``batch`` the first input carries a batch of two items near the designed
     point (the other inputs broadcast): the active set is the same for both.
-    Unbatched 0-d inputs (the scalar placement s) are left out: they hit a cbo bug,
-    see test_layer_forward_returns_designed_optimum.
     """
-    assume(batch or "s" not in spec.params)
     check_layer_gradcheck(spec, method, batch)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "cbo bug: ArgminLayer fails on an unbatched 0-d input (a scalar cvxpy Parameter given a 0-d tensor): "
-    "broadcast_inputs calls t.expand(*batch_shape, *p.shape) with no sizes when both shapes are (), "
-    "TypeError: expand() missing 1 required positional arguments: 'size'. Shrunk example: "
-    "Spec(family='qp', n=2, m=0, p=0, active=(), ball=None, loss=None, params=('s',), split=0, seed=0)."))
 @given(spec=specs())
 def test_layer_forward_returns_designed_optimum(spec):
     """ArgminLayer on unbatched inputs (shaped like the parameters) returns y0, one tensor per variable."""
