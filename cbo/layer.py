@@ -123,6 +123,7 @@ class ArgminLayer(torch.nn.Module):
                 f"{[p.name() for p in self.problem.parameters]}, got {len(inputs)}."
             )
         info_box: list[LayerInfo] = []
+        inputs = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64) for t in inputs]
         outputs = _ArgminFunction.apply(self, info_box, *inputs)
         return (outputs, info_box[0]) if return_info else outputs
 

@@ -315,3 +315,10 @@ def test_thread_executor_gives_the_same_solutions(rng):
     with ThreadPoolExecutor(4) as pool:
         (y,) = cbo.ArgminLayer(problem, params, variables, executor=pool, n_workers=4)(*batch)
     assert torch.allclose(y, expected, atol=1e-9)
+
+
+def test_numpy_inputs_are_accepted():
+    x, y = cp.Parameter(2), cp.Variable(2)
+    layer = cbo.ArgminLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y <= 1]), [x], [y], n_workers=1)
+    (out,) = layer(np.array([0.5, 3.0]))
+    assert torch.allclose(out, torch.tensor([0.5, 1.0], dtype=torch.float64), atol=1e-9)
