@@ -415,7 +415,9 @@ def kkt_at_solutions(
     device = x[0].device
     y = torch.as_tensor(np.stack([s.y for s in solutions]), dtype=torch.float64, device=device)
     slack = vmap(problem.inequality_values)(x, y).cpu().numpy()
-    actives = [active_set(problem, s.mu, p, active_tol, where(b)) for b, (s, p) in enumerate(zip(solutions, slack))]
+    actives = []
+    for b, (solution, values) in enumerate(zip(solutions, slack)):  # a loop, not a comprehension: warnings'
+        actives.append(active_set(problem, solution.mu, values, active_tol, where(b)))  # stacklevel counts frames
     mask = torch.stack([a.mask(problem.n_ineq) for a in actives]).to(device)
     mu = torch.as_tensor(np.stack([s.mu for s in solutions]), dtype=torch.float64, device=device) * mask
     nu = torch.as_tensor(np.stack([s.nu for s in solutions]), dtype=torch.float64, device=device)
