@@ -466,8 +466,10 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
     for k in range(min(steps, op.n_y)):
         z = system.matvec(basis[-1])
         alphas.append((z * basis[-1]).sum(-1))
-        for v in basis:  # full reorthogonalization: k is small
-            z = z - (z * v).sum(-1, keepdim=True) * v
+        for _ in range(2):  # full reorthogonalization, twice, and back into null(J_A): k is small
+            for v in basis:
+                z = z - (z * v).sum(-1, keepdim=True) * v
+            z = system.project(z)
         beta = z.norm(dim=-1)
         betas.append(beta)
         if k + 1 == min(steps, op.n_y):
@@ -478,7 +480,7 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
     for b in range(op.batch_size):
         # An item's Krylov space is exhausted at its first (relatively) zero beta: Ritz values
         # of the leading block only, the rest would be noise.
-        tiny = (betas[b] <= 1e-10 * alphas[b].abs().max().clamp_min(1e-300)).nonzero()
+        tiny = (betas[b] <= 1e-8 * alphas[b].abs().max().clamp_min(1e-300)).nonzero()
         length = int(tiny[0]) + 1 if len(tiny) else alphas.shape[-1]
         tridiagonal = torch.diag(alphas[b, :length]) + torch.diag(betas[b, : length - 1], 1) \
             + torch.diag(betas[b, : length - 1], -1)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import cvxpy as cp
 import numpy as np
 import torch
-from hypothesis import given, note
+from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import cbo
@@ -329,6 +329,15 @@ def test_every_method_matches_dense_kkt_reference(spec):
         assert error <= TOLERANCE[method], (method, error)
 
 
+# Seen as warnings in long runs of the property above, then searched for over seeds with the
+# same builder: a few in a thousand drawn problems triggered a false "not unique" warning (the
+# curvature check's Lanczos vectors left null(J_A) at breakdown; fixed), so the smallest one
+# found is pinned as an explicit example (the derandomized default run would miss it otherwise).
+DEGENERACY_FALSE_POSITIVE = Spec(family="smooth", n=7, m=0, p=2, active=(), ball=None, loss="logsumexp",
+                                 params=("x",), split=0, seed=167)
+
+
+@example(spec=DEGENERACY_FALSE_POSITIVE)
 @given(spec=specs())
 def test_no_degeneracy_warning_on_well_posed_problems(spec):
     """Strongly convex, LICQ with margin, strict complementarity: cbo must not call y* non-unique."""
@@ -364,10 +373,7 @@ def check_layer_gradcheck(spec: Spec, method: str, batch: bool) -> None:
     assert torch.autograd.gradcheck(lambda *a: layer(*a), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-SMALL_QPS = dict(spec=specs(families=("qp",), max_n=5), method=st.sampled_from(cbo.METHODS), batch=st.booleans())
-
-
-@given(**SMALL_QPS)
+@given(spec=specs(families=("qp",), max_n=5), method=st.sampled_from(cbo.METHODS), batch=st.booleans())
 def test_layer_gradcheck(spec, method, batch):
     """torch.autograd.gradcheck on cbo.ArgminLayer (outputs: the cvxpy variables) for a small drawn QP.
 
