@@ -30,7 +30,7 @@ import torch
 from torch.func import vmap
 
 from .errors import DegenerateKKTWarning, InaccurateSolutionWarning
-from .linsolve import ADJOINT_SOLVERS
+from .linsolve import ADJOINT_SOLVERS, NullSpaceSystem
 from .problem import BilevelProblem
 
 __all__ = [
@@ -456,8 +456,6 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
     differentiable, and the solvers return a minimum-norm answer. Warns with
     :class:`DegenerateKKTWarning`. Returns [(lambda_min, lambda_max)] per item.
     """
-    from .linsolve import NullSpaceSystem
-
     system = NullSpaceSystem(op, torch.zeros_like(op.w.detach()))
     generator = torch.Generator(device="cpu").manual_seed(1)
     q = system.project(torch.randn(op.batch_size, op.n_y, generator=generator, dtype=op.w.dtype).to(op.w.device))

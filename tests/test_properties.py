@@ -37,7 +37,7 @@ from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import cbo
-from builders import SOLVER_OPTIONS, Case, central_jacobian, kkt_residual, outer_numpy, relative_error
+from builders import Case, central_jacobian, kkt_residual, outer_numpy, polished_kkt_point, relative_error
 
 # fixed_point and neumann converge linearly: the issue allows them 1e-5.
 TOLERANCE = {"direct": 1e-6, "minres": 1e-6, "cg": 1e-6, "fixed_point": 1e-5, "neumann": 1e-5}
@@ -252,29 +252,9 @@ def designed_reference(case: Case) -> list[np.ndarray]:
 
 
 def solved_kkt_point(case: Case, xs, steps: int = 4):
-    """(y*, mu_A, nu) and the active entries from cvxpy, then Newton steps in numpy (no cbo).
-
-    Like builders.polished_kkt_point, but accepts Clarabel's "optimal_inaccurate",
-    which at builders' 1e-11 tolerances it reports on exponential-cone problems
-    whose solutions are accurate to ~1e-9 (the Newton steps then finish the job).
-    """
-    for param, v in zip(case.problem.parameters, xs):
-        param.value = v
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        case.problem.inner.solve(**SOLVER_OPTIONS)
-    assert case.problem.inner.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE), case.problem.inner.status
-    y = np.concatenate([np.ravel(v.value) for v in case.problem.all_variables])
-    constraints = case.problem.inner.constraints
-    stack = lambda cs: np.concatenate([np.ravel(c.dual_value) for c in cs] + [np.zeros(0)])  # noqa: E731
-    mu = stack([c for c in constraints if not isinstance(c, cp.constraints.Equality)])
-    nu = stack([c for c in constraints if isinstance(c, cp.constraints.Equality)])
-    active = np.flatnonzero(mu > 1e-6 * max(1.0, np.abs(mu).max(initial=0.0)))
-    w = np.concatenate([y, mu[active], nu])
-    for _ in range(steps):
-        K = central_jacobian(lambda z: kkt_residual(case, z, xs, active), w)
-        w = w - np.linalg.solve(K, kkt_residual(case, w, xs, active))
-    return w, active
+    """builders.polished_kkt_point, also accepting Clarabel's "optimal_inaccurate" on
+    exponential-cone problems (accurate to ~1e-9; the Newton steps finish the job)."""
+    return polished_kkt_point(case, xs, steps, accept_inaccurate=True)
 
 
 def finite_difference(case: Case, direction, h: float = 1e-4) -> float:
