@@ -2,6 +2,7 @@
 
     prob = cbo.BilevelProblem(inner, parameters=[x], variables=[y], outer=F)
     g = cbo.hypergrad(prob, x_tensor)             # dF/dx by implicit differentiation
+    res = cbo.minimize(prob, x0, outer_constraints=[x >= 0])   # the outer loop
 """
 from .errors import (
     CboError,
@@ -9,12 +10,14 @@ from .errors import (
     ConvergenceError,
     ConvergenceWarning,
     DegenerateKKTWarning,
+    DivergenceError,
     InaccurateSolutionWarning,
     InnerSolveError,
     NonSmoothAtomError,
     ProblemDefinitionError,
     UnsupportedAtomError,
 )
+from .driver import OPTIMIZERS, History, MinimizeResult, minimize, plot_history
 from .hypergrad import METHODS as ALL_METHODS
 from .hypergrad import HypergradInfo, hypergrad
 from .layer import ArgminLayer, LayerInfo
@@ -28,8 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelProblem", "hypergrad", "HypergradInfo", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS", "ALL_METHODS",
-    "fixed_point_hypergrad", "UnrollInfo",
-    "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning",
+    "fixed_point_hypergrad", "UnrollInfo", "minimize", "MinimizeResult", "History", "plot_history", "OPTIMIZERS",
+    "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning", "DivergenceError",
     "InaccurateSolutionWarning", "InnerSolveError", "NonSmoothAtomError", "ProblemDefinitionError",
     "UnsupportedAtomError",
 ]

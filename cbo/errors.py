@@ -3,6 +3,25 @@
 Every message says what happened, where (which constraint, atom or parameter)
 and what to try next.
 """
+import os
+import sys
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)),)
+
+
+def external_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called here that points at the first frame outside cbo and torch.
+
+    Warnings then name the user's line (``cbo.minimize(...)``, ``loss.backward()``)
+    instead of a line inside the library, however deep the call.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_INTERNAL_DIRS) and f"{os.sep}torch{os.sep}" not in path:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 class CboError(Exception):
@@ -40,6 +59,20 @@ class ConvergenceError(CboError, RuntimeError):
     def __init__(self, message: str, info=None):
         super().__init__(message)
         self.info = info
+
+
+class DivergenceError(CboError, RuntimeError):
+    """The outer loop of :func:`cbo.minimize` diverged (the objective blew up or became NaN).
+
+    Attributes
+    ----------
+    history : cbo.driver.History
+        The iterates up to the divergence.
+    """
+
+    def __init__(self, message: str, history=None):
+        super().__init__(message)
+        self.history = history
 
 
 class CboWarning(UserWarning):

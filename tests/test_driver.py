@@ -1,0 +1,171 @@
+"""cbo.minimize: reaches independently computed optima, projects onto outer constraints, reports failures."""
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import cbo
+from cbo.driver import OuterProjection
+
+N, RIDGE = 6, 0.5
+
+
+def hyperplane_problem(seed=0):
+    """Inner: y*(x) = argmin 1/2||y - x||^2 s.t. sum(y) == 1, y >= -10 (inactive), i.e. y* = P x + 1/n.
+    Outer: F = 1/2||y - t||^2 + r/2||x||^2, a strongly convex quadratic in x."""
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal(N)
+    x, y = cp.Parameter(N), cp.Variable(N)
+    inner = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.sum(y) == 1, y >= -10])
+    t_torch = torch.tensor(t)
+    problem = cbo.BilevelProblem(
+        inner, [x], [y], outer=lambda x, y: 0.5 * ((y - t_torch) ** 2).sum() + 0.5 * RIDGE * (x ** 2).sum())
+    return problem, x, t
+
+
+def reference_optimum(t, lower=None):
+    """The outer problem written out in cvxpy (y* = P x + 1/n eliminated): an independent reference."""
+    P = np.eye(N) - np.ones((N, N)) / N
+    z = cp.Variable(N)
+    objective = 0.5 * cp.sum_squares(P @ z + 1 / N - t) + 0.5 * RIDGE * cp.sum_squares(z)
+    cp.Problem(cp.Minimize(objective), [] if lower is None else [z >= lower]).solve(
+        solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    return z.value
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.5), ("adam", 0.05), ("lbfgs", 1.0)])
+def test_reaches_the_unconstrained_optimum(optimizer, lr):
+    problem, _, t = hyperplane_problem()
+    result = cbo.minimize(problem, torch.zeros(N), optimizer=optimizer, lr=lr, steps=500, tol=1e-8, progress=False)
+    assert result.converged, result.message
+    np.testing.assert_allclose(result.x.numpy(), reference_optimum(t), atol=1e-6)
+    assert len(result.history) == result.n_steps + 1 or optimizer == "lbfgs"
+    assert result.fun == pytest.approx(result.history.f[-1])
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.5), ("adam", 0.05)])
+def test_reaches_the_optimum_on_outer_constraints(optimizer, lr):
+    problem, x, t = hyperplane_problem()
+    lower = np.full(N, 0.1)
+    expected = reference_optimum(t, lower)
+    assert np.sum(expected <= lower + 1e-8) >= 2, "the bound should be active at the optimum for this test"
+    result = cbo.minimize(problem, torch.ones(N), optimizer=optimizer, lr=lr, steps=800, tol=1e-8,
+                          outer_constraints=[x >= lower], progress=False)
+    assert result.converged, result.message
+    np.testing.assert_allclose(result.x.numpy(), expected, atol=1e-6)
+    assert all(bool((xk[0] >= torch.tensor(lower) - 1e-9).all()) for xk in result.history.x)
+
+
+def simplex_projection(v):
+    """Euclidean projection onto the probability simplex by sorting (Held, Wolfe and Crowder)."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1
+    k = np.nonzero(u - css / np.arange(1, len(v) + 1) > 0)[0][-1]
+    return np.maximum(v - css[k] / (k + 1), 0)
+
+
+def test_projection_matches_closed_forms():
+    x = cp.Parameter(N)
+    rng = np.random.default_rng(1)
+    simplex = OuterProjection([x], [x >= 0, cp.sum(x) == 1])
+    ball = OuterProjection([x], [cp.norm(x, 2) <= 2.0])
+    for _ in range(3):
+        v = 2 * rng.standard_normal(N)
+        np.testing.assert_allclose(simplex([torch.tensor(v)])[0].numpy(), simplex_projection(v), atol=1e-9)
+        np.testing.assert_allclose(ball([torch.tensor(v)])[0].numpy(), v * min(1, 2.0 / np.linalg.norm(v)), atol=1e-8)
+
+
+def test_several_parameters_and_float32():
+    rng = np.random.default_rng(2)
+    a, b, y = cp.Parameter(3), cp.Parameter(3), cp.Variable(3)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - a - b)), [y <= 5])
+    problem = cbo.BilevelProblem(inner, [a, b], [y], outer=lambda a, b, y: ((y - 1) ** 2).sum() + (a ** 2).sum())
+    x0 = [torch.tensor(rng.standard_normal(3), dtype=torch.float32), torch.zeros(3, dtype=torch.float32)]
+    result = cbo.minimize(problem, x0, optimizer="lbfgs", steps=50, progress=False)
+    assert isinstance(result.x, list) and all(v.dtype == torch.float32 for v in result.x)
+    # F = ||a + b - 1||^2 + ||a||^2 is minimal at a = 0, b = 1.
+    np.testing.assert_allclose(result.x[0].numpy(), 0, atol=1e-5)
+    np.testing.assert_allclose(result.x[1].numpy(), 1, atol=1e-5)
+
+
+def test_warm_start_gives_the_same_iterates():
+    problem, x, _ = hyperplane_problem(seed=3)
+    runs = [cbo.minimize(problem, torch.zeros(N), optimizer="adam", lr=0.05, steps=15, warm_start=warm,
+                         solver="OSQP", solver_options={"eps_abs": 1e-10, "eps_rel": 1e-10, "max_iter": 100000},
+                         outer_constraints=[x >= 0.05], progress=False)
+            for warm in (True, False)]
+    np.testing.assert_allclose(runs[0].history.f, runs[1].history.f, rtol=1e-8)
+    np.testing.assert_allclose(runs[0].x.numpy(), runs[1].x.numpy(), atol=1e-7)
+
+
+def test_callback_history_plot_and_progress(tmp_path, capsys):
+    problem, _, _ = hyperplane_problem()
+    seen = []
+
+    def callback(step, x, f, grad, info):
+        seen.append((step, f, info.kkt_residual))
+        return step == 4
+
+    result = cbo.minimize(problem, torch.zeros(N), optimizer="sgd", lr=0.1, steps=50, callback=callback)
+    assert [s for s, _, _ in seen] == [0, 1, 2, 3, 4] and result.n_steps == 4 and not result.converged
+    assert "callback" in result.message
+    history = result.history
+    assert len(history.f) == len(history.grad_norm) == len(history.stationarity) == len(history.timings) == 5
+    assert all(b < a for a, b in zip(history.f, history.f[1:])), "sgd with a small step decreases F"
+    assert {"inner_solve", "adjoint_solve", "projection", "total"} <= set(history.timings[0])
+    assert "cbo.minimize" in capsys.readouterr().err
+    path = tmp_path / "history.png"
+    cbo.plot_history(history, path=str(path), title="test")
+    assert path.stat().st_size > 10_000
+
+
+def test_repeated_warnings_are_shown_once_and_recorded():
+    x, y = cp.Parameter(2), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(x @ y), [y >= 0, y <= 1])  # an LP: cbo warns at every hypergradient
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: (x ** 2).sum())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = cbo.minimize(problem, torch.ones(2), optimizer="sgd", lr=0.1, steps=3, tol=-1.0, progress=False)
+    shown = [w for w in caught if issubclass(w.category, cbo.DegenerateKKTWarning)]
+    assert len(shown) == 1 and "linear program" in str(shown[0].message)
+    assert shown[0].filename == __file__, "the warning points at the caller's line"
+    assert len([w for w in result.history.warnings if w[1] == "DegenerateKKTWarning"]) == 4
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_outer_constraints_are_named():
+    problem, x, _ = hyperplane_problem()
+    other, z = cp.Parameter(N), cp.Variable(N)
+    cases = [
+        ([x >= 1, cp.sum(x) <= 0], "infeasible"),
+        ([x + z >= 0], "variable"),
+        ([other >= 0], "none of the problem's parameters"),
+        ([cp.square(x) >= 1], "not convex"),
+    ]
+    for constraints, text in cases:
+        with pytest.raises(cbo.ProblemDefinitionError, match=text):
+            cbo.minimize(problem, torch.zeros(N), outer_constraints=constraints, progress=False)
+    with pytest.raises(ValueError, match="lbfgs"):
+        cbo.minimize(problem, torch.zeros(N), optimizer="lbfgs", outer_constraints=[x >= 0], progress=False)
+    with pytest.raises(ValueError, match="Known optimizers"):
+        cbo.minimize(problem, torch.zeros(N), optimizer="newton", progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        cbo.minimize(problem, torch.zeros(N + 1), progress=False)
+
+
+def test_a_diverging_step_size_is_reported_not_nan():
+    problem, _, _ = hyperplane_problem()
+    with pytest.raises(cbo.DivergenceError, match=r"diverged at step \d+.*lower lr") as err:
+        cbo.minimize(problem, torch.ones(N), optimizer="sgd", lr=50.0, steps=200, progress=False)
+    assert all(np.isfinite(err.value.history.f))
+
+
+def test_inner_problem_infeasible_at_an_iterate_names_step_and_x():
+    x, y = cp.Parameter(2), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y)), [y >= x, y <= 1])  # infeasible once x > 1
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: -x.sum() + 0.0 * y.sum())
+    with pytest.raises(cbo.InnerSolveError, match=r"outer step 4, x = \{param\d+ = \[1\.2, 1\.2\]\}.*infeasible"):
+        cbo.minimize(problem, torch.zeros(2), optimizer="sgd", lr=0.3, steps=10, progress=False)
