@@ -38,6 +38,8 @@ __all__ = ["minimize", "MinimizeResult", "History", "OuterProjection", "plot_his
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
 DEFAULT_LR = {"adam": 1e-2, "sgd": 1e-2, "lbfgs": 1.0}
+PROJECTION_QP_SOLVER = {"solver": "OSQP", "polishing": True, "eps_abs": 1e-12, "eps_rel": 1e-12, "max_iter": 100_000}
+PROJECTION_CONIC_SOLVER = {"solver": "CLARABEL", "tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12}
 # Divergence: F above its best value by this many times the progress made so far (or |F|).
 _DIVERGENCE_FACTOR = 1e4
 
@@ -125,7 +127,8 @@ class OuterProjection:
     """
 
     def __init__(self, parameters: Sequence[cp.Parameter], constraints: Sequence[cp.Constraint]):
-        self.constraints = list(constraints)
+        self.constraints = list(constraints) + _sign_constraints(parameters)
+        self._signs = [(p.is_nonneg(), p.is_nonpos()) for p in parameters]
         if not self.constraints:
             self._problem = None
             return
@@ -135,6 +138,9 @@ class OuterProjection:
         rewritten = [_rewrite_outer_constraint(c, i, parameters, substitution) for i, c in enumerate(self.constraints)]
         distance = sum(cp.sum_squares(z - v) for z, v in zip(self._projected, self._points))
         self._problem = cp.Problem(cp.Minimize(distance), rewritten)
+        # An interior-point solution of a projection that lands on a bound is off by about
+        # sqrt(tolerance) there (z_i s_i = mu): OSQP's polish finds the exact face of a QP.
+        self._solver = PROJECTION_QP_SOLVER if self._problem.is_qp() else PROJECTION_CONIC_SOLVER
 
     def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """P_C(xs), as tensors like ``xs``."""
@@ -144,7 +150,7 @@ class OuterProjection:
             point.value = x.detach().cpu().numpy()
         with warnings.catch_warnings():  # the status is checked below
             warnings.filterwarnings("ignore", message="Solution may be inaccurate.*")
-            self._problem.solve(solver="CLARABEL", tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11)
+            self._problem.solve(**self._solver)
         if self._problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
             raise ProblemDefinitionError(
                 "The outer constraints are infeasible: no x satisfies "
@@ -153,8 +159,16 @@ class OuterProjection:
         if self._problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
             raise ProblemDefinitionError(f"Projecting x onto the outer constraints failed (cvxpy status "
                                          f"{self._problem.status!r}).")
-        return [torch.as_tensor(np.asarray(z.value, dtype=float), dtype=x.dtype, device=x.device).reshape(x.shape)
-                for z, x in zip(self._projected, xs)]
+        # Solver round-off must not step outside a sign attribute: cvxpy rejects -1e-9 for nonneg=True.
+        values = [np.clip(z.value, 0 if nonneg else None, 0 if nonpos else None) if nonneg or nonpos else z.value
+                  for z, (nonneg, nonpos) in zip(self._projected, self._signs)]
+        return [torch.as_tensor(np.asarray(v, dtype=float), dtype=x.dtype, device=x.device).reshape(x.shape)
+                for v, x in zip(values, xs)]
+
+
+def _sign_constraints(parameters: Sequence[cp.Parameter]) -> list[cp.Constraint]:
+    """x >= 0 for parameters declared ``nonneg=True`` (x <= 0 for ``nonpos``): implied outer constraints."""
+    return [p >= 0 for p in parameters if p.is_nonneg()] + [p <= 0 for p in parameters if p.is_nonpos()]
 
 
 def _rewrite_outer_constraint(constraint, index, parameters, substitution):
@@ -223,6 +237,7 @@ def minimize(
         Maximum number of updates of x (lbfgs: of hypergradient evaluations).
     outer_constraints : sequence of cvxpy constraints
         Convex constraints on the problem's parameters, e.g. ``[w >= 0, cp.sum(w) == 1]``.
+        A parameter declared ``nonneg=True`` (``nonpos=True``) gets ``>= 0`` (``<= 0``) implicitly.
     callback : callable, optional
         ``callback(step, x, f, grad, info)`` after each evaluation; return True to stop.
     progress : bool

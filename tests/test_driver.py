@@ -77,6 +77,17 @@ def test_projection_matches_closed_forms():
         np.testing.assert_allclose(ball([torch.tensor(v)])[0].numpy(), v * min(1, 2.0 / np.linalg.norm(v)), atol=1e-8)
 
 
+def test_nonneg_parameters_are_kept_nonnegative():
+    """A nonneg=True parameter is projected onto x >= 0 without being told (cvxpy would reject x < 0)."""
+    w, y = cp.Parameter(3, nonneg=True), cp.Variable(3)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - 1) + w @ cp.square(y)))  # y* = 1 / (1 + w)
+    problem = cbo.BilevelProblem(inner, [w], [y], outer=lambda w, y: ((y - torch.tensor([0.5, 1.0, 2.0])) ** 2).sum())
+    result = cbo.minimize(problem, torch.ones(3), optimizer="sgd", lr=0.5, steps=200, tol=1e-9, progress=False)
+    # y* = 1/(1+w) in (0, 1]: the targets 1 and 2 need w = 0 (a bound), the target 0.5 needs w = 1.
+    np.testing.assert_allclose(result.x.numpy(), [1.0, 0.0, 0.0], atol=1e-6)
+    assert result.converged and min(float(xk[0].min()) for xk in result.history.x) >= 0
+
+
 def test_several_parameters_and_float32():
     rng = np.random.default_rng(2)
     a, b, y = cp.Parameter(3), cp.Parameter(3), cp.Variable(3)
