@@ -38,8 +38,9 @@ __all__ = ["minimize", "MinimizeResult", "History", "OuterProjection", "plot_his
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
 DEFAULT_LR = {"adam": 1e-2, "sgd": 1e-2, "lbfgs": 1.0}
-PROJECTION_QP_SOLVER = {"solver": "OSQP", "polishing": True, "eps_abs": 1e-12, "eps_rel": 1e-12, "max_iter": 100_000}
-PROJECTION_CONIC_SOLVER = {"solver": "CLARABEL", "tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12}
+PROJECTION_QP_SOLVER = {"solver": "OSQP", "polishing": True, "eps_abs": 1e-10, "eps_rel": 1e-10, "max_iter": 20_000}
+PROJECTION_CONIC_SOLVER = {"solver": "CLARABEL", "tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}
+FEASIBILITY_TOL = 1e-12  # a point violating no outer constraint by more than this is its own projection
 # Divergence: F above its best value by this many times the progress made so far (or |F|).
 _DIVERGENCE_FACTOR = 1e4
 
@@ -66,6 +67,11 @@ class History:
 
     def __len__(self) -> int:
         return len(self.f)
+
+    def best(self) -> tuple[int, float, list[torch.Tensor]]:
+        """(step, F, x) of the evaluated point with the smallest F."""
+        step = int(np.argmin(self.f))
+        return step, self.f[step], self.x[step]
 
     def total_time(self, phase: str = "total") -> float:
         """Seconds spent in ``phase`` over all steps."""
@@ -140,17 +146,30 @@ class OuterProjection:
         self._problem = cp.Problem(cp.Minimize(distance), rewritten)
         # An interior-point solution of a projection that lands on a bound is off by about
         # sqrt(tolerance) there (z_i s_i = mu): OSQP's polish finds the exact face of a QP.
-        self._solver = PROJECTION_QP_SOLVER if self._problem.is_qp() else PROJECTION_CONIC_SOLVER
+        # Clarabel is the fallback when OSQP stops short.
+        self._solvers = [PROJECTION_QP_SOLVER, PROJECTION_CONIC_SOLVER] if self._problem.is_qp() \
+            else [PROJECTION_CONIC_SOLVER]
 
     def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """P_C(xs), as tensors like ``xs``."""
+        """P_C(xs), as tensors like ``xs``; a point of C is returned as it is."""
         if self._problem is None:
             return xs
-        for point, x in zip(self._points, xs):
-            point.value = x.detach().cpu().numpy()
-        with warnings.catch_warnings():  # the status is checked below
-            warnings.filterwarnings("ignore", message="Solution may be inaccurate.*")
-            self._problem.solve(**self._solver)
+        values = [x.detach().cpu().numpy() for x in xs]
+        for z, value in zip(self._projected, values):
+            z.value = value
+        if all(np.all(c.violation() <= FEASIBILITY_TOL) for c in self._problem.constraints):
+            return xs
+        for point, value in zip(self._points, values):
+            point.value = value
+        for solver in self._solvers:
+            with warnings.catch_warnings():  # the status is checked below
+                warnings.filterwarnings("ignore", message="Solution may be inaccurate.*")
+                try:
+                    self._problem.solve(**solver)
+                except cp.error.SolverError:
+                    continue
+            if self._problem.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE, cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+                break
         if self._problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
             raise ProblemDefinitionError(
                 "The outer constraints are infeasible: no x satisfies "
@@ -158,7 +177,7 @@ class OuterProjection:
             )
         if self._problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
             raise ProblemDefinitionError(f"Projecting x onto the outer constraints failed (cvxpy status "
-                                         f"{self._problem.status!r}).")
+                                         f"{self._problem.status!r}). Simplify the constraints or rescale x.")
         # Solver round-off must not step outside a sign attribute: cvxpy rejects -1e-9 for nonneg=True.
         values = [np.clip(z.value, 0 if nonneg else None, 0 if nonpos else None) if nonneg or nonpos else z.value
                   for z, (nonneg, nonpos) in zip(self._projected, self._signs)]
@@ -208,6 +227,7 @@ def minimize(
     method: str = "cg",
     optimizer: str = "adam",
     lr: float | None = None,
+    lr_decay: float = 0.0,
     steps: int = 100,
     outer_constraints: Sequence[cp.Constraint] = (),
     callback: Callable[..., bool | None] | None = None,
@@ -233,6 +253,9 @@ def minimize(
         line search (torch.optim.LBFGS; only without outer constraints).
     lr : float, optional
         Step size (default 1e-2 for adam and sgd, 1.0 for lbfgs).
+    lr_decay : float
+        sgd and adam use the step lr / (1 + lr_decay * k) at step k: constant-step
+        Adam hovers at a distance of about lr from a solution, a decaying step settles.
     steps : int
         Maximum number of updates of x (lbfgs: of hypergradient evaluations).
     outer_constraints : sequence of cvxpy constraints
@@ -278,16 +301,16 @@ def minimize(
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}.")
     lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}.")
+    if not lr > 0 or not lr_decay >= 0:
+        raise ValueError(f"lr must be positive and lr_decay nonnegative, got lr={lr}, lr_decay={lr_decay}.")
 
     xs, like = as_parameter_tensors(problem, x0)
     project = OuterProjection(problem.parameters, outer_constraints)
     xs = project(xs)
     evaluate = _Evaluator(problem, method, warm_start, hypergrad_options, solver, solver_options)
     loop = _LBFGSLoop if optimizer == "lbfgs" else _ProjectedLoop
-    with tqdm(total=steps, desc="cbo.minimize", disable=not progress, leave=True) as bar:
-        xs, record, message, converged, n_steps = loop(evaluate, project, optimizer, lr, steps, tol, callback,
+    with tqdm(total=steps, desc="cbo.minimize", disable=not progress, leave=True, mininterval=0.5) as bar:
+        xs, record, message, converged, n_steps = loop(evaluate, project, optimizer, lr, lr_decay, steps, tol, callback,
                                                        bar).run(xs)
     shaped = [x.detach().to(dtype=t.dtype, device=t.device) for x, t in zip(xs, like)]
     grads = [g.detach().to(dtype=t.dtype, device=t.device) for g, t in zip(record.grads, like)]
@@ -370,20 +393,21 @@ class _Evaluator:
 class _ProjectedLoop:
     """x_{k+1} = P_C(step(x_k, g_k)) for sgd and adam; one hypergradient per step."""
 
-    def __init__(self, evaluate, project, optimizer, lr, steps, tol, callback, bar):
+    def __init__(self, evaluate, project, optimizer, lr, lr_decay, steps, tol, callback, bar):
         self.evaluate, self.project, self.optimizer = evaluate, project, optimizer
-        self.lr, self.steps, self.tol, self.callback, self.bar = lr, steps, tol, callback, bar
+        self.lr, self.lr_decay, self.steps, self.tol, self.callback, self.bar = lr, lr_decay, steps, tol, callback, bar
 
     def run(self, xs):
         leaves = [x.clone() for x in xs]
         adam = torch.optim.Adam(leaves, lr=self.lr) if self.optimizer == "adam" else None
         history = self.evaluate.history
         for step in range(self.steps + 1):
+            lr = self.lr / (1 + self.lr_decay * step)
             point = self.evaluate(step, [x.clone() for x in leaves])
             start = time.perf_counter()
-            descended = self.project([x - self.lr * g for x, g in zip(point.xs, point.grads)])
+            descended = self.project([x - lr * g for x, g in zip(point.xs, point.grads)])
             history.timings[-1]["projection"] = time.perf_counter() - start
-            stationarity = _norm([x - d for x, d in zip(point.xs, descended)]) / self.lr
+            stationarity = _norm([x - d for x, d in zip(point.xs, descended)]) / lr
             history.stationarity.append(stationarity)
             _show(self.bar, point, stationarity)
             if self.callback is not None and self.callback(step, point.xs, point.f, point.grads, point.info):
@@ -397,6 +421,7 @@ class _ProjectedLoop:
             else:
                 for leaf, g in zip(leaves, point.grads):
                     leaf.grad = g.clone()
+                adam.param_groups[0]["lr"] = lr
                 adam.step()
                 start = time.perf_counter()
                 new = self.project(leaves)
@@ -488,7 +513,9 @@ def plot_history(history: History, path: str | None = None, title: str | None = 
     steps = np.arange(len(history))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     (ax_f, ax_g), (ax_kkt, ax_t) = axes
-    ax_f.plot(steps, history.f, color="C0")
+    f = np.asarray(history.f)
+    log_scale = len(f) > 1 and f.min() > 0 and f.max() > 100 * f.min()  # F spanning decades
+    (ax_f.semilogy if log_scale else ax_f.plot)(steps, f, color="C0")
     ax_f.set(title="outer objective F(x, y*(x))", xlabel="step", ylabel="F")
     ax_g.semilogy(steps, np.maximum(history.grad_norm, 1e-300), label="||dF/dx||", color="C1")
     ax_g.semilogy(steps, np.maximum(history.stationarity, 1e-300), label="||G(x)|| (projected)", color="C2", ls="--")

@@ -12,9 +12,10 @@ with y_target the allocation that hidden prices produce.
 
 cbo.hypergrad gives dF/dx through the KKT conditions of the inner problem (the
 box constraints switch on and off as x moves). The script checks the
-hypergradient of every method against finite differences, runs gradient
-Adam on x with a progress bar, and saves a plot to
-examples/output/quickstart.png.
+hypergradient of every method against finite differences, runs Adam on x
+with cbo.minimize (progress bar with F, the gradient norm and the inner KKT
+residual), and saves plots to examples/output/quickstart.png and
+quickstart_history.png.
 """
 from pathlib import Path
 
@@ -25,7 +26,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import cbo  # noqa: E402
 
@@ -69,19 +69,9 @@ def check_methods(problem, x0):
 
 
 def descend(problem, x0, steps: int = 300, lr: float = 0.02):
-    """Adam on the outer objective, fed with cbo hypergradients."""
-    x = x0.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=lr)
-    history = []
-    with tqdm(range(steps), desc="outer steps", mininterval=0.5) as bar:
-        for _ in bar:
-            g, info = cbo.hypergrad(problem, x.detach(), return_info=True)
-            history.append(info.outer_value)
-            bar.set_postfix(F=f"{info.outer_value:.2e}", grad=f"{float(g.norm()):.1e}",
-                            active=int(info.active_set.active.numel()))
-            x.grad = g
-            optimizer.step()
-    return x.detach(), history, info
+    """Adam on the outer objective, fed with cbo hypergradients: cbo.minimize's outer loop."""
+    result = cbo.minimize(problem, x0, optimizer="adam", lr=lr, steps=steps, tol=0.0)
+    return result.x, result.history, result.info
 
 
 def plot(history, y_final, y_target, path: Path):
@@ -108,10 +98,13 @@ def main():
     check_methods(problem, x0)
     x, history, info = descend(problem, x0)
     y_final = info.y[0].numpy()
-    print(f"\nF: {history[0]:.3e} -> {history[-1]:.3e}; max |y* - y_target| = {np.abs(y_final - y_target).max():.2e}")
+    print(f"\nF: {history.f[0]:.3e} -> {history.f[-1]:.3e}; max |y* - y_target| = "
+          f"{np.abs(y_final - y_target).max():.2e}")
     print(f"last call: KKT residual {info.kkt_residual:.1e}, adjoint residual {info.linear_solve.residual:.1e}, "
           f"phases (s): " + ", ".join(f"{k} {v:.4f}" for k, v in info.timings.items()))
-    print(f"plot saved to {plot(history, y_final, y_target, OUTPUT / 'quickstart.png')}")
+    print(f"plots saved to {plot(history.f, y_final, y_target, OUTPUT / 'quickstart.png')} and "
+          f"{OUTPUT / 'quickstart_history.png'}")
+    cbo.plot_history(history, path=OUTPUT / "quickstart_history.png", title="quickstart: cbo.minimize history")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,28 @@ def simplex_projection(v):
     return np.maximum(v - css[k] / (k + 1), 0)
 
 
+def test_adam_with_a_decaying_step_settles_on_the_constrained_optimum():
+    """Constant-step Adam hovers near a bound; with lr_decay it converges. history.best() is the best point."""
+    problem, x, t = hyperplane_problem()
+    lower = np.full(N, 0.1)
+    expected = reference_optimum(t, lower)
+    result = cbo.minimize(problem, torch.ones(N), optimizer="adam", lr=0.05, lr_decay=0.05, steps=600,
+                          outer_constraints=[x >= lower], progress=False)
+    np.testing.assert_allclose(result.x.numpy(), expected, atol=1e-4)
+    step, f, x_best = result.history.best()
+    assert f == min(result.history.f) and torch.equal(x_best[0], result.history.x[step][0])
+
+
+def test_projection_at_and_near_bounds():
+    """Points of C come back unchanged (no solve); points just outside land on the bound exactly."""
+    s = cp.Parameter(3)
+    box = OuterProjection([s], [s >= -1, s <= 1])
+    on_bound = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.equal(box([on_bound])[0], on_bound)
+    np.testing.assert_array_equal(box([torch.tensor([-1.5, 0.0, 1 + 1e-7], dtype=torch.float64)])[0].numpy(),
+                                  [-1.0, 0.0, 1.0])
+
+
 def test_projection_matches_closed_forms():
     x = cp.Parameter(N)
     rng = np.random.default_rng(1)
