@@ -15,11 +15,13 @@ from .errors import (
     InnerSolveError,
     NonSmoothAtomError,
     ProblemDefinitionError,
+    StrictComplementarityError,
     UnsupportedAtomError,
 )
+from .conic import ConeStatus
 from .driver import OPTIMIZERS, History, MinimizeResult, minimize, plot_history
 from .hypergrad import METHODS as ALL_METHODS
-from .hypergrad import HypergradInfo, hypergrad
+from .hypergrad import ROUTES, HypergradInfo, hypergrad
 from .layer import ArgminLayer, LayerInfo
 from .linsolve import ADJOINT_SOLVERS, SolveInfo
 from .problem import BilevelProblem
@@ -31,8 +33,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelProblem", "hypergrad", "HypergradInfo", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS", "ALL_METHODS",
-    "fixed_point_hypergrad", "UnrollInfo", "minimize", "MinimizeResult", "History", "plot_history", "OPTIMIZERS",
+    "fixed_point_hypergrad", "UnrollInfo", "minimize", "MinimizeResult", "History", "plot_history", "OPTIMIZERS", "ROUTES",
+    "ConeStatus",
     "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning", "DivergenceError",
     "InaccurateSolutionWarning", "InnerSolveError", "NonSmoothAtomError", "ProblemDefinitionError",
-    "UnsupportedAtomError",
+    "StrictComplementarityError", "UnsupportedAtomError",
 ]

@@ -43,6 +43,14 @@ class NonSmoothAtomError(UnsupportedAtomError):
     """
 
 
+class StrictComplementarityError(CboError, ValueError):
+    """Strict complementarity fails in a cone: y*(x) has no derivative there.
+
+    The message names the constraint (both the primal slack and the dual
+    variable are on the cone's boundary, e.g. at its apex).
+    """
+
+
 class InnerSolveError(CboError, RuntimeError):
     """cvxpy could not solve the inner problem (infeasible, unbounded, solver failure)."""
 

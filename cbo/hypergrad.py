@@ -21,15 +21,17 @@ import torch
 
 from .errors import DegenerateKKTWarning
 from .inner import solve_inner
+from .conic import ConeStatus
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .routes import ITERATIVE_ROUTES, PENALTY_ROUTES, iterative_hypergrad, penalty_hypergrad
 from .problem import BilevelProblem
 
-__all__ = ["hypergrad", "HypergradInfo", "as_parameter_tensors", "METHODS"]
+__all__ = ["hypergrad", "HypergradInfo", "as_parameter_tensors", "METHODS", "ROUTES"]
 
 TensorLike = torch.Tensor | np.ndarray | float | Sequence[float]
 METHODS = (*ADJOINT_SOLVERS, *ITERATIVE_ROUTES, *PENALTY_ROUTES)
+ROUTES = ("smooth", "conic")
 
 
 @dataclass
@@ -45,24 +47,38 @@ class HypergradInfo:
     outer_value : float
         F(x, y*).
     y : list of tensors
-        y*, one tensor per variable of the inner problem (``problem.all_variables``), polished.
+        y*, one tensor per variable of the user's inner problem (without the
+        epigraph variables of :mod:`cbo.reformulate`), polished.
     mu, nu : tensors
-        Stacked inequality multipliers (zero off the active set) and equality multipliers.
+        Stacked inequality multipliers (zero off the active set) and equality
+        multipliers (None on the conic route).
     active_set : ActiveSet
-        Active inequality entries, weakly active ones, thresholds.
+        Active inequality entries, weakly active ones, thresholds (None on the
+        conic route). ``problem.describe_entries(active_set.active)`` names
+        them, epigraph constraints by their atom ("epigraph of abs(y) in the objective").
     licq : LICQInfo
-        Rank of the active constraint Jacobian.
+        Rank of the active constraint Jacobian (None on the conic route).
     reduced_hessian_extremes : (float, float)
         Lanczos estimates of the extreme eigenvalues of the Hessian of the
-        Lagrangian on the active constraints' null space (a smallest near 0:
-        the inner solution is not unique).
+        Lagrangian on the active constraints' null space, in the equilibrated
+        KKT system (:func:`cbo.kkt.equilibration`; a smallest near 0: the
+        inner solution is not unique). None on the conic route.
     kkt_residual : float
-        ||R(w, x)||_inf after polishing (``polish.residual_before`` before it).
+        ||R(w, x)||_inf after polishing (``polish.residual_before`` before it);
+        on the conic route, that of the cone program's residual map N.
     polish : PolishInfo
     linear_solve : SolveInfo
         Adjoint solve: residual, iterations, convergence, method-specific extras.
     timings : dict[str, float]
         Seconds per phase: inner_solve, polish, kkt_checks, adjoint_solve, total.
+    route : str
+        Which route and why: "smooth Lagrangian", "smooth after epigraph
+        reformulation of abs, norm1", "conic: SOC constraint 2 has no smooth
+        Lagrangian form", "conic: requested".
+    cones : list of ConeStatus, optional
+        Conic route: each cone constraint's activity at the solution (which
+        SOC constraints are tight, the rank of a PSD solution, active
+        nonnegative entries).
     """
 
     method: str
@@ -79,6 +95,8 @@ class HypergradInfo:
     polish: PolishInfo
     linear_solve: SolveInfo
     timings: dict[str, float] = field(default_factory=dict)
+    route: str = "smooth Lagrangian"
+    cones: list[ConeStatus] | None = None
 
 
 def hypergrad(
@@ -97,6 +115,7 @@ def hypergrad(
     steps: int = 100,
     truncate: int | None = None,
     penalty: float = 1e3,
+    route: str | None = None,
     return_info: bool = False,
 ):
     r"""Hypergradient dF/dx of F(x, y*(x)) for a :class:`BilevelProblem`.
@@ -144,6 +163,11 @@ def hypergrad(
         K for "truncated": differentiate through the last K of the T steps.
     penalty : float
         Weight rho of the penalty routes.
+    route : {"smooth", "conic"}, optional
+        Default: "smooth" (the KKT system of the inner problem, after the
+        epigraph reformulation of piecewise-linear atoms) when it applies, else
+        "conic" (the residual map of cvxpy's cone program, :mod:`cbo.conic`,
+        for DPP problems; it solves its adjoint densely, whatever ``method``).
     return_info : bool
         Also return a :class:`HypergradInfo`.
 
@@ -168,6 +192,11 @@ def hypergrad(
             stacklevel=2,
         )
 
+    route, reason = select_route(problem, route)
+    if route == "conic":
+        return _conic_hypergrad(problem, x, xs, like, solver_options, polish_solution, tol, reason, return_info,
+                                timings, start)
+
     with _timed(timings, "inner_solve"):
         sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], solver, solver_options)
     batch = [t.unsqueeze(0) for t in xs]  # the KKT machinery is batched: a batch of one
@@ -185,19 +214,66 @@ def hypergrad(
                                                               tol, maxiter)
     timings["total"] = time.perf_counter() - start
 
-    grads = [g.detach().to(dtype=t.dtype, device=t.device) for g, t in zip(grads, like)]
-    result = grads[0] if len(like) == 1 and not isinstance(x, (list, tuple)) else grads
+    result = _as_given(grads, x, like)
     if not return_info:
         return result
     y, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
     info = HypergradInfo(
         method=method, solver=sol.solver, solver_status=sol.status, outer_value=outer_value,
-        y=problem.split_y(y), mu=mu, nu=nu, active_set=active,
+        y=problem.user_y(y), mu=mu, nu=nu, active_set=active,
         licq=licq, reduced_hessian_extremes=(curvature_min, curvature_max),
         kkt_residual=polish_info.residual_after, polish=polish_info,
-        linear_solve=solve_info, timings=timings,
+        linear_solve=solve_info, timings=timings, route=reason,
     )
     return result, info
+
+
+def select_route(problem: BilevelProblem, route: str | None) -> tuple[str, str]:
+    """The route ("smooth" or "conic") for ``route`` (None: the problem's default) and why.
+
+    Raises the reason the smooth route does not apply if it is requested anyway.
+    """
+    if route is None:
+        return problem.route, problem.route_reason
+    if route not in ROUTES:
+        raise ValueError(f"Unknown route {route!r}. Known routes: {', '.join(ROUTES)} (or None: automatic).")
+    if route == "smooth" and problem.smooth_error is not None:
+        raise problem.smooth_error
+    return route, problem.route_reason if route == problem.route else "conic: requested"
+
+
+def _conic_hypergrad(problem, x, xs, like, solver_options, polish_solution, tol, reason, return_info, timings,
+                     start):
+    """dF/dx = d_x F + (dy*/dx)^T d_y F with the vector-Jacobian product of :mod:`cbo.conic`."""
+    program = problem.conic_program()
+    with _timed(timings, "inner_solve"):
+        point = program.solve([t.detach().cpu().numpy() for t in xs], solver_options, polish_solution)
+    y_flat = torch.as_tensor(np.concatenate(program.variable_values(point)), dtype=torch.float64,
+                             device=xs[0].device)
+    outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
+    with _timed(timings, "adjoint_solve"):
+        implicit = program.vjp(point, [g.cpu().numpy() for g in problem.split_y(dF_dy)])
+    grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
+    timings["total"] = time.perf_counter() - start
+    result = _as_given(grads, x, like)
+    if not return_info:
+        return result
+    polish_info = PolishInfo(point.polish_steps, point.residual_before, point.residual_after, True,
+                             "" if polish_solution else "disabled")
+    info = HypergradInfo(
+        method="direct", solver="CLARABEL", solver_status=point.status, outer_value=outer_value,
+        y=problem.user_y(y_flat), mu=None, nu=None, active_set=None, licq=None, reduced_hessian_extremes=None,
+        kkt_residual=point.residual_after, polish=polish_info,
+        linear_solve=SolveInfo("direct", True, 1, point.adjoint_residual, tol), timings=timings, route=reason,
+        cones=point.cones,
+    )
+    return result, info
+
+
+def _as_given(grads, x, like):
+    """Gradients typed and placed like the inputs; one tensor if ``x`` was one."""
+    grads = [g.detach().to(dtype=t.dtype, device=t.device) for g, t in zip(grads, like)]
+    return grads[0] if len(like) == 1 and not isinstance(x, (list, tuple)) else grads
 
 
 # ---------------------------------------------------------------- steps

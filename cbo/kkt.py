@@ -18,6 +18,12 @@ point w. A batch of B items is one graph (the items' Lagrangians evaluated by
 ``torch.func.vmap`` and summed), so one backward pass applies all B operators.
 J, needed by the null-space solvers and the LICQ check, is the Jacobian of
 the constraints alone (not of R), computed once per operator.
+
+Objectives and constraints written at very different scales (a Hessian of
+1e6 next to constraint rows of 1e-6, variables of 1e-3 next to 1e3) make K
+badly conditioned, although the derivative itself is not: every solver works
+on the equilibrated system D K D (:func:`equilibration`), and the active
+set and the polish's residual tests are judged in the same scaled units.
 """
 from __future__ import annotations
 
@@ -30,11 +36,12 @@ import torch
 from torch.func import vmap
 
 from .errors import DegenerateKKTWarning, InaccurateSolutionWarning
-from .linsolve import ADJOINT_SOLVERS, NullSpaceSystem
+from .linsolve import NullSpaceSystem, equilibrated_solve
 from .problem import BilevelProblem
 
 __all__ = [
-    "ActiveSet", "active_set", "KKTOperator", "ConstraintGram", "curvature_check", "polish", "PolishInfo", "licq_check", "LICQInfo", "kkt_at_solutions",
+    "ActiveSet", "active_set", "KKTOperator", "EquilibratedKKT", "equilibration", "ConstraintGram", "curvature_check",
+    "polish", "PolishInfo", "licq_check", "LICQInfo", "kkt_at_solutions",
 ]
 
 
@@ -55,7 +62,8 @@ class ActiveSet:
     labels : dict[int, str]
         Human-readable names of the weakly active entries.
     tol_mu, tol_p : float
-        The thresholds used.
+        The thresholds used, in the units of the equilibrated KKT system (see
+        :func:`active_set`).
     """
 
     active: torch.Tensor
@@ -76,27 +84,35 @@ class ActiveSet:
 
 
 def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: float = 1e-6,
-               where: str = "") -> ActiveSet:
+               where: str = "", scale: np.ndarray | None = None, unit: float = 1.0) -> ActiveSet:
     r"""Classify inequality entries from the multipliers mu and constraint values p = slack.
 
     Complementarity says mu_i p_i = 0, and an interior-point solver returns
     both mu_i and |p_i| small but nonzero; which of the two is *relatively*
-    larger tells an active entry from an inactive one. With the scales
-    s_mu = max(1, ||mu||_inf) and s_p = max(1, ||p||_inf) and tol_w = sqrt(tol) / 10:
+    larger tells an active entry from an inactive one. Both are compared in
+    the units of the equilibrated KKT system (:func:`equilibration`, row
+    scales d_i = ``scale``, default 1): mu~_i = mu_i / d_i and
+    p~_i = d_i |p_i|, so that the objective's and each constraint's own
+    scales drop out (mu~_i p~_i = mu_i |p_i|). With the scales
+    s_mu = max(u, ||mu~||_inf) and s_p = max(u, ||p~||_inf), u = ``unit``
+    the magnitude of the equilibrated KKT point, and tol_w = sqrt(tol) / 10:
 
-    * *weakly active* when mu_i <= tol_w s_mu and |p_i| <= tol_w s_p: the
+    * *weakly active* when mu~_i <= tol_w s_mu and p~_i <= tol_w s_p: the
       constraint touches its bound with a (near) zero multiplier. Strict
       complementarity fails and y*(x) has only one-sided derivatives there.
       Treated as inactive, and named in a :class:`DegenerateKKTWarning`
       (prefixed by ``where``, e.g. a batch item).
-    * *active* otherwise when mu_i / s_mu > |p_i| / s_p (and mu_i > tol s_mu);
+    * *active* otherwise when mu~_i / s_mu > p~_i / s_p (and mu~_i > tol s_mu);
     * *inactive* otherwise (seed 003: entries with mu_i = 0 are dropped).
     """
-    scale_mu = max(1.0, float(np.abs(mu).max(initial=0.0)))
-    scale_p = max(1.0, float(np.abs(slack).max(initial=0.0)))
+    scale = np.ones_like(mu) if scale is None else scale
+    mu, slack = mu / scale, np.abs(slack) * scale
+    unit = max(unit, np.finfo(float).tiny)
+    scale_mu = max(unit, float(np.abs(mu).max(initial=0.0)))
+    scale_p = max(unit, float(slack.max(initial=0.0)))
     tol_w = np.sqrt(tol) / 10
-    weak_mask = (mu <= tol_w * scale_mu) & (np.abs(slack) <= tol_w * scale_p)
-    is_active = (mu / scale_mu > np.abs(slack) / scale_p) & (mu > tol * scale_mu) & ~weak_mask
+    weak_mask = (mu <= tol_w * scale_mu) & (slack <= tol_w * scale_p)
+    is_active = (mu / scale_mu > slack / scale_p) & (mu > tol * scale_mu) & ~weak_mask
     weak = np.flatnonzero(weak_mask)
     labels = {int(i): problem.constraint_label(int(i)) for i in weak}
     if labels:
@@ -115,7 +131,34 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
 
 # ---------------------------------------------------------------- operator
 
-class KKTOperator:
+class _KKTSystem:
+    """What the solvers use of a KKT operator besides its products: sizes, and the Gram factorization of J."""
+
+    n_y: int
+    n_dual: int
+    dual_mask: torch.Tensor
+    w: torch.Tensor
+    _gram: ConstraintGram | None = None
+
+    @property
+    def size(self) -> int:
+        return self.w.shape[-1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.w.shape[0]
+
+    def constraint_jacobian(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def constraint_gram(self) -> ConstraintGram:
+        """The active rows of J and the factorization of their Gram matrix. Computed once."""
+        if self._gram is None:
+            self._gram = ConstraintGram(self.constraint_jacobian(), self.dual_mask)
+        return self._gram
+
+
+class KKTOperator(_KKTSystem):
     r"""Products with K = hess_ww L and with (dR/dx)^T at a batch of points (w, x).
 
     Parameters
@@ -127,31 +170,27 @@ class KKTOperator:
         Stacked (y, mu, nu) per item; mu is zero off the active set.
     active : tensor (B, n_ineq)
         1.0 on active inequality entries, 0.0 elsewhere.
+    scale : tensor (B, N), optional
+        Diagonal of the equilibration D (:func:`equilibration`) that
+        :meth:`equilibrated` applies; None: no equilibration.
 
     The dense matrices J and K, when asked for, come from ``torch.func``
     Jacobians (of the constraints alone for J).
     """
 
-    def __init__(self, problem: BilevelProblem, x: Sequence[torch.Tensor], w: torch.Tensor, active: torch.Tensor):
-        self.problem = problem
+    def __init__(self, problem: BilevelProblem, x: Sequence[torch.Tensor], w: torch.Tensor, active: torch.Tensor,
+                 scale: torch.Tensor | None = None):
+        self.problem, self.scale = problem, scale
         self.n_y, self.n_dual = problem.n_y, problem.n_ineq + problem.n_eq
         self.active = active.to(w)
         self.dual_mask = torch.cat([self.active, torch.ones_like(w[:, :problem.n_eq])], -1)
         self.x = [t.detach().requires_grad_(True) for t in x]
         self.w = w.detach().requires_grad_(True)
         self._jacobian: torch.Tensor | None = None
-        self._gram: ConstraintGram | None = None
+        self._equilibrated: EquilibratedKKT | None = None
         with torch.enable_grad():
             L = vmap(problem.lagrangian)(self.x, self.w, self.active).sum()
             (self.R,) = torch.autograd.grad(L, self.w, create_graph=True)
-
-    @property
-    def size(self) -> int:
-        return self.w.shape[-1]
-
-    @property
-    def batch_size(self) -> int:
-        return self.w.shape[0]
 
     @property
     def residual(self) -> torch.Tensor:
@@ -159,8 +198,9 @@ class KKTOperator:
         return self.R.detach()
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """K v for v of shape (B, N)."""
-        (Kv,) = torch.autograd.grad(self.R, self.w, v, retain_graph=True, allow_unused=True)
+        """K v for v of shape (B, N), or (k, B, N) for k products in one vectorized backward pass."""
+        (Kv,) = torch.autograd.grad(self.R, self.w, v, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=v.dim() == 3)
         return torch.zeros_like(v) if Kv is None else Kv
 
     def vjp_x(self, v: torch.Tensor) -> list[torch.Tensor]:
@@ -184,11 +224,88 @@ class KKTOperator:
                 self._jacobian = vmap(jacobian)(x, y, self.active)
         return self._jacobian
 
-    def constraint_gram(self) -> ConstraintGram:
-        """The active rows of J and the factorization of their Gram matrix. Computed once."""
-        if self._gram is None:
-            self._gram = ConstraintGram(self.constraint_jacobian(), self.dual_mask)
-        return self._gram
+    def equilibrated(self) -> KKTOperator | EquilibratedKKT:
+        """D K D (an :class:`EquilibratedKKT`, made once) if the operator has a ``scale``, else itself."""
+        if self.scale is None:
+            return self
+        if self._equilibrated is None:
+            self._equilibrated = EquilibratedKKT(self)
+        return self._equilibrated
+
+    def scaled_residual(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||D R||_inf, ||D^{-1} w||_inf) per item: the residual and the size of the point in the units
+        of the equilibrated system (D = I without a ``scale``)."""
+        if not self.size:
+            zeros = torch.zeros(self.batch_size, dtype=self.w.dtype, device=self.w.device)
+            return zeros, zeros
+        d = torch.ones_like(self.w) if self.scale is None else self.scale
+        return (d * self.residual).abs().amax(-1), (self.w.detach() / d).abs().amax(-1)
+
+
+class EquilibratedKKT(_KKTSystem):
+    r"""The equilibrated operator K~ = D K D of a :class:`KKTOperator` with a ``scale`` d = diag(D).
+
+    K v = b is solved as K~ u = D b, v = D u. K~ has the interface the
+    solvers of :mod:`cbo.linsolve` use (products, dense form, J~ = D_l J D_y
+    and its Gram factorization); its point is w~ = D^{-1} w.
+    """
+
+    def __init__(self, op: KKTOperator):
+        self.op, self.d = op, op.scale
+        self.n_y, self.n_dual, self.dual_mask = op.n_y, op.n_dual, op.dual_mask
+        self.w = op.w.detach() / self.d
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """D K D v."""
+        return self.d * self.op.matvec(self.d * v)
+
+    def dense(self) -> torch.Tensor:
+        """D K D as dense (B, N, N) matrices."""
+        return self.d[:, :, None] * self.op.dense() * self.d[:, None, :]
+
+    def constraint_jacobian(self) -> torch.Tensor:
+        """J~ = D_l J D_y, shape (B, n_dual, n_y)."""
+        d_y, d_dual = self.d[:, : self.n_y], self.d[:, self.n_y:]
+        return d_dual[:, :, None] * self.op.constraint_jacobian() * d_y[:, None, :]
+
+
+def equilibration(op: KKTOperator, probes: int = 8, rounds: int = 4, spread: float = 10.0) -> torch.Tensor:
+    r"""Diagonal D = diag(d_y, d_l), shape (B, N), that balances K = [[H, J^T], [J, 0]].
+
+    D K D = [[D_y H D_y, (D_l J D_y)^T], [D_l J D_y, 0]] gets Hessian rows and
+    constraint rows of about unit norm, whatever the scales the objective,
+    the constraints and the variables were written in:
+
+    * d_y: the row norms r_j of D_y H D_y are estimated matrix-free from
+      ``probes`` Rademacher vectors z, r_j^2 = E[(D_y H D_y z)_j^2]. If they
+      are all within a factor ``spread`` of their median m, one scalar step
+      d_y = 1 / sqrt(m): free of the estimates' noise, and the projected
+      solvers' iterates are then those of the unscaled system (only their
+      stopping test changes). Else ``rounds`` symmetric Ruiz steps
+      d_y <- d_y / sqrt(r), each row by its own norm (rows without curvature,
+      r_j <= 1e-12 max r, by m).
+    * d_l: d_i = 1 / ||(J D_y)_i||, exact since J is formed (1 for zero rows,
+      e.g. inactive ones).
+
+    The probes use a fixed seed: the scaling, and so the solvers' iterates,
+    are reproducible.
+    """
+    generator = torch.Generator().manual_seed(0)
+    d_y = torch.ones(op.batch_size, op.n_y, dtype=op.w.dtype, device=op.w.device)
+    for step in range(rounds):
+        z = (2 * torch.randint(0, 2, (probes, *d_y.shape), generator=generator) - 1).to(d_y)
+        products = op.matvec(torch.cat([d_y * z, z.new_zeros(probes, op.batch_size, op.n_dual)], -1))
+        norms = (d_y * products[..., : op.n_y]).pow(2).mean(0).sqrt()
+        curved = norms > 1e-12 * norms.amax(-1, keepdim=True)
+        median = torch.nanmedian(torch.where(curved, norms, torch.nan), -1, keepdim=True).values  # NaN: no curvature
+        if step == 0:  # items whose rows are of different scales: balance them row by row
+            ruiz = (curved & ((norms > spread * median) | (norms < median / spread))).any(-1, keepdim=True)
+        update = (median > 0) & (ruiz | (step == 0))
+        d_y = torch.where(update, d_y / torch.where(ruiz & curved, norms, median).sqrt(), d_y)
+        if not bool(ruiz.any()):
+            break
+    rows = torch.linalg.vector_norm(op.constraint_jacobian() * d_y[:, None, :], dim=-1)
+    return torch.cat([d_y, torch.where(rows > 0, 1 / rows, torch.ones_like(rows))], -1)
 
 
 class ConstraintGram:
@@ -285,12 +402,13 @@ class LICQInfo:
 
 
 def licq_check(op: KKTOperator, tol: float = 1e-7, where: Callable[[int], str] = lambda b: "") -> list[LICQInfo]:
-    """LICQ per item from the Cholesky pivots of J_A J_A^T (:meth:`KKTOperator.constraint_gram`).
+    """LICQ per item from the Cholesky pivots of J_A J_A^T (:meth:`KKTOperator.constraint_gram`), with the
+    columns of J scaled as in the equilibrated system (:meth:`KKTOperator.equilibrated`).
 
     Pivots below ``tol`` times the largest flag rank deficiency; only then is
     the rank computed, by SVD. Warns with :class:`DegenerateKKTWarning` where LICQ fails.
     """
-    gram = op.constraint_gram()
+    gram = op.equilibrated().constraint_gram()
     counts = gram.valid.sum(-1).round().long().tolist()
     pivots = gram.pivots.abs()
     conditioning = (pivots.amin(-1) / pivots.amax(-1).clamp_min(1e-300)).nan_to_num(0.0) if pivots.shape[1] \
@@ -337,59 +455,63 @@ def polish(
     tol_p: torch.Tensor,
     tol: float = 1e-12,
     max_steps: int = 5,
+    scale: torch.Tensor | None = None,
 ) -> tuple[KKTOperator, list[PolishInfo]]:
     r"""Newton steps w <- w - K^{-1} R(w) on the active-set KKT system, for a batch.
 
     Interior-point solutions are accurate to ~1e-8 on QPs but only to 1e-5..1e-7
     on exponential and second-order cone problems; a few Newton steps bring
-    ||R||_inf to ~1e-14 (one step on a QP). An item's step is rejected (its
-    previous point kept) if it makes an active multiplier negative or an
-    inactive constraint infeasible by more than ``tol_p`` (B,), the
-    active-set tolerance (the active set was misjudged), or if it does not
-    reduce the residual.
+    the residual to rounding level (one step on a QP). Residuals are measured
+    in the units of the equilibrated system D K D (``scale`` = diag(D), see
+    :func:`equilibration`; D = I if None): ||D R||_inf, relative to
+    ||D^{-1} w||_inf, steps stop below ``tol``. An item's step is rejected
+    (its previous point kept) if it makes an active multiplier negative or an
+    inactive constraint infeasible by more than ``tol_p`` (B,) in the same
+    units (d_i p_i > tol_p, the active-set tolerance: the active set was
+    misjudged), or if it does not reduce the residual.
 
     ``linear_solve(op, rhs)`` solves K d = rhs (one of the adjoint solvers: the
     step needs only modest relative accuracy, as rhs = -R is already small).
-    Returns the operator at the final points and one :class:`PolishInfo` per item.
+    Returns the operator at the final points and one :class:`PolishInfo` per
+    item, whose residuals are the unscaled ||R||_inf.
     """
     n_y, n_ineq = problem.n_y, problem.n_ineq
-    op = KKTOperator(problem, x, w, active)
+    op = KKTOperator(problem, x, w, active, scale)
+    row_scale = torch.ones_like(active) if scale is None else scale[:, n_y:n_y + n_ineq]
     before = _residual_norms(op)
-    best = before.clone()
-    steps = torch.zeros_like(before, dtype=torch.long)
+    best, size = op.scaled_residual()
+    steps = torch.zeros_like(best, dtype=torch.long)
     reasons = [""] * op.batch_size
-    pending = best > tol * _residual_scales(op)
+    pending = best > tol * size
     for _ in range(max_steps):
         if not bool(pending.any()):
             break
         candidate = torch.where(pending[:, None], op.w.detach() + linear_solve(op, -op.residual), op.w.detach())
         bad_multiplier = (active * candidate[:, n_y:n_y + n_ineq] < 0).any(-1)
         slack = vmap(problem.inequality_values)(op.x, candidate[:, :n_y]).detach()
-        bad_slack = ((1 - active) * (slack > tol_p[:, None])).any(-1) if n_ineq else torch.zeros_like(pending)
+        bad_slack = ((1 - active) * (row_scale * slack > tol_p[:, None])).any(-1) if n_ineq \
+            else torch.zeros_like(pending)
         for b in torch.nonzero(pending & (bad_multiplier | bad_slack)).flatten().tolist():
             reasons[b] = "an active multiplier turned negative" if bad_multiplier[b] else \
                 "an inactive constraint became violated"
         trial_ok = pending & ~bad_multiplier & ~bad_slack
-        trial = KKTOperator(problem, x, torch.where(trial_ok[:, None], candidate, op.w.detach()), active)
-        improved = trial_ok & (_residual_norms(trial) < best)
+        trial = KKTOperator(problem, x, torch.where(trial_ok[:, None], candidate, op.w.detach()), active, scale)
+        improved = trial_ok & (trial.scaled_residual()[0] < best)
         if not bool(improved.any()):
             break
         accepted_w = torch.where(improved[:, None], trial.w.detach(), op.w.detach())
-        op = trial if bool(improved.eq(trial_ok).all()) else KKTOperator(problem, x, accepted_w, active)
-        best = torch.where(improved, _residual_norms(op), best)
+        op = trial if bool(improved.eq(trial_ok).all()) else KKTOperator(problem, x, accepted_w, active, scale)
+        residual, size = op.scaled_residual()
+        best = torch.where(improved, residual, best)
         steps += improved.long()
-        pending = improved & (best > tol * _residual_scales(op))
+        pending = improved & (best > tol * size)
     infos = [PolishInfo(int(s), float(r0), float(r1), not reason or int(s) > 0, reason)
-             for s, r0, r1, reason in zip(steps, before, best, reasons)]
+             for s, r0, r1, reason in zip(steps, before, _residual_norms(op), reasons)]
     return op, infos
 
 
 def _residual_norms(op: KKTOperator) -> torch.Tensor:
     return op.residual.abs().amax(-1) if op.size else torch.zeros(op.batch_size, dtype=op.w.dtype)
-
-
-def _residual_scales(op: KKTOperator) -> torch.Tensor:
-    return op.w.detach().abs().amax(-1).clamp_min(1.0) if op.size else torch.ones(op.batch_size, dtype=op.w.dtype)
 
 
 # ---------------------------------------------------------------- from cvxpy's solutions
@@ -403,36 +525,47 @@ def kkt_at_solutions(
     polish_solution: bool = True,
     where: Callable[[int], str] = lambda b: "",
 ) -> tuple[KKTOperator, list[ActiveSet], list[PolishInfo]]:
-    """The (polished) KKT operator at a batch of cvxpy solutions.
+    """The (polished, equilibrated) KKT operator at a batch of cvxpy solutions.
 
     ``x`` are (B, *shape) parameter tensors and ``solutions`` B
-    :class:`~cbo.inner.InnerSolution`. The active sets come from cvxpy's
-    multipliers (:func:`active_set`); the Newton steps of the polish use
-    ``method`` when it is "direct" or "minres", else projected CG (sound
-    under the same assumption as "fixed_point" and "neumann", and faster). Warns with
-    :class:`InaccurateSolutionWarning` for items whose KKT residual stays large.
+    :class:`~cbo.inner.InnerSolution`. The equilibration D
+    (:func:`equilibration`, the operator's ``scale``) is computed at cvxpy's
+    point with every inequality kept; the active sets come from cvxpy's
+    multipliers and constraint values in the units of D K D
+    (:func:`active_set`); the Newton steps of the
+    polish use ``method`` when it is "direct" or "minres", else projected CG
+    (sound under the same assumption as "fixed_point" and "neumann", and
+    faster). Warns with :class:`InaccurateSolutionWarning` for items whose
+    equilibrated KKT residual stays above 1e-6 relative.
     """
     device = x[0].device
-    y = torch.as_tensor(np.stack([s.y for s in solutions]), dtype=torch.float64, device=device)
+    as_tensor = lambda values: torch.as_tensor(np.stack(values), dtype=torch.float64, device=device)  # noqa: E731
+    y = as_tensor([s.y for s in solutions])
+    mu_all, nu = as_tensor([s.mu for s in solutions]), as_tensor([s.nu for s in solutions])
+    w_all = torch.cat([y, mu_all, nu], -1)
+    n_y, n_ineq = problem.n_y, problem.n_ineq
+    scale = equilibration(KKTOperator(problem, x, w_all, torch.ones_like(mu_all)))
+    unit = (w_all / scale).abs().amax(-1).tolist()
     slack = vmap(problem.inequality_values)(x, y).cpu().numpy()
+    row_scale = scale[:, n_y:n_y + n_ineq].cpu().numpy()
     actives = []
     for b, (solution, values) in enumerate(zip(solutions, slack)):  # a loop, not a comprehension: warnings'
-        actives.append(active_set(problem, solution.mu, values, active_tol, where(b)))  # stacklevel counts frames
-    mask = torch.stack([a.mask(problem.n_ineq) for a in actives]).to(device)
-    mu = torch.as_tensor(np.stack([s.mu for s in solutions]), dtype=torch.float64, device=device) * mask
-    nu = torch.as_tensor(np.stack([s.nu for s in solutions]), dtype=torch.float64, device=device)
-    w = torch.cat([y, mu.reshape(len(solutions), -1), nu.reshape(len(solutions), -1)], -1)
+        actives.append(active_set(problem, solution.mu, values, active_tol, where(b),  # stacklevel counts frames
+                                  row_scale[b], unit[b]))
+    mask = torch.stack([a.mask(n_ineq) for a in actives]).to(device)
+    w = torch.cat([y, mu_all * mask, nu], -1)
+    scale[:, n_y:n_y + n_ineq] = torch.where(mask > 0, scale[:, n_y:n_y + n_ineq], 1.0)  # padded rows: K_ii = 1
     if polish_solution:
         newton_method = method if method in ("direct", "minres") else "cg"
         tol_p = torch.tensor([a.tol_p for a in actives], dtype=w.dtype, device=device)
-        op, infos = polish(problem, x, w, mask, lambda op, rhs: ADJOINT_SOLVERS[newton_method](op, rhs, tol=1e-6)[0],
-                           tol_p)
+        newton_step = lambda op, rhs: equilibrated_solve(op, rhs, newton_method, tol=1e-6)[0]  # noqa: E731
+        op, infos = polish(problem, x, w, mask, newton_step, tol_p, scale=scale)
     else:
-        op = KKTOperator(problem, x, w, mask)
+        op = KKTOperator(problem, x, w, mask, scale)
         infos = [PolishInfo(0, float(r), float(r), False, "disabled") for r in _residual_norms(op)]
-    scales = _residual_scales(op)
+    residuals, sizes = op.scaled_residual()
     for b, info in enumerate(infos):
-        if info.residual_after > 1e-6 * float(scales[b]):
+        if float(residuals[b]) > 1e-6 * float(sizes[b]):
             warnings.warn(
                 f"{where(b)}The KKT residual at the inner solution is {info.residual_after:.2e} "
                 f"(solver status '{solutions[b].status}', polish: {info.reason or 'ran'}): the hypergradient "
@@ -449,13 +582,17 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
                     where: Callable[[int], str] = lambda b: "") -> list[tuple[float, float]]:
     r"""Extreme Ritz values of the reduced Hessian P H P on null(J_A), per item, by Lanczos.
 
-    ``steps`` Lanczos steps (with full reorthogonalization) from a random
-    vector of null(J_A) estimate lambda_min and lambda_max of P H P. A ratio
+    H and J are those of the equilibrated system D K D when the operator has a
+    ``scale`` (:meth:`KKTOperator.equilibrated`): the ratio of the extremes
+    does not depend on the scales of the variables. ``steps`` Lanczos steps
+    (with full reorthogonalization) from a random vector of null(J_A)
+    estimate lambda_min and lambda_max of P H P. A ratio
     lambda_min / lambda_max below ``tol`` means a direction of (near) zero
     curvature: the inner solution is not unique there, y*(x) is not
     differentiable, and the solvers return a minimum-norm answer. Warns with
     :class:`DegenerateKKTWarning`. Returns [(lambda_min, lambda_max)] per item.
     """
+    op = op.equilibrated()
     system = NullSpaceSystem(op, torch.zeros_like(op.w.detach()))
     generator = torch.Generator(device="cpu").manual_seed(1)
     q = system.project(torch.randn(op.batch_size, op.n_y, generator=generator, dtype=op.w.dtype).to(op.w.device))

@@ -18,7 +18,8 @@ from typing import Sequence
 import cvxpy as cp
 import torch
 
-from .hypergrad import _timed, check_finite
+from .conic import ConeStatus, ConicArgminFunction
+from .hypergrad import _timed, check_finite, select_route
 from .inner import BatchSolver, InnerSolution
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
@@ -32,6 +33,9 @@ class LayerInfo:
     """Diagnostics of one :class:`ArgminLayer` call, per batch item (items in row-major batch order).
 
     ``linear_solve`` and the ``adjoint_solve`` timing are filled in by the backward pass.
+    ``route`` says which route and why (as :attr:`HypergradInfo.route`); on the conic
+    route ``active_sets``, ``licq`` and ``reduced_hessian_extremes`` are empty and
+    ``cones`` holds each item's cone activity.
     """
 
     batch_shape: tuple
@@ -43,6 +47,8 @@ class LayerInfo:
     kkt_residual: list[float]
     linear_solve: SolveInfo | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    route: str = "smooth Lagrangian"
+    cones: list[list[ConeStatus]] | None = None
 
 
 class ArgminLayer(torch.nn.Module):
@@ -79,6 +85,9 @@ class ArgminLayer(torch.nn.Module):
         Size of the default pool (default: the number of CPUs; 1 solves in this process).
     timeout : float, optional
         Seconds to wait for a batch's forward solves.
+    route : {"smooth", "conic"}, optional
+        As in :func:`cbo.hypergrad` (default: smooth where it applies, else conic).
+        The conic route solves the batch's cone programs in this process.
 
     Notes
     -----
@@ -93,13 +102,16 @@ class ArgminLayer(torch.nn.Module):
                  variables: Sequence[cp.Variable] | None = None, method: str = "cg", *, tol: float = 1e-10,
                  maxiter: int | None = None, on_nonconvergence: str = "raise", solver: str | None = None,
                  solver_options: dict | None = None, active_tol: float = 1e-6, polish_solution: bool = True,
-                 executor=None, n_workers: int | None = None, timeout: float | None = None):
+                 executor=None, n_workers: int | None = None, timeout: float | None = None,
+                 route: str | None = None):
         super().__init__()
         if method not in ADJOINT_SOLVERS:
             raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(ADJOINT_SOLVERS)}.")
         self.problem = BilevelProblem(inner, parameters, variables)
         self.method, self.tol, self.maxiter, self.on_nonconvergence = method, tol, maxiter, on_nonconvergence
         self.active_tol, self.polish_solution = active_tol, polish_solution
+        self.solver_options = solver_options
+        self.route, self.route_reason = select_route(self.problem, route)
         self.batch_solver = BatchSolver(self.problem, solver, solver_options, executor, n_workers, timeout)
 
     def forward(self, *inputs: torch.Tensor, return_info: bool = False):
@@ -124,7 +136,8 @@ class ArgminLayer(torch.nn.Module):
             )
         info_box: list[LayerInfo] = []
         inputs = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64) for t in inputs]
-        outputs = _ArgminFunction.apply(self, info_box, *inputs)
+        function = ConicArgminFunction if self.route == "conic" else _ArgminFunction
+        outputs = function.apply(self, info_box, *inputs)
         return (outputs, info_box[0]) if return_info else outputs
 
     def close(self) -> None:
@@ -177,7 +190,7 @@ class _ArgminFunction(torch.autograd.Function):
             licq = licq_check(op, where=where)
             curvature = curvature_check(op, where=where)
         info = LayerInfo(batch_shape, [s.status for s in solutions], actives, polish_infos, licq, curvature,
-                         [p.residual_after for p in polish_infos], timings=timings)
+                         [p.residual_after for p in polish_infos], timings=timings, route=layer.route_reason)
         info_box.append(info)
         ctx.layer, ctx.op, ctx.info, ctx.batch_shape = layer, op, info, batch_shape
         ctx.input_shapes = [tuple(t.shape) for t in inputs]

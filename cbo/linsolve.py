@@ -18,6 +18,10 @@ reduced Hessian P H P is positive definite, and "fixed_point"/"neumann" iterate
 the linearised projected-gradient map there, not the literal w - grad_w L
 (whose Jacobian I - K has spectral radius > 1 as soon as K has a negative
 eigenvalue).
+
+:func:`adjoint_solve` runs them on the equilibrated system D K D of an
+operator that carries a scaling (:func:`cbo.kkt.equilibration`), see
+:func:`equilibrated_solve`.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch
 from .errors import ConvergenceError, ConvergenceWarning
 
 __all__ = [
-    "SolveInfo", "minres", "cg", "ADJOINT_SOLVERS", "adjoint_solve",
+    "SolveInfo", "minres", "cg", "ADJOINT_SOLVERS", "adjoint_solve", "equilibrated_solve",
     "solve_direct", "solve_minres", "solve_projected_cg", "solve_fixed_point", "solve_neumann",
 ]
 
@@ -43,7 +47,10 @@ class SolveInfo:
     """Diagnostics of one linear solve.
 
     ``residual`` is the true relative residual ||b - K v|| / ||b|| (the
-    largest over a batch), recomputed after the solve, not an estimate.
+    largest over a batch), recomputed after the solve, not an estimate. For a
+    solve on the equilibrated system (:func:`equilibrated_solve`),
+    ``converged`` refers to that system's relative residual,
+    ``extra["equilibrated_residual"]``.
     """
 
     method: str
@@ -356,18 +363,46 @@ ADJOINT_SOLVERS: dict[str, Callable] = {
 }
 
 
+def equilibrated_solve(op, b: torch.Tensor, method: str, *, x0=None, tol: float = 1e-10,
+                       maxiter: int | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    r"""Solve K v = b with ``method`` as (D K D) u = D b, v = D u, with D = diag(op.scale).
+
+    The equilibrated system D K D (:meth:`cbo.kkt.KKTOperator.equilibrated`)
+    has rows of about unit norm, so its relative residual is a sound stopping
+    test where that of K stalls (an objective scaled by 1e6, constraints by
+    1e-6). ``tol`` and ``info.converged`` refer to
+    ||D b - D K D u|| / ||D b|| (reported as
+    ``info.extra["equilibrated_residual"]``); ``info.residual`` is
+    ||b - K v|| / ||b||. Without a scale (None or no such attribute), a plain
+    solve of K v = b.
+    """
+    d = getattr(op, "scale", None)
+    if d is None:
+        return ADJOINT_SOLVERS[method](op, b, x0=x0, tol=tol, maxiter=maxiter)
+    u, info = ADJOINT_SOLVERS[method](op.equilibrated(), d * b, x0=None if x0 is None else x0 / d, tol=tol,
+                                      maxiter=maxiter)
+    v = d * u
+    info.extra["equilibrated_residual"] = info.residual
+    info.residual = _relative_residual(op.matvec, b, v)
+    return v, info
+
+
 def adjoint_solve(op, b: torch.Tensor, method: str, *, x0=None, tol: float = 1e-10, maxiter: int | None = None,
                   on_nonconvergence: str = "raise") -> tuple[torch.Tensor, SolveInfo]:
-    """Solve K v = b with ``method``; raise (or warn) if it does not reach ``tol``."""
+    """Solve K v = b with ``method`` (on the equilibrated system, :func:`equilibrated_solve`); raise (or warn)
+    if it does not reach ``tol``."""
     if method not in ADJOINT_SOLVERS:
         raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(ADJOINT_SOLVERS)}.")
     if on_nonconvergence not in ("raise", "warn"):
         raise ValueError(f"on_nonconvergence must be 'raise' or 'warn', got {on_nonconvergence!r}.")
-    v, info = ADJOINT_SOLVERS[method](op, b, x0=x0, tol=tol, maxiter=maxiter)
+    if x0 is not None:  # b = 0 has the solution 0; a relative test cannot end an iteration from x0 towards it
+        x0 = torch.where(_norm(b) == 0, torch.zeros_like(x0), x0)
+    v, info = equilibrated_solve(op, b, method, x0=x0, tol=tol, maxiter=maxiter)
     if not info.converged:
         message = (
             f"The adjoint solve with method={method!r} did not converge: relative residual "
-            f"{info.residual:.3e} after {info.iterations} iterations (tol={tol:.1e}). "
+            f"{info.extra.get('equilibrated_residual', info.residual):.3e} after {info.iterations} iterations "
+            f"(tol={tol:.1e}). "
             "Raise maxiter, loosen tol, or use method='minres' or 'direct'. If no method converges, the "
             "KKT system may be singular: the inner solution is not unique (a direction of zero curvature "
             "of the Lagrangian along the active constraints); add a strongly convex term to the inner objective."

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import ProblemDefinitionError
+from .reformulate import epigraph_reformulation
 from .translate import Env, TorchFn, to_torch
 
 __all__ = ["BilevelProblem", "ConstraintBlock"]
@@ -41,12 +42,16 @@ class ConstraintBlock:
     size: int
     sign: float
     index: int
+    origin: str = ""
 
     def label(self, entry: int | None = None) -> str:
-        """Human-readable name: ``constraint 2 (`var1 <= param3`), entry 5``, 2 its position in the problem."""
+        """Human-readable name: ``constraint 2 (`var1 <= param3`), entry 5``, 2 its position in the problem;
+        for a constraint added by the epigraph reformulation, its ``origin``: ``epigraph of abs(var1) in
+        the objective (`var1 <= epi_abs_0`), entry 5``."""
         text = str(self.constraint)
         text = text if len(text) <= 60 and "\n" not in text else f"{type(self.constraint).__name__} of shape {self.constraint.shape}"
-        return f"constraint {self.index} (`{text}`){self._entry_text(entry)}"
+        name = self.origin or f"constraint {self.index}"
+        return f"{name} (`{text}`){self._entry_text(entry)}"
 
     def _entry_text(self, entry: int | None) -> str:
         if entry is None or self.size == 1:
@@ -74,15 +79,26 @@ class BilevelProblem:
         ``outer(*x_tensors, *y_tensors) -> scalar tensor``: the outer objective
         F. Needed by :func:`cbo.hypergrad`, not by :class:`cbo.ArgminLayer`.
 
+    Notes
+    -----
+    Routes (see docs/conic.md): piecewise-linear atoms (abs, pos, maximum,
+    norm1, norm_inf, ...) in monotone positions are rewritten in epigraph form
+    (``reformulation``; ``inner`` is the rewritten problem and ``all_variables``
+    includes its epigraph variables) and the smooth Lagrangian route applies.
+    When it does not (cone constraints, atoms without a smooth translation,
+    variable attributes such as ``symmetric=True``), ``route`` is "conic" and
+    ``route_reason`` says why: cvxpy's cone program is differentiated instead.
+
     Raises
     ------
     ProblemDefinitionError
         With what is wrong and how to fix it: a non-DCP inner problem, a
-        parameter or variable that is not in it, an unsupported constraint or
-        variable attribute, an ``outer`` that is not callable.
+        parameter or variable that is not in it, an ``outer`` that is not
+        callable, or a problem that neither route applies to (no smooth
+        translation and not DPP).
     NonSmoothAtomError
-        For an atom without Hessian (abs, norm1, ...): the message gives its
-        epigraph rewrite.
+        For a nonsmooth atom that cannot be rewritten (not in a monotone
+        position) in a problem that is not DPP: the message gives its rewrite.
     """
 
     def __init__(
@@ -97,9 +113,7 @@ class BilevelProblem:
                 f"`inner` must be a cvxpy.Problem, got {type(inner).__name__}. "
                 "Build it as cp.Problem(cp.Minimize(...), [constraints])."
             )
-        self.inner = inner
         self.parameters = _check_parameters(inner, parameters)
-        self.all_variables = list(inner.variables())
         self.variables = _check_variables(inner, variables)
         if outer is not None and not callable(outer):
             raise ProblemDefinitionError(
@@ -108,15 +122,46 @@ class BilevelProblem:
             )
         self.outer = outer
         _check_dcp(inner)
-        self.objective = _objective_function(inner.objective)
-        self.inequalities, self.equalities = _constraint_blocks(inner.constraints)
-        self.is_linear = bool(inner.objective.expr.is_affine()) and all(
-            _constraint_is_affine(c) for c in inner.constraints)
-        self.n_y = sum(v.size for v in self.all_variables)
-        self.n_ineq = sum(b.size for b in self.inequalities)
-        self.n_eq = sum(b.size for b in self.equalities)
+        # The problem cbo solves and differentiates: the user's, with piecewise-linear atoms rewritten
+        # in epigraph form (cbo.reformulate); its extra variables are in all_variables, not in variables.
+        self.reformulation = epigraph_reformulation(inner)
+        self.inner = self.reformulation.problem
+        self.all_variables = list(self.inner.variables())
+        self.smooth_error = _smooth_setup(self)
+        if self.smooth_error is not None and not inner.is_dpp():
+            raise type(self.smooth_error)(
+                f"{self.smooth_error} The conic route, which differentiates such problems through "
+                "cvxpy's cone program, needs a DPP problem (https://www.cvxpy.org/tutorial/dpp/) and this "
+                "one is not DPP: make the parameters enter DPP-compliantly, or rewrite the problem as "
+                "this message suggests."
+            ) from self.smooth_error
+        self.is_linear = bool(self.inner.objective.expr.is_affine()) and all(
+            _constraint_is_affine(c) for c in self.inner.constraints)
+        self._conic = None
         # Last adjoint vector of each method, to warm-start the next solve.
         self.adjoint_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    @property
+    def route(self) -> str:
+        """The route :func:`cbo.hypergrad` takes by default: "smooth" or "conic"."""
+        return "smooth" if self.smooth_error is None else "conic"
+
+    @property
+    def route_reason(self) -> str:
+        """Why that route: "smooth Lagrangian", "smooth after epigraph reformulation of abs, norm1",
+        or "conic: SOC constraint 2 has no smooth Lagrangian form"."""
+        if self.smooth_error is not None:
+            return f"conic: {str(self.smooth_error).split('. ')[0]}"
+        if self.reformulation.changed:
+            return f"smooth after epigraph reformulation of {', '.join(self.reformulation.atoms)}"
+        return "smooth Lagrangian"
+
+    def conic_program(self):
+        """The compiled cone program of the conic route (:class:`cbo.conic.ConicProgram`), built once."""
+        if self._conic is None:
+            from .conic import ConicProgram  # cbo.conic imports this module
+            self._conic = ConicProgram(self)
+        return self._conic
 
     def __repr__(self) -> str:
         return (
@@ -137,6 +182,11 @@ class BilevelProblem:
         """Split the stacked variable vector into tensors shaped like the variables."""
         sizes = [v.size for v in self.all_variables]
         return [t.reshape(v.shape) for t, v in zip(torch.split(y_flat, sizes), self.all_variables)]
+
+    def user_y(self, y_flat: torch.Tensor) -> list[torch.Tensor]:
+        """``split_y`` without the epigraph variables: one tensor per variable of the user's problem."""
+        added = {v.id for v in self.reformulation.variables}
+        return [t for v, t in zip(self.all_variables, self.split_y(y_flat)) if v.id not in added]
 
     def stack(self, blocks: Sequence[ConstraintBlock], env: Env) -> torch.Tensor:
         """All entries of ``blocks`` at ``env``, stacked into one vector."""
@@ -262,15 +312,40 @@ def _check_variables(inner: cp.Problem, variables) -> list[cp.Variable]:
                 f"Variable {v.name()} does not appear in the inner problem. "
                 f"Its variables are: {[w.name() for w in all_variables]}."
             )
+    return variables
+
+
+def _smooth_setup(problem: BilevelProblem) -> ProblemDefinitionError | None:
+    """Translate ``problem.inner`` for the smooth Lagrangian route; return why it does not apply, if so.
+
+    Sets ``objective``, ``inequalities``, ``equalities``, ``n_y``, ``n_ineq``, ``n_eq`` (no
+    constraint blocks when the route does not apply: the conic route then takes the problem).
+    """
+    inner = problem.inner
+    problem.n_y = sum(v.size for v in problem.all_variables)
+    problem.objective, problem.inequalities, problem.equalities = None, [], []
+    problem.n_ineq = problem.n_eq = 0
+    try:
+        _check_variable_attributes(problem.all_variables)
+        objective = _objective_function(inner.objective)
+        inequalities, equalities = _constraint_blocks(inner.constraints, problem.reformulation.origins)
+    except ProblemDefinitionError as err:  # UnsupportedAtomError, cone constraints, variable attributes
+        return err
+    problem.objective, problem.inequalities, problem.equalities = objective, inequalities, equalities
+    problem.n_ineq = sum(b.size for b in inequalities)
+    problem.n_eq = sum(b.size for b in equalities)
+    return None
+
+
+def _check_variable_attributes(all_variables) -> None:
     for v in all_variables:
         extra = {k: val for k, val in v.attributes.items() if val and _ALLOWED_VARIABLE_ATTRIBUTES.get(k, False) != val}
         if extra:
             raise ProblemDefinitionError(
-                f"Variable {v.name()} is declared with {extra}. cbo needs every sign or structure "
-                f"condition as an explicit constraint so that it can read its multiplier: declare "
-                f"cp.Variable({v.shape}) and add the constraint (e.g. `{v.name()} >= 0` for nonneg=True)."
+                f"Variable {v.name()} is declared with {extra}, which has no multiplier to read on the "
+                f"smooth route. For that route declare cp.Variable({v.shape}) and add the constraint "
+                f"(e.g. `{v.name()} >= 0` for nonneg=True)."
             )
-    return variables
 
 
 def _check_dcp(inner: cp.Problem) -> None:
@@ -288,7 +363,10 @@ def _check_dcp(inner: cp.Problem) -> None:
 
 
 def _constraint_is_affine(constraint) -> bool:
-    return all(arg.is_affine() for arg in constraint.args)
+    """An affine (in)equality; cone constraints (SOC, PSD, ExpCone) are not, even with affine arguments."""
+    linear = (cp.constraints.Inequality, cp.constraints.NonPos, cp.constraints.NonNeg, cp.constraints.Equality,
+              cp.constraints.Zero)
+    return isinstance(constraint, linear) and all(arg.is_affine() for arg in constraint.args)
 
 
 def _objective_function(objective) -> TorchFn:
@@ -298,8 +376,10 @@ def _objective_function(objective) -> TorchFn:
     return f
 
 
-def _constraint_blocks(constraints) -> tuple[list[ConstraintBlock], list[ConstraintBlock]]:
-    """Split constraints into inequalities p <= 0 and equalities q = 0 (cvxpy's signs)."""
+def _constraint_blocks(constraints, origins: dict[int, str]) -> tuple[list[ConstraintBlock], list[ConstraintBlock]]:
+    """Split constraints into inequalities p <= 0 and equalities q = 0 (cvxpy's signs).
+
+    ``origins`` names the constraints added by the epigraph reformulation (by ``constraint.id``)."""
     inequalities, equalities = [], []
     n_ineq = n_eq = 0
     for index, c in enumerate(constraints):
@@ -317,14 +397,12 @@ def _constraint_blocks(constraints) -> tuple[list[ConstraintBlock], list[Constra
             fn, sign, equality = to_torch(c.args[0]), 1.0, True
         else:
             raise ProblemDefinitionError(
-                f"Constraint `{c}` is a {type(c).__name__} cone constraint, which the smooth KKT route "
-                "cannot differentiate yet. Write it as smooth scalar constraints instead, e.g. "
-                "cp.SOC(t, y) as cp.norm(y, 2) <= t or cp.sum_squares(y) <= t**2 with t fixed."
+                f"{type(c).__name__} constraint {index} has no smooth Lagrangian form (`{c}`)."
             )
         if equality:
-            equalities.append(ConstraintBlock(c, fn, n_eq, c.size, sign, index))
+            equalities.append(ConstraintBlock(c, fn, n_eq, c.size, sign, index, origins.get(c.id, "")))
             n_eq += c.size
         else:
-            inequalities.append(ConstraintBlock(c, fn, n_ineq, c.size, sign, index))
+            inequalities.append(ConstraintBlock(c, fn, n_ineq, c.size, sign, index, origins.get(c.id, "")))
             n_ineq += c.size
     return inequalities, equalities

@@ -282,26 +282,3 @@ def non_dpp(n: int = 8, seed: int = 4) -> Case:
         **_linear_constraints(lambda xs: -np.eye(n), lambda xs: np.zeros(n), np.ones((1, n)), np.array([s])),
     )
 
-
-def scaled_qp(scale: float, n: int = 12, seed: int = 12) -> Case:
-    """random_qp's structure with the objective scaled by ``scale`` and the constraints by 1/scale."""
-    rng = np.random.default_rng(seed)
-    m, p = n // 2, 2
-    M = rng.standard_normal((n, n))
-    P = scale * (M.T @ M / n + 0.5 * np.eye(n))
-    G, C = rng.standard_normal((m, n)) / scale, rng.standard_normal((p, n)) / scale
-    y0, nu0 = rng.standard_normal(n), scale ** 2 * rng.standard_normal(p)
-    mu0 = scale ** 2 * np.where(np.arange(m) % 2 == 0, 1.0 + rng.random(m), 0.0)
-    x0 = 0.3 * scale * rng.standard_normal(n)
-    h = G @ y0 + np.where(mu0 > 0, 0.0, (1.0 + rng.random(m)) / scale)
-    d = C @ y0
-    q = -(P @ y0 + x0 + G.T @ mu0 + C.T @ nu0)
-    x, y = cp.Parameter(n), cp.Variable(n)
-    inner = cp.Problem(cp.Minimize(0.5 * cp.quad_form(y, P) + (q + x) @ y), [G @ y <= h, C @ y == d])
-    y_target = rng.standard_normal(n)
-    problem = cbo.BilevelProblem(inner, [x], [y], outer=outer_torch(y_target, 1))
-    return Case(
-        f"scaled_qp_{scale:g}", problem, [x0], y_target,
-        grad_g=lambda yv, xs: P @ yv + q + xs[0],
-        **_linear_constraints(lambda xs: G, lambda xs: h, C, d),
-    )

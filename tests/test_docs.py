@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
-EXPECTED_PAGES = {"index.md", "math.md", "methods.md", "layer.md", "driver.md", "examples.md", "api.md"}
+EXPECTED_PAGES = {"index.md", "math.md", "methods.md", "layer.md", "driver.md", "conic.md", "examples.md", "api.md"}
 
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 INCLUDE = re.compile(r'^--8<--[ \t]+"([^"]+)"[ \t]*$', re.M)

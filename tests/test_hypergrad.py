@@ -1,5 +1,6 @@
 """cbo.hypergrad against independent references: a dense numpy KKT solve and
 central finite differences through cvxpy (see tests/builders.py)."""
+import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -112,6 +113,19 @@ def test_adjoint_warm_start_cuts_iterations(method):
     _, warm = cbo.hypergrad(case.problem, case.x_tensors, method=method, return_info=True)
     assert warm.linear_solve.iterations < cold.linear_solve.iterations
     assert warm.linear_solve.residual <= 1e-9
+
+
+@pytest.mark.parametrize("method", cbo.METHODS)
+def test_warm_start_into_a_zero_right_hand_side(method):
+    """dF/dy = 0 after a warm-started call: the adjoint is 0 (CG used to stall on round-off curvature)."""
+    x, y = cp.Parameter(3), cp.Variable(3)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y) + x @ y), [cp.sum(y) == 1, y >= 0])
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: (x * y).sum())  # dF/dy = x
+    cbo.hypergrad(problem, torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64), method=method)
+    g, info = cbo.hypergrad(problem, torch.zeros(3, dtype=torch.float64), method=method, return_info=True)
+    # At x = 0, y* = 1/3 and dF/dx = y* + (dy*/dx)^T x = y*.
+    np.testing.assert_allclose(g.numpy(), np.full(3, 1 / 3), atol=1e-9)
+    assert info.linear_solve.converged
 
 
 def test_polish_tightens_a_second_order_cone_solution():

@@ -1,0 +1,657 @@
+r"""The conic route: differentiate cvxpy's canonical cone program when no smooth Lagrangian exists.
+
+cvxpy compiles a DPP inner problem once into the cone program
+
+    min_z c^T z   s.t.  A z + s = b,  s in K = K_1 x ... x K_p        (dual: y in K^*)
+
+with (A, b, c) affine in the parameters (``param_prob.apply_parameters``) and
+z linear in the user's variables (``param_prob.split_solution`` and the
+reductions' ``var_forward``). K is a product of zero, nonnegative, second-order
+(SOC), positive semidefinite (PSD, Clarabel's scaled upper-triangular vector)
+and exponential cones.
+
+Residual map (Busseti, Moursi & Boyd 2019; Agrawal et al. 2019). With
+v = y - s, Moreau's decomposition gives y = Pi(v) and s = Pi(v) - v, where Pi
+is the projection onto K^*, and the optimality conditions read
+
+    N(z, v) = ( c + A^T Pi(v),  A z + Pi(v) - v - b ) = 0.
+
+N is differentiable where every projection is (strict complementarity), with
+
+    J = dN/d(z, v) = [[0, A^T D], [A, D - I]],   D = dPi(v)  (block diagonal).
+
+For an outer gradient g = dF/dz, the adjoint J^T w = (g, 0) gives
+
+    dF/dc = -w_z,   dF/dA = -(y w_z^T + w_v z^T),   dF/db = w_v,
+
+which ``param_prob.apply_param_jac`` and the reductions' ``param_backward``
+carry to the user's parameters. The same N is Newton-polished after the
+solve (solutions on exponential and second-order cones are only ~1e-7
+accurate from the interior-point solver).
+
+dPi per cone of K^*:
+
+* zero cone rows (equalities): K^* is the whole space, D = I;
+* nonnegative: D = diag(v > 0);
+* SOC (self-dual), v = (t, u): I if ||u|| <= t, 0 if ||u|| <= -t, else
+  1/2 [[1, u'^T], [u', (1 + t/||u||) I - t/||u|| u' u'^T]] with u' = u / ||u||;
+* PSD (self-dual): with V = Q diag(l) Q^T, D[dV] = Q (G o Q^T dV Q) Q^T,
+  G_ij = (l_i^+ - l_j^+) / (l_i - l_j) (1 if both > 0, 0 if both <= 0);
+* exponential: Pi_{K^*}(v) = v + Pi_K(-v), so D = I - dPi_K(-v); on the
+  boundary of K = {h(p) = p_1 - p_2 log(p_3 / p_2) <= 0}, dPi_K is the top-left
+  block of [[I + lam hess h, grad h], [grad h^T, 0]]^{-1} at the projection p.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .errors import (DegenerateKKTWarning, InaccurateSolutionWarning, InnerSolveError, ProblemDefinitionError,
+                     StrictComplementarityError)
+from .inner import DEFAULT_SOLVER_OPTIONS
+from .linsolve import SolveInfo
+
+__all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityError", "ConicArgminFunction"]
+
+_SOLVED = ("Solved", "AlmostSolved")
+_KINDS = {"Zero": "zero", "NonNeg": "nonneg", "SOC": "soc", "SvecPSD": "psd", "PSD": "psd", "ExpCone": "exp"}
+# Relative thresholds: a slack entry at most _TIGHT_TOL is on its bound; slack and multiplier both within
+# _WEAK_TOL of the boundary (sqrt of the 1e-6 active-set tolerance / 10, as in cbo.kkt.active_set: an
+# interior-point method approaches a weakly active point at the square root of its tolerance) fail strict
+# complementarity.
+_TIGHT_TOL, _WEAK_TOL = 1e-7, 1e-4
+
+
+@dataclass
+class ConeStatus:
+    """Activity of one cone constraint at the solution.
+
+    ``tight``: the slack s is on the cone's boundary (an SOC ``||u|| <= t``
+    with equality, a singular PSD matrix, a nonnegative entry at 0).
+    ``rank``: rank of the PSD slack matrix (None for other cones);
+    ``active``: number of tight entries of a nonnegative block.
+    """
+
+    label: str
+    kind: str
+    tight: bool
+    rank: int | None = None
+    active: int | None = None
+    detail: str = ""
+
+
+@dataclass
+class ConicPoint:
+    """A (polished) primal-dual solution of the cone program at one parameter value."""
+
+    z: np.ndarray
+    y: np.ndarray
+    s: np.ndarray
+    v: np.ndarray
+    D: np.ndarray
+    A: sp.csc_array
+    status: str
+    residual_before: float
+    residual_after: float
+    polish_steps: int
+    cones: list[ConeStatus] = field(default_factory=list)
+    solve_time: float = 0.0
+    adjoint_residual: float = float("nan")
+
+
+@dataclass
+class _Block:
+    kind: str
+    start: int
+    size: int
+    label: str
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.size)
+
+
+class ConicProgram:
+    r"""cvxpy's cone program of ``problem.inner``, compiled once, with its derivative.
+
+    Parameters
+    ----------
+    problem : BilevelProblem
+        Its ``inner`` must be DPP: (A, b, c) are then affine in the parameters.
+
+    Raises
+    ------
+    ProblemDefinitionError
+        If the problem is not DPP, or uses cones cbo cannot differentiate (power cones).
+    """
+
+    def __init__(self, problem):
+        inner = problem.inner
+        if not inner.is_dpp():
+            raise ProblemDefinitionError(
+                "The conic route needs a DPP inner problem (https://www.cvxpy.org/tutorial/dpp/), so that "
+                "cvxpy's cone program is affine in the parameters; this one is not. Make it DPP (e.g. "
+                "multiply parameters only into affine expressions), or write it with smooth atoms so "
+                "that the smooth Lagrangian route applies."
+            )
+        self.problem = problem
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            data, chain, inverse_data = inner.get_problem_data(cp.CLARABEL, solver_opts={"use_quad_obj": False})
+        self.data, self.chain = data, chain
+        self.param_prob = data["param_prob"]
+        self.blocks = _blocks(self.param_prob, _user_constraint_names(inner, inverse_data), data["A"].shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(n, m): number of cone-program variables z and of cone rows."""
+        return self.data["A"].shape[1], self.data["A"].shape[0]
+
+    # ------------------------------------------------------------ data and solve
+
+    def program_data(self, x: Sequence[np.ndarray]) -> tuple[np.ndarray, sp.csc_array, np.ndarray]:
+        """(c, A, b) of the cone program at parameter values ``x`` (Clarabel's A z + s = b form)."""
+        for param, value in zip(self.problem.parameters, x):
+            param.value = value
+        for reduction in self.chain.reductions:
+            reduction.update_parameters(self.problem.inner)
+        c, _, minus_A, b = self.param_prob.apply_parameters(keep_zeros=True)
+        return np.asarray(c, dtype=float), sp.csc_array(-minus_A), np.asarray(b, dtype=float)
+
+    def solve(self, x: Sequence[np.ndarray], solver_options: dict | None = None, polish: bool = True,
+              where: str = "") -> ConicPoint:
+        """Solve the cone program at ``x`` with Clarabel, Newton-polish N(z, v) = 0, check the cones.
+
+        Raises
+        ------
+        InnerSolveError
+            If Clarabel finds no solution.
+        StrictComplementarityError
+            If strict complementarity fails in an SOC, PSD or exponential cone.
+        """
+        c, A, b = self.program_data(x)
+        options = {**DEFAULT_SOLVER_OPTIONS["CLARABEL"], **(solver_options or {})}
+        start = time.perf_counter()
+        data = {**self.data, "c": c, "A": A, "b": b}
+        result = self.chain.solver.solve_via_data(data, False, False, options)
+        elapsed = time.perf_counter() - start
+        status = str(result.status).split(".")[-1]
+        if status not in _SOLVED:
+            raise InnerSolveError(
+                f"Clarabel could not solve the inner problem's cone program (status '{status}'): it is "
+                "infeasible, unbounded, or badly scaled for this x. Check the constraints at this x."
+            )
+        z, y, s = (np.asarray(t, dtype=float) for t in (result.x, result.z, result.s))
+        cones = self._check_cones(y, s, where)
+        v = y - s
+        exp_guess = s.copy()
+        before = after = _residual_norm(c, A, b, z, v, self.blocks, exp_guess)
+        steps = 0
+        if polish:
+            z, v, after, steps = self._polish(c, A, b, z, v, exp_guess, before)
+        y = _project(v, self.blocks, exp_guess)
+        D = _projection_jacobian(v, y, self.blocks)
+        scale = max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0)))
+        if after > 1e-6 * scale:
+            warnings.warn(
+                f"{where}The cone program's optimality residual at the inner solution is {after:.2e} "
+                f"(Clarabel status '{status}'): the hypergradient will be inaccurate. Tighten the solver "
+                "tolerances.", InaccurateSolutionWarning, stacklevel=3)
+        return ConicPoint(z, y, y - v, v, D, A, status, before, after, steps, cones, elapsed)
+
+    def _polish(self, c, A, b, z, v, exp_guess, before):
+        r"""Newton steps (z, v) <- (z, v) - J^{-1} N(z, v), each kept only if it reduces ||N||_inf."""
+        best, steps = before, 0
+        for _ in range(5):
+            if best <= 1e-14 * max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0))):
+                break
+            y = _project(v, self.blocks, exp_guess)
+            J = _jacobian(A, _projection_jacobian(v, y, self.blocks))
+            try:
+                step = np.linalg.solve(J, _residual(c, A, b, z, v, y))
+            except np.linalg.LinAlgError:
+                break
+            n = z.size
+            trial_guess = exp_guess.copy()
+            trial = _residual_norm(c, A, b, z - step[:n], v - step[n:], self.blocks, trial_guess)
+            if not trial < best:
+                break
+            z, v, best, steps = z - step[:n], v - step[n:], trial, steps + 1
+            exp_guess[:] = trial_guess
+        return z, v, best, steps
+
+    # ------------------------------------------------------------ variables
+
+    def variable_values(self, point: ConicPoint) -> list[np.ndarray]:
+        """Values of ``problem.all_variables`` at ``point``, flattened in C order."""
+        values = self.param_prob.split_solution(point.z, active_vars=self._lowered_ids())
+        for reduction in reversed(self.chain.reductions):
+            values = reduction.var_forward(values)
+        return [np.asarray(values[v.id], dtype=float).reshape(v.shape).reshape(-1)
+                for v in self.problem.all_variables]
+
+    def _lowered_ids(self) -> list[int]:
+        return list(self.param_prob.var_id_to_col)
+
+    # ------------------------------------------------------------ derivative
+
+    def vjp(self, point: ConicPoint, grad_y: Sequence[np.ndarray]) -> list[np.ndarray]:
+        r"""(dy*/dx)^T g for g = ``grad_y`` (one array per ``problem.all_variables``): one per parameter.
+
+        Solves J^T w = (dz, 0) with dz the gradient carried from the user's
+        variables to z, then maps (dc, dA, db) to the parameters.
+        """
+        del_vars = {v.id: np.asarray(g, dtype=float).reshape(v.shape)
+                    for v, g in zip(self.problem.all_variables, grad_y)}
+        for reduction in self.chain.reductions:
+            del_vars = reduction.var_backward(del_vars)
+        dz = np.asarray(self.param_prob.split_adjoint(del_vars), dtype=float).reshape(-1)
+        n, m = point.z.size, point.v.size
+        J = torch.as_tensor(_jacobian(point.A, point.D))
+        rhs = torch.as_tensor(np.concatenate([dz, np.zeros(m)]))
+        try:
+            w = torch.linalg.solve(J.T, rhs)
+        except torch.linalg.LinAlgError:
+            w = torch.full_like(rhs, float("nan"))
+        point.adjoint_residual = float((J.T @ w - rhs).norm() / rhs.norm().clamp_min(1e-300))
+        if not point.adjoint_residual <= 1e-8:
+            raise StrictComplementarityError(
+                "The derivative of the cone program's solution does not exist at this x: its optimality "
+                "conditions are singular (relative residual of the adjoint solve "
+                f"{point.adjoint_residual:.1e}), so strict complementarity or uniqueness of the solution "
+                "fails. Add a strongly convex term (e.g. 1e-3 * cp.sum_squares(y)), or move x.")
+        w = w.numpy()
+        w_z, w_v = w[:n], w[n:]
+        dA = -(np.outer(point.y, w_z) + np.outer(w_v, point.z))
+        dparams = self.param_prob.apply_param_jac(-w_z, sp.csc_array(-dA), w_v)
+        for reduction in reversed(self.chain.reductions):
+            dparams = reduction.param_backward(dparams)
+        return [_symmetric_gradient(p, np.asarray(dparams.get(p.id, np.zeros(p.shape)), dtype=float).reshape(p.shape))
+                for p in self.problem.parameters]
+
+    # ------------------------------------------------------------ cones
+
+    def _check_cones(self, y: np.ndarray, s: np.ndarray, where: str) -> list[ConeStatus]:
+        """Activity of each cone, and strict complementarity (y + s in the interior of the cone)."""
+        statuses = []
+        scale = max(1.0, float(np.abs(y).max(initial=0.0)), float(np.abs(s).max(initial=0.0)))
+        tol, weak_tol = _TIGHT_TOL * scale, _WEAK_TOL * scale
+        weak = []
+        for block in self.blocks:
+            yb, sb = y[block.rows], s[block.rows]
+            if block.kind == "zero":
+                continue
+            if block.kind == "nonneg":
+                tight = sb <= yb
+                weak += [block.label] if bool(((sb <= weak_tol) & (yb <= weak_tol)).any()) else []
+                statuses.append(ConeStatus(block.label, "nonneg", bool(tight.any()), active=int(tight.sum())))
+            elif block.kind == "soc":
+                statuses.append(_soc_status(block, yb, sb, tol, weak_tol))
+            elif block.kind == "psd":
+                statuses.append(_psd_status(block, yb, sb, tol, weak_tol))
+            else:
+                statuses.append(_exp_status(block, yb, sb, tol, weak_tol))
+        if weak:
+            warnings.warn(
+                f"{where}Strict complementarity fails at the inner solution: {'; '.join(dict.fromkeys(weak))} "
+                "touch(es) the bound with a zero multiplier (weakly active). y*(x) is not differentiable "
+                "there; cbo returns the one-sided derivative that keeps these entries inactive.",
+                DegenerateKKTWarning, stacklevel=4)
+        return statuses
+
+
+def _symmetric_gradient(param: cp.Parameter, grad: np.ndarray) -> np.ndarray:
+    """The gradient of a symmetric matrix parameter as that of X -> f((X + X^T) / 2).
+
+    cvxpy keeps only the upper triangle of such a parameter, and its
+    ``param_backward`` copies the gradient of each upper entry to both (i, j) and
+    (j, i): halving the off-diagonal entries makes <grad, dX> the directional
+    derivative along any symmetric dX.
+    """
+    if not any(param.attributes.get(a) for a in ("symmetric", "PSD", "NSD")):
+        return grad
+    return np.where(np.eye(grad.shape[-1], dtype=bool), grad, grad / 2)
+
+
+# ---------------------------------------------------------------- cone layout
+
+def _user_constraint_names(inner: cp.Problem, inverse_data) -> dict[int, str]:
+    """Id of each constraint of the final cone program -> the user's constraint it comes from."""
+    names = {}
+    for index, constraint in enumerate(inner.constraints):
+        text = str(constraint)
+        text = text if len(text) <= 60 and "\n" not in text else f"of shape {constraint.shape}"
+        names[constraint.id] = f"{type(constraint).__name__} constraint {index} (`{text}`)"
+    for data in inverse_data:
+        mapping = getattr(data, "cons_id_map", None)
+        if mapping is None and isinstance(data, tuple) and len(data) == 3:
+            mapping = data[2]
+        for old, new in (mapping or {}).items():
+            if old in names and new != old:
+                names[new] = names[old]
+    return names
+
+
+def _blocks(param_prob, names: dict[int, str], m: int) -> list[_Block]:
+    """The cone blocks of the cone program's rows, in Clarabel's order, labelled."""
+    blocks, start, counts = [], 0, {}
+    for constraint in param_prob.constraints:
+        kind = _KINDS.get(type(constraint).__name__)
+        if kind is None:
+            raise ProblemDefinitionError(
+                f"cvxpy compiles the inner problem to a {type(constraint).__name__} cone, which cbo's conic "
+                "route cannot differentiate yet (zero, nonnegative, second-order, PSD and exponential cones "
+                "are supported). Rewrite the atom that needs it (e.g. geo_mean, power with a fractional "
+                "exponent, pnorm with p other than 1, 2, inf).")
+        counts[kind] = counts.get(kind, 0) + 1
+        label = names.get(constraint.id, f"{kind} cone {counts[kind] - 1} of cvxpy's canonicalization (from an atom)")
+        if kind in ("soc", "exp"):  # one constraint object may stack several cones
+            sizes = constraint.cone_sizes() if kind == "soc" else [3] * (constraint.size // 3)
+            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+            blocks += [_Block(kind, start + int(o), int(n), label) for o, n in zip(offsets, sizes)]
+        else:
+            blocks.append(_Block(kind, start, constraint.size, label))
+        start += constraint.size
+    if start != m:
+        raise ProblemDefinitionError(f"cbo could not match cvxpy's cone program rows ({m}) to its constraints "
+                                     f"({start}); please report this problem.")
+    return blocks
+
+
+# ---------------------------------------------------------------- projections onto K^*
+
+def _project(v: np.ndarray, blocks: list[_Block], exp_guess: np.ndarray) -> np.ndarray:
+    """Pi_{K^*}(v), block by block. ``exp_guess`` holds the exponential blocks' last projections
+    Pi_K(-v) (warm starts of their Newton solves) and is updated in place."""
+    y = np.empty_like(v)
+    for block in blocks:
+        vb = v[block.rows]
+        if block.kind == "zero":
+            y[block.rows] = vb
+        elif block.kind == "nonneg":
+            y[block.rows] = np.maximum(vb, 0.0)
+        elif block.kind == "soc":
+            y[block.rows] = _soc_project(vb)
+        elif block.kind == "psd":
+            y[block.rows] = _psd_project(vb)
+        else:
+            p, _ = _exp_project(-vb, exp_guess[block.rows])
+            exp_guess[block.rows] = p
+            y[block.rows] = vb + p
+    return y
+
+
+def _projection_jacobian(v: np.ndarray, y: np.ndarray, blocks: list[_Block]) -> np.ndarray:
+    """D = dPi_{K^*}(v), dense and block diagonal; ``y`` = Pi_{K^*}(v)."""
+    D = np.zeros((v.size, v.size))
+    for block in blocks:
+        r, vb = block.rows, v[block.rows]
+        if block.kind == "zero":
+            D[r, r] = np.eye(block.size)
+        elif block.kind == "nonneg":
+            D[r, r] = np.diag((vb > 0).astype(float))
+        elif block.kind == "soc":
+            D[r, r] = _soc_derivative(vb)
+        elif block.kind == "psd":
+            D[r, r] = _psd_derivative(vb)
+        else:
+            D[r, r] = np.eye(3) - _exp_derivative(-vb, y[r] - vb)
+    return D
+
+
+def _soc_project(v: np.ndarray) -> np.ndarray:
+    t, u = v[0], v[1:]
+    norm = np.linalg.norm(u)
+    if norm <= t:
+        return v.copy()
+    if norm <= -t:
+        return np.zeros_like(v)
+    a = (t + norm) / 2
+    return np.concatenate([[a], a * u / norm])
+
+
+def _soc_derivative(v: np.ndarray) -> np.ndarray:
+    t, u = v[0], v[1:]
+    norm = np.linalg.norm(u)
+    if norm <= t:
+        return np.eye(v.size)
+    if norm <= -t:
+        return np.zeros((v.size, v.size))
+    unit = u / norm
+    D = np.empty((v.size, v.size))
+    D[0, 0], D[0, 1:], D[1:, 0] = 1.0, unit, unit
+    D[1:, 1:] = (1 + t / norm) * np.eye(u.size) - (t / norm) * np.outer(unit, unit)
+    return D / 2
+
+
+def _psd_order(k: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Matrix size and (row, column) of each entry of Clarabel's triangle vector (upper, by columns)."""
+    n = int(round((np.sqrt(8 * k + 1) - 1) / 2))
+    rows, cols = zip(*[(i, j) for j in range(n) for i in range(j + 1)])
+    return n, np.array(rows), np.array(cols)
+
+
+def _smat(v: np.ndarray) -> np.ndarray:
+    """Symmetric matrix of a scaled triangle vector (off-diagonal entries carry sqrt 2)."""
+    n, rows, cols = _psd_order(v.size)
+    values = np.where(rows == cols, v, v / np.sqrt(2))
+    M = np.zeros((n, n))
+    M[rows, cols] = values
+    M[cols, rows] = values
+    return M
+
+
+def _svec(M: np.ndarray) -> np.ndarray:
+    n = M.shape[0]
+    rows, cols = zip(*[(i, j) for j in range(n) for i in range(j + 1)])
+    rows, cols = np.array(rows), np.array(cols)
+    return np.where(rows == cols, M[rows, cols], np.sqrt(2) * M[rows, cols])
+
+
+def _psd_project(v: np.ndarray) -> np.ndarray:
+    values, Q = np.linalg.eigh(_smat(v))
+    return _svec((Q * np.maximum(values, 0)) @ Q.T)
+
+
+def _psd_derivative(v: np.ndarray) -> np.ndarray:
+    values, Q = np.linalg.eigh(_smat(v))
+    plus = np.maximum(values, 0)
+    difference = values[:, None] - values[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        G = np.where(np.abs(difference) > 1e-14 * max(1.0, np.abs(values).max()),
+                     (plus[:, None] - plus[None, :]) / difference, (values[:, None] > 0).astype(float))
+    G = np.where((values[:, None] > 0) & (values[None, :] > 0), 1.0, G)
+    columns = []
+    for e in np.eye(v.size):
+        dV = Q.T @ _smat(e) @ Q
+        columns.append(_svec(Q @ (G * dV) @ Q.T))
+    return np.stack(columns, axis=1)
+
+
+def _exp_h(p: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """h(p) = p_1 - p_2 log(p_3 / p_2) (K_exp = {h <= 0, p_2, p_3 > 0}), its gradient and Hessian."""
+    p1, p2, p3 = p
+    h = p1 - p2 * np.log(p3 / p2)
+    grad = np.array([1.0, np.log(p2 / p3) + 1.0, -p2 / p3])
+    hess = np.array([[0.0, 0.0, 0.0], [0.0, 1 / p2, -1 / p3], [0.0, -1 / p3, p2 / p3 ** 2]])
+    return h, grad, hess
+
+
+def _exp_project(w: np.ndarray, guess: np.ndarray) -> tuple[np.ndarray, float]:
+    r"""Pi_K(w) onto the exponential cone and the multiplier lam of h(p) <= 0.
+
+    w in K: itself; -w in K^*: 0; else Newton on p - w + lam grad h(p) = 0,
+    h(p) = 0 from ``guess`` (the solver's slack, a close start).
+    """
+    if _in_exp_cone(w):
+        return w.copy(), 0.0
+    if _in_exp_dual(-w):
+        return np.zeros(3), 0.0
+    p = np.array(guess, dtype=float)
+    if not (p[1] > 0 and p[2] > 0):
+        p = np.array([min(w[0], -1e-3), max(w[1], 1e-3), max(w[2], 1e-3)])
+    _, grad, _ = _exp_h(p)
+    lam = max(float(grad @ (w - p)) / float(grad @ grad), 0.0)
+    for _ in range(50):
+        h, grad, hess = _exp_h(p)
+        residual = np.concatenate([p - w + lam * grad, [h]])
+        if np.abs(residual).max() <= 1e-15 * max(1.0, np.abs(w).max()):
+            break
+        M = np.block([[np.eye(3) + lam * hess, grad[:, None]], [grad[None, :], np.zeros((1, 1))]])
+        step = np.linalg.solve(M, residual)
+        t = 1.0
+        while not (p[1] - t * step[1] > 0 and p[2] - t * step[2] > 0):
+            t /= 2
+        p, lam = p - t * step[:3], lam - t * step[3]
+    return p, lam
+
+
+def _exp_derivative(w: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """dPi_K(w) for the exponential cone K, p = Pi_K(w)."""
+    if np.allclose(p, w, rtol=0, atol=1e-13 * max(1.0, np.abs(w).max())):
+        return np.eye(3)
+    if not p.any():
+        return np.zeros((3, 3))
+    _, grad, hess = _exp_h(p)
+    lam = float(grad @ (w - p)) / float(grad @ grad)
+    M = np.block([[np.eye(3) + lam * hess, grad[:, None]], [grad[None, :], np.zeros((1, 1))]])
+    return np.linalg.inv(M)[:3, :3]
+
+
+def _in_exp_cone(p: np.ndarray) -> bool:
+    if p[1] > 0 and p[2] > 0:
+        return p[0] - p[1] * np.log(p[2] / p[1]) <= 0
+    return p[0] <= 0 and p[1] == 0 and p[2] >= 0
+
+
+def _in_exp_dual(q: np.ndarray) -> bool:
+    """K_exp^* = {(u, v, w): u < 0, -u exp(v / u) <= e w} U {(0, v, w): v, w >= 0}."""
+    if q[0] < 0:
+        return -q[0] * np.exp(q[1] / q[0]) <= np.e * q[2]
+    return q[0] == 0 and q[1] >= 0 and q[2] >= 0
+
+
+# ---------------------------------------------------------------- residual map
+
+def _residual(c, A, b, z, v, y) -> np.ndarray:
+    """N(z, v) = (c + A^T y, A z + y - v - b) with y = Pi_{K^*}(v)."""
+    return np.concatenate([c + A.T @ y, A @ z + y - v - b])
+
+
+def _residual_norm(c, A, b, z, v, blocks, exp_guess) -> float:
+    return float(np.abs(_residual(c, A, b, z, v, _project(v, blocks, exp_guess))).max(initial=0.0))
+
+
+def _jacobian(A: sp.csc_array, D: np.ndarray) -> np.ndarray:
+    """J = [[0, A^T D], [A, D - I]], dense."""
+    A = A.toarray()
+    n, m = A.shape[1], A.shape[0]
+    return np.block([[np.zeros((n, n)), A.T @ D], [A, D - np.eye(m)]])
+
+
+# ---------------------------------------------------------------- cone activity
+
+def _raise_degenerate(block: _Block, what: str) -> None:
+    raise StrictComplementarityError(
+        f"Strict complementarity fails in {block.label}: {what}. The solution map y*(x) is not "
+        "differentiable at this x (the cone constraint is weakly active). Move x slightly, or drop or "
+        "loosen the constraint if it should not bind.")
+
+
+def _soc_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
+    """s = (t, u) in the SOC: tight when ||u|| = t. Strict complementarity fails when one of y, s is
+    (nearly) zero and the other (nearly) on the boundary, i.e. y + s is not in the interior."""
+    margin = lambda u: u[0] - np.linalg.norm(u[1:])  # noqa: E731
+    s_zero, y_zero = np.abs(s).max() <= weak_tol, np.abs(y).max() <= weak_tol
+    if (y_zero and margin(s) <= weak_tol) or (s_zero and margin(y) <= weak_tol):
+        _raise_degenerate(block, f"the {'slack' if y_zero else 'multiplier'} is on the cone's boundary and the "
+                                 f"{'multiplier' if y_zero else 'slack'} is zero")
+    tight = margin(s) <= tol or np.abs(s).max() <= tol
+    detail = "at the apex" if np.abs(s).max() <= tol else ("on the boundary" if tight else "interior")
+    return ConeStatus(block.label, "soc", bool(tight), detail=detail)
+
+
+def _psd_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
+    """Rank of the PSD slack S; strict complementarity: rank S + rank Y = n (S + Y nonsingular)."""
+    S, Y = _smat(s), _smat(y)
+    rank = int((np.linalg.eigvalsh(S) > weak_tol).sum())
+    if np.linalg.eigvalsh(S + Y).min() <= weak_tol:
+        _raise_degenerate(block, f"rank(S) + rank(Y) = {rank} + {int((np.linalg.eigvalsh(Y) > weak_tol).sum())} "
+                                 f"< {S.shape[0]} for the slack S and the multiplier Y")
+    return ConeStatus(block.label, "psd", rank < S.shape[0], rank=rank, detail=f"rank {rank} of {S.shape[0]}")
+
+
+def _exp_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
+    y_zero, s_zero = np.abs(y).max() <= weak_tol, np.abs(s).max() <= weak_tol
+    if y_zero and s_zero:
+        _raise_degenerate(block, "the slack and the multiplier are both zero")
+    if y_zero and (s[1] <= weak_tol or s[2] <= weak_tol or _exp_h(s)[0] >= -weak_tol):
+        _raise_degenerate(block, "the slack is on the cone's boundary with a zero multiplier")
+    tight = bool(np.abs(y).max() > tol)
+    return ConeStatus(block.label, "exp", tight, detail="on the boundary" if tight else "interior")
+
+
+# ---------------------------------------------------------------- layer
+
+class ConicArgminFunction(torch.autograd.Function):
+    r""":class:`cbo.ArgminLayer` on the conic route: a batch of cone programs forward, their VJPs backward.
+
+    Backward: for each item b, dL/dx_b = (dy_b/dx_b)^T dL/dy_b by :meth:`ConicProgram.vjp`; gradients
+    of broadcast (unbatched) inputs are summed over the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, info_box: list, *inputs):
+        from .kkt import PolishInfo
+        from .layer import LayerInfo, _item_names, broadcast_inputs  # cbo.layer imports this module
+
+        problem, program = layer.problem, layer.problem.conic_program()
+        start = time.perf_counter()
+        x, batch_shape = broadcast_inputs(problem, inputs)
+        where = _item_names(batch_shape)
+        points = [program.solve([t[b].cpu().numpy() for t in x], layer.solver_options, layer.polish_solution,
+                                where(b)) for b in range(x[0].shape[0])]
+        y = torch.as_tensor(np.stack([np.concatenate(program.variable_values(p)) for p in points]),
+                            dtype=torch.float64, device=x[0].device)
+        polish = [PolishInfo(p.polish_steps, p.residual_before, p.residual_after, True) for p in points]
+        info = LayerInfo(batch_shape, [p.status for p in points], [], polish, [], [],
+                         [p.residual_after for p in points], timings={"inner_solve": time.perf_counter() - start},
+                         route=layer.route_reason, cones=[p.cones for p in points])
+        info_box.append(info)
+        ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
+        ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
+        by_id = dict(zip([v.id for v in problem.all_variables],
+                         torch.split(y, [v.size for v in problem.all_variables], dim=-1)))
+        dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.float64
+        return tuple(by_id[v.id].reshape(torch.Size([*batch_shape, *v.shape])).to(dtype=dtype, device=inputs[0].device)
+                     for v in problem.variables)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        problem, program = ctx.layer.problem, ctx.layer.problem.conic_program()
+        start = time.perf_counter()
+        batch = len(ctx.points)
+        by_id = {v.id: g for v, g in zip(problem.variables, grad_outputs)}
+        per_item = []
+        for b, point in enumerate(ctx.points):
+            grad_y = [np.zeros(v.size) if by_id.get(v.id) is None
+                      else by_id[v.id].detach().reshape(batch, v.size)[b].cpu().double().numpy()
+                      for v in problem.all_variables]
+            per_item.append(program.vjp(point, grad_y))
+        grads = []
+        for k, (shape, dtype, device) in enumerate(ctx.input_meta):
+            g = torch.as_tensor(np.stack([item[k] for item in per_item]))
+            g = g.reshape(torch.Size([*ctx.batch_shape, *g.shape[1:]])).sum_to_size(shape)
+            grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
+        residual = max(p.adjoint_residual for p in ctx.points)
+        ctx.info.linear_solve = SolveInfo("direct", True, batch, residual, ctx.layer.tol)
+        ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
+        return (None, None, *grads)
