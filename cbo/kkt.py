@@ -456,58 +456,88 @@ def polish(
     tol: float = 1e-12,
     max_steps: int = 5,
     scale: torch.Tensor | None = None,
+    max_corrections: int = 3,
 ) -> tuple[KKTOperator, list[PolishInfo]]:
     r"""Newton steps w <- w - K^{-1} R(w) on the active-set KKT system, for a batch.
 
     Interior-point solutions are accurate to ~1e-8 on QPs but only to 1e-5..1e-7
     on exponential and second-order cone problems; a few Newton steps bring
     the residual to rounding level (one step on a QP). Residuals are measured
-    in the units of the equilibrated system D K D (``scale`` = diag(D), see
-    :func:`equilibration`; D = I if None): ||D R||_inf, relative to
-    ||D^{-1} w||_inf, steps stop below ``tol``. An item's step is rejected
-    (its previous point kept) if it makes an active multiplier negative or an
-    inactive constraint infeasible by more than ``tol_p`` (B,) in the same
-    units (d_i p_i > tol_p, the active-set tolerance: the active set was
-    misjudged), or if it does not reduce the residual.
+    in the units of the equilibrated system D K D (``scale`` = diag(D) with
+    every inequality row, see :func:`equilibration`; D = I if None):
+    ||D R||_inf, relative to ||D^{-1} w||_inf, steps stop below ``tol``.
+
+    A step that makes an active multiplier negative, or an inactive
+    constraint infeasible by more than ``tol_p`` (B,) in the same units
+    (d_i p_i > tol_p), shows that the active set was misjudged (typically a
+    weakly active constraint, met where an outer loop drives x to a kink):
+    the item's active set is corrected as in a primal-dual active-set method
+    — violated constraints join it with mu_i = 0, negative multipliers leave
+    it — and Newton restarts from the same point, at most
+    ``max_corrections`` times. A step that does not reduce the residual is
+    rejected (the previous point kept).
 
     ``linear_solve(op, rhs)`` solves K d = rhs (one of the adjoint solvers: the
     step needs only modest relative accuracy, as rhs = -R is already small).
-    Returns the operator at the final points and one :class:`PolishInfo` per
-    item, whose residuals are the unscaled ||R||_inf.
+    Returns the operator at the final points (``op.active`` is the final
+    active set) and one :class:`PolishInfo` per item, whose residuals are the
+    unscaled ||R||_inf.
     """
     n_y, n_ineq = problem.n_y, problem.n_ineq
-    op = KKTOperator(problem, x, w, active, scale)
-    row_scale = torch.ones_like(active) if scale is None else scale[:, n_y:n_y + n_ineq]
+    rows = slice(n_y, n_y + n_ineq)
+    row_scale = torch.ones_like(active) if scale is None else scale[:, rows]
+    op = KKTOperator(problem, x, w, active, _padded_scale(scale, active, n_y))
     before = _residual_norms(op)
     best, size = op.scaled_residual()
     steps = torch.zeros_like(best, dtype=torch.long)
+    corrections = torch.zeros_like(steps)
     reasons = [""] * op.batch_size
     pending = best > tol * size
-    for _ in range(max_steps):
+    for _ in range(max_steps + max_corrections):
         if not bool(pending.any()):
             break
         candidate = torch.where(pending[:, None], op.w.detach() + linear_solve(op, -op.residual), op.w.detach())
-        bad_multiplier = (active * candidate[:, n_y:n_y + n_ineq] < 0).any(-1)
-        slack = vmap(problem.inequality_values)(op.x, candidate[:, :n_y]).detach()
-        bad_slack = ((1 - active) * (row_scale * slack > tol_p[:, None])).any(-1) if n_ineq \
-            else torch.zeros_like(pending)
-        for b in torch.nonzero(pending & (bad_multiplier | bad_slack)).flatten().tolist():
-            reasons[b] = "an active multiplier turned negative" if bad_multiplier[b] else \
-                "an inactive constraint became violated"
-        trial_ok = pending & ~bad_multiplier & ~bad_slack
-        trial = KKTOperator(problem, x, torch.where(trial_ok[:, None], candidate, op.w.detach()), active, scale)
+        leaving = (active > 0) & (candidate[:, rows] < 0) & pending[:, None]
+        slack = vmap(problem.inequality_values)(op.x, candidate[:, :n_y]).detach() if n_ineq else candidate[:, rows]
+        joining = (active == 0) & (row_scale * slack > tol_p[:, None]) & pending[:, None]
+        misjudged = (leaving | joining).any(-1)
+        correct = misjudged & (corrections < max_corrections)
+        for b in torch.nonzero(misjudged).flatten().tolist():
+            reasons[b] = (f"active set corrected: {int(joining[b].sum())} constraint(s) joined, "
+                          f"{int(leaving[b].sum())} left" if correct[b] else
+                          "the active set kept changing (a multiplier turned negative or a constraint became violated)")
+        if bool(correct.any()):
+            active = torch.where(correct[:, None], (active + joining.double() - leaving.double()).clamp(0, 1), active)
+            corrections += correct.long()
+            w_kept = op.w.detach().clone()
+            w_kept[:, rows] = w_kept[:, rows] * active  # joining rows start at mu_i = 0, leaving rows drop mu_i
+            op = KKTOperator(problem, x, w_kept, active, _padded_scale(scale, active, n_y))
+            best = torch.where(correct, op.scaled_residual()[0], best)
+        trial_ok = pending & ~misjudged
+        trial = KKTOperator(problem, x, torch.where(trial_ok[:, None], candidate, op.w.detach()), active,
+                            op.scale)
         improved = trial_ok & (trial.scaled_residual()[0] < best)
-        if not bool(improved.any()):
+        if not bool((improved | correct).any()):
             break
         accepted_w = torch.where(improved[:, None], trial.w.detach(), op.w.detach())
-        op = trial if bool(improved.eq(trial_ok).all()) else KKTOperator(problem, x, accepted_w, active, scale)
+        op = trial if bool(improved.eq(trial_ok).all()) else KKTOperator(problem, x, accepted_w, active, op.scale)
         residual, size = op.scaled_residual()
         best = torch.where(improved, residual, best)
         steps += improved.long()
-        pending = improved & (best > tol * size)
+        pending = (improved | correct) & (best > tol * size)
     infos = [PolishInfo(int(s), float(r0), float(r1), not reason or int(s) > 0, reason)
              for s, r0, r1, reason in zip(steps, before, _residual_norms(op), reasons)]
     return op, infos
+
+
+def _padded_scale(scale: torch.Tensor | None, active: torch.Tensor, n_y: int) -> torch.Tensor | None:
+    """The equilibration with K_ii = 1 on the padded (inactive) multiplier rows."""
+    if scale is None:
+        return None
+    padded = scale.clone()
+    rows = padded[:, n_y:n_y + active.shape[-1]]
+    padded[:, n_y:n_y + active.shape[-1]] = torch.where(active > 0, rows, torch.ones_like(rows))
+    return padded
 
 
 def _residual_norms(op: KKTOperator) -> torch.Tensor:
@@ -554,14 +584,14 @@ def kkt_at_solutions(
                                   row_scale[b], unit[b]))
     mask = torch.stack([a.mask(n_ineq) for a in actives]).to(device)
     w = torch.cat([y, mu_all * mask, nu], -1)
-    scale[:, n_y:n_y + n_ineq] = torch.where(mask > 0, scale[:, n_y:n_y + n_ineq], 1.0)  # padded rows: K_ii = 1
     if polish_solution:
         newton_method = method if method in ("direct", "minres") else "cg"
         tol_p = torch.tensor([a.tol_p for a in actives], dtype=w.dtype, device=device)
         newton_step = lambda op, rhs: equilibrated_solve(op, rhs, newton_method, tol=1e-6)[0]  # noqa: E731
         op, infos = polish(problem, x, w, mask, newton_step, tol_p, scale=scale)
+        actives = [_corrected(a, final) for a, final in zip(actives, op.active)]
     else:
-        op = KKTOperator(problem, x, w, mask, scale)
+        op = KKTOperator(problem, x, w, mask, _padded_scale(scale, mask, n_y))
         infos = [PolishInfo(0, float(r), float(r), False, "disabled") for r in _residual_norms(op)]
     residuals, sizes = op.scaled_residual()
     for b, info in enumerate(infos):
@@ -574,6 +604,14 @@ def kkt_at_solutions(
                 stacklevel=3,
             )
     return op, actives, infos
+
+
+def _corrected(active: ActiveSet, final_mask: torch.Tensor) -> ActiveSet:
+    """``active`` with the entries of the polish's final active set."""
+    entries = torch.nonzero(final_mask > 0).flatten().cpu()
+    if torch.equal(entries, active.active):
+        return active
+    return ActiveSet(entries, active.weakly_active, active.labels, active.tol_mu, active.tol_p)
 
 
 # ---------------------------------------------------------------- curvature
