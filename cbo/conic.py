@@ -54,7 +54,7 @@ import scipy.sparse as sp
 import torch
 
 from .errors import (DegenerateKKTWarning, InaccurateSolutionWarning, InnerSolveError, ProblemDefinitionError,
-                     StrictComplementarityError)
+                     StrictComplementarityError, external_stacklevel)
 from .inner import DEFAULT_SOLVER_OPTIONS
 from .linsolve import SolveInfo
 
@@ -203,7 +203,7 @@ class ConicProgram:
             warnings.warn(
                 f"{where}The cone program's optimality residual at the inner solution is {after:.2e} "
                 f"(Clarabel status '{status}'): the hypergradient will be inaccurate. Tighten the solver "
-                "tolerances.", InaccurateSolutionWarning, stacklevel=3)
+                "tolerances.", InaccurateSolutionWarning, stacklevel=external_stacklevel())
         return ConicPoint(z, y, y - v, v, D, A, status, before, after, steps, cones, elapsed)
 
     def _polish(self, c, A, b, z, v, exp_guess, before):
@@ -303,7 +303,7 @@ class ConicProgram:
                 f"{where}Strict complementarity fails at the inner solution: {'; '.join(dict.fromkeys(weak))} "
                 "touch(es) the bound with a zero multiplier (weakly active). y*(x) is not differentiable "
                 "there; cbo returns the one-sided derivative that keeps these entries inactive.",
-                DegenerateKKTWarning, stacklevel=4)
+                DegenerateKKTWarning, stacklevel=external_stacklevel())
         return statuses
 
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DegenerateKKTWarning
+from .errors import DegenerateKKTWarning, external_stacklevel
 from .inner import solve_inner
 from .conic import ConeStatus
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
@@ -189,7 +189,7 @@ def hypergrad(
             "everywhere in cost parameters and undefined where the optimal vertex changes. For informative "
             "gradients add a small strongly convex term, e.g. 1e-3 * cp.sum_squares(y), to the inner objective.",
             DegenerateKKTWarning,
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
 
     route, reason = select_route(problem, route)

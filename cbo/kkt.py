@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from .errors import DegenerateKKTWarning, InaccurateSolutionWarning
+from .errors import DegenerateKKTWarning, InaccurateSolutionWarning, external_stacklevel
 from .linsolve import NullSpaceSystem, equilibrated_solve
 from .problem import BilevelProblem
 
@@ -123,7 +123,7 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
             "differentiable there; cbo returns the one-sided derivative that keeps these "
             "constraints inactive. Move x slightly, or check info.active_set.",
             DegenerateKKTWarning,
-            stacklevel=4,
+            stacklevel=external_stacklevel(),
         )
     return ActiveSet(torch.as_tensor(np.flatnonzero(is_active), dtype=torch.long), list(map(int, weak)), labels,
                      tol * scale_mu, tol_w * scale_p)
@@ -428,7 +428,7 @@ def licq_check(op: KKTOperator, tol: float = 1e-7, where: Callable[[int], str] =
                 "are not unique; the hypergradient uses a least-squares / minimum-residual solution. Remove "
                 "redundant constraints for a well-posed problem.",
                 DegenerateKKTWarning,
-                stacklevel=3,
+                stacklevel=external_stacklevel(),
             )
     return infos
 
@@ -579,9 +579,8 @@ def kkt_at_solutions(
     slack = vmap(problem.inequality_values)(x, y).cpu().numpy()
     row_scale = scale[:, n_y:n_y + n_ineq].cpu().numpy()
     actives = []
-    for b, (solution, values) in enumerate(zip(solutions, slack)):  # a loop, not a comprehension: warnings'
-        actives.append(active_set(problem, solution.mu, values, active_tol, where(b),  # stacklevel counts frames
-                                  row_scale[b], unit[b]))
+    for b, (solution, values) in enumerate(zip(solutions, slack)):
+        actives.append(active_set(problem, solution.mu, values, active_tol, where(b), row_scale[b], unit[b]))
     mask = torch.stack([a.mask(n_ineq) for a in actives]).to(device)
     w = torch.cat([y, mu_all * mask, nu], -1)
     if polish_solution:
@@ -601,7 +600,7 @@ def kkt_at_solutions(
                 f"(solver status '{solutions[b].status}', polish: {info.reason or 'ran'}): the hypergradient "
                 "will be inaccurate. Tighten the solver tolerances or try another solver.",
                 InaccurateSolutionWarning,
-                stacklevel=3,
+                stacklevel=external_stacklevel(),
             )
     return op, actives, infos
 
@@ -667,6 +666,6 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
                 f"{low:.1e} vs {high:.1e}). y*(x) is not differentiable there; cbo returns the "
                 "minimum-norm derivative. Add a strongly convex term (e.g. 1e-3 * cp.sum_squares(y)).",
                 DegenerateKKTWarning,
-                stacklevel=3,
+                stacklevel=external_stacklevel(),
             )
     return extremes

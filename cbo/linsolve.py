@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConvergenceError, ConvergenceWarning
+from .errors import ConvergenceError, ConvergenceWarning, external_stacklevel
 
 __all__ = [
     "SolveInfo", "minres", "cg", "ADJOINT_SOLVERS", "adjoint_solve", "equilibrated_solve",
@@ -409,5 +409,5 @@ def adjoint_solve(op, b: torch.Tensor, method: str, *, x0=None, tol: float = 1e-
         )
         if on_nonconvergence == "raise" or not bool(torch.isfinite(v).all()):
             raise ConvergenceError(message, info)
-        warnings.warn(message, ConvergenceWarning, stacklevel=3)
+        warnings.warn(message, ConvergenceWarning, stacklevel=external_stacklevel())
     return v, info

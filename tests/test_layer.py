@@ -338,3 +338,15 @@ def test_numpy_inputs_are_accepted():
     layer = cbo.ArgminLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y <= 1]), [x], [y], n_workers=1)
     (out,) = layer(np.array([0.5, 3.0]))
     assert torch.allclose(out, torch.tensor([0.5, 1.0], dtype=torch.float64), atol=1e-9)
+
+
+def test_warnings_point_at_the_users_line():
+    """A degenerate-point warning raised deep inside the layer (under torch.autograd.Function) names this file."""
+    x, y = cp.Parameter(2), cp.Variable(2)
+    layer = cbo.ArgminLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y <= 1]), [x], [y], n_workers=1)
+    x_weak = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)  # y_0 = 1 with mu_0 = 0
+    with pytest.warns(cbo.DegenerateKKTWarning) as record:
+        (y_star,) = layer(x_weak)
+        y_star.sum().backward()
+    assert {w.filename for w in record} == {__file__}
+    layer.close()
