@@ -132,8 +132,9 @@ class BilevelProblem:
             raise type(self.smooth_error)(
                 f"{self.smooth_error} The conic route, which differentiates such problems through "
                 "cvxpy's cone program, needs a DPP problem (https://www.cvxpy.org/tutorial/dpp/) and this "
-                "one is not DPP: make the parameters enter DPP-compliantly, or rewrite the problem as "
-                "this message suggests."
+                "one is not DPP: make the parameters enter DPP-compliantly (e.g. replace a product of "
+                "parameters, or a nonlinear function of one, by a new parameter), or remove what has no "
+                "smooth form."
             ) from self.smooth_error
         self.is_linear = bool(self.inner.objective.expr.is_affine()) and all(
             _constraint_is_affine(c) for c in self.inner.constraints)
