@@ -18,7 +18,12 @@ numpy. It is checked against central finite differences through cvxpy on the
 smallest size. A second, "exact" reference does the same numpy KKT solve at the
 designed KKT point, free of the solver error of cvxpy's y*.
 
-Run:  python benchmarks/accuracy.py [--sizes 100 500 1000] [--seed 0]
+Then, with --nonsmooth-and-conic (or alone: benchmarks/conic_accuracy.py), the
+problem classes of the conic route and the epigraph reformulation (lasso,
+L1-logistic, SVM, SOCP, SDP, entropy): cbo and cvxpylayers against finite
+differences.
+
+Run:  python benchmarks/accuracy.py [--sizes 100 500 1000] [--seed 0] [--nonsmooth-and-conic]
 """
 from __future__ import annotations
 
@@ -378,6 +383,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 1000], help="numbers of variables n")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nonsmooth-and-conic", action="store_true",
+                        help="also run benchmarks/conic_accuracy.py's problem classes")
     return parser.parse_args()
 
 
@@ -410,6 +417,11 @@ def main():
     print(plain_table(rows))
     write_markdown(OUTPUT, args, checks, fd_lines, rows, runtime)
     print(f"\nTotal runtime {runtime:.1f} s. Markdown table written to {OUTPUT}.")
+    if args.nonsmooth_and_conic:
+        import conic_accuracy  # benchmarks/ is on sys.path when this script runs
+
+        print("\nNonsmooth and conic problem classes:")
+        conic_accuracy.main()
 
 
 if __name__ == "__main__":
