@@ -631,7 +631,7 @@ class ConicArgminFunction(torch.autograd.Function):
                          torch.split(y, [v.size for v in problem.all_variables], dim=-1)))
         dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.float64
         return tuple(by_id[v.id].reshape(torch.Size([*batch_shape, *v.shape])).to(dtype=dtype, device=inputs[0].device)
-                     for v in problem.variables)
+                     for v in problem.inner_variables)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -639,7 +639,7 @@ class ConicArgminFunction(torch.autograd.Function):
         problem, program = ctx.layer.problem, ctx.layer.problem.conic_program()
         start = time.perf_counter()
         batch = len(ctx.points)
-        by_id = {v.id: g for v, g in zip(problem.variables, grad_outputs)}
+        by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
         per_item = []
         for b, point in enumerate(ctx.points):
             grad_y = [np.zeros(v.size) if by_id.get(v.id) is None

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .errors import DivergenceError, InnerSolveError, ProblemDefinitionError, external_stacklevel
 from .hypergrad import HypergradInfo, TensorLike, as_parameter_tensors, hypergrad
 from .problem import BilevelProblem
+from .reformulate import substitute
 
 __all__ = ["minimize", "MinimizeResult", "History", "OuterProjection", "plot_history", "OPTIMIZERS"]
 
@@ -201,21 +202,12 @@ def _rewrite_outer_constraint(constraint, index, parameters, substitution):
         raise ProblemDefinitionError(
             f"{where} involves none of the problem's parameters {[p.name() for p in parameters]}. "
             "Write it on the same cp.Parameter objects that were given to BilevelProblem.")
-    rewritten = _substitute(constraint, substitution)
+    rewritten = substitute(constraint, substitution)
     if not rewritten.is_dcp():
         raise ProblemDefinitionError(
             f"{where} is not convex in x (not DCP once x is a variable); the projection onto it is not "
             "defined. Rewrite it following cvxpy's DCP rules.")
     return rewritten
-
-
-def _substitute(expr, substitution: dict):
-    """A copy of a cvxpy expression or constraint with the leaves in ``substitution`` (by id) replaced."""
-    if getattr(expr, "id", None) in substitution:
-        return substitution[expr.id]
-    if not expr.args:
-        return expr
-    return expr.copy([_substitute(arg, substitution) for arg in expr.args])
 
 
 # ---------------------------------------------------------------- the loop

@@ -199,7 +199,7 @@ class _ArgminFunction(torch.autograd.Function):
         by_id = {v.id: t for v, t in zip(problem.all_variables, y)}
         dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.float64
         return tuple(by_id[v.id].reshape(torch.Size([*batch_shape, *v.shape])).to(dtype=dtype, device=inputs[0].device)
-                     for v in problem.variables)
+                     for v in problem.inner_variables)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -207,7 +207,7 @@ class _ArgminFunction(torch.autograd.Function):
         layer, op, problem = ctx.layer, ctx.op, ctx.layer.problem
         start = time.perf_counter()
         batch = op.batch_size
-        by_id = {v.id: g for v, g in zip(problem.variables, grad_outputs)}
+        by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
         dy = torch.cat([
             torch.zeros(batch, v.size, dtype=op.w.dtype, device=op.w.device) if by_id.get(v.id) is None
             else by_id[v.id].reshape(batch, v.size).to(op.w)

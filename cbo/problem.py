@@ -127,6 +127,8 @@ class BilevelProblem:
         self.reformulation = epigraph_reformulation(inner)
         self.inner = self.reformulation.problem
         self.all_variables = list(self.inner.variables())
+        # The user's variables as they appear in `inner` (a nonneg=True variable is replaced there).
+        self.inner_variables = [self.reformulation.inner_variable(v) for v in self.variables]
         self.smooth_error = _smooth_setup(self)
         if self.smooth_error is not None and not inner.is_dpp():
             raise type(self.smooth_error)(
@@ -155,6 +157,8 @@ class BilevelProblem:
             return f"conic: {str(self.smooth_error).split('. ')[0]}"
         if self.reformulation.changed:
             return f"smooth after epigraph reformulation of {', '.join(self.reformulation.atoms)}"
+        if self.reformulation.substitutes:
+            return "smooth Lagrangian, with variable sign attributes as constraints"
         return "smooth Lagrangian"
 
     def conic_program(self):
@@ -232,7 +236,7 @@ class BilevelProblem:
                 "`outer=lambda *params_then_vars: scalar` to BilevelProblem to use cbo.hypergrad."
             )
         by_id = {v.id: t for v, t in zip(self.all_variables, self.split_y(y_flat))}
-        value = self.outer(*x, *[by_id[v.id] for v in self.variables])
+        value = self.outer(*x, *[by_id[v.id] for v in self.inner_variables])
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ProblemDefinitionError(
                 f"`outer` must return a scalar torch tensor, got {type(value).__name__}"

@@ -45,7 +45,7 @@ from cvxpy.atoms.min import min as cp_min
 from cvxpy.atoms.norm1 import norm1
 from cvxpy.atoms.norm_inf import norm_inf
 
-__all__ = ["Reformulation", "epigraph_reformulation"]
+__all__ = ["Reformulation", "epigraph_reformulation", "substitute"]
 
 # +1: the enclosing problem pushes the expression down (convex atoms may become epigraphs);
 # -1: pushes it up (concave atoms may become hypographs); 0: neither.
@@ -68,6 +68,10 @@ class Reformulation:
         ``constraint.id`` of each added constraint -> "epigraph of abs(var1) in the objective".
     atoms : list of str
         Names of the rewritten atoms, in order of first appearance (no repeats).
+    substitutes : dict[int, cvxpy.Variable]
+        ``variable.id`` of each user variable declared ``nonneg=True`` or
+        ``nonpos=True`` -> the plain variable that replaces it, whose sign is an
+        explicit (labelled) constraint with a multiplier.
     """
 
     problem: cp.Problem
@@ -75,10 +79,15 @@ class Reformulation:
     variables: list = field(default_factory=list)
     origins: dict = field(default_factory=dict)
     atoms: list = field(default_factory=list)
+    substitutes: dict = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
         return bool(self.variables)
+
+    def inner_variable(self, variable: cp.Variable) -> cp.Variable:
+        """The variable of ``problem`` that stands for the user's ``variable``."""
+        return self.substitutes.get(variable.id, variable)
 
 
 def epigraph_reformulation(problem: cp.Problem) -> Reformulation:
@@ -88,7 +97,10 @@ def epigraph_reformulation(problem: cp.Problem) -> Reformulation:
     are appended after them. The returned problem has the same optimal values
     of the original variables.
     """
+    original = problem
+    problem, substitutes, sign_constraints = _explicit_signs(problem)
     rewriter = _Rewriter()
+    rewriter.added = list(sign_constraints)
     sense = _DOWN if isinstance(problem.objective, cp.Minimize) else _UP
     rewriter.where = "the objective"
     objective = type(problem.objective)(rewriter.rewrite(problem.objective.expr, sense))
@@ -96,11 +108,38 @@ def epigraph_reformulation(problem: cp.Problem) -> Reformulation:
     for index, constraint in enumerate(problem.constraints):
         rewriter.where = f"constraint {index}"
         constraints.append(rewriter.constraint(constraint))
-    if not rewriter.variables:
-        return Reformulation(problem, problem)
+    if not rewriter.added:
+        return Reformulation(problem, original)
     new_problem = cp.Problem(objective, constraints + [c for c, _ in rewriter.added])
-    return Reformulation(new_problem, problem, rewriter.variables,
-                         {c.id: origin for c, origin in rewriter.added}, rewriter.atoms)
+    return Reformulation(new_problem, original, rewriter.variables,
+                         {c.id: origin for c, origin in rewriter.added}, rewriter.atoms, substitutes)
+
+
+def _explicit_signs(problem: cp.Problem) -> tuple[cp.Problem, dict, list]:
+    """Replace each variable declared nonneg=True (nonpos=True), and nothing else, by a plain variable
+    with the constraint v >= 0 (v <= 0): cvxpy reports no multiplier for an attribute, a constraint has one."""
+    substitutes, added = {}, []
+    for v in problem.variables():
+        declared = {k for k, value in v.attributes.items() if value}
+        if not declared or not declared <= {"nonneg", "nonpos"}:
+            continue  # other attributes (symmetric, PSD, integer, ...) stay: the conic route or an error
+        plain = cp.Variable(v.shape, name=v.name())
+        substitutes[v.id] = plain
+        sign = "nonneg" if "nonneg" in declared else "nonpos"
+        added.append((plain >= 0 if sign == "nonneg" else plain <= 0, f"{sign}=True attribute of {v.name()}"))
+    if not substitutes:
+        return problem, {}, []
+    objective = type(problem.objective)(substitute(problem.objective.expr, substitutes))
+    return cp.Problem(objective, [substitute(c, substitutes) for c in problem.constraints]), substitutes, added
+
+
+def substitute(expr, substitutes: dict):
+    """A copy of a cvxpy expression or constraint with the leaves in ``substitutes`` (by id) replaced."""
+    if getattr(expr, "id", None) in substitutes:
+        return substitutes[expr.id]
+    if not expr.args:
+        return expr
+    return expr.copy([substitute(arg, substitutes) for arg in expr.args])
 
 
 class _Rewriter:

@@ -88,11 +88,11 @@ def test_variable_not_in_problem():
         cbo.BilevelProblem(inner, [x], [cp.Variable(2)])
 
 
-def test_variable_attributes_go_conic_or_need_explicit_constraints():
-    x, y = cp.Parameter(2), cp.Variable(2, nonneg=True)
+def test_other_variable_attributes_go_conic_or_are_refused():
+    x, y = cp.Parameter((2, 2)), cp.Variable((2, 2), symmetric=True)
     problem = cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], [y])
-    assert problem.route == "conic" and "nonneg" in problem.route_reason
-    with pytest.raises(cbo.ProblemDefinitionError, match="nonneg.*>= 0.*not DPP"):
+    assert problem.route == "conic" and "symmetric" in problem.route_reason
+    with pytest.raises(cbo.ProblemDefinitionError, match="symmetric.*not DPP"):
         cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - cp.exp(x)))), [x], [y])
 
 

@@ -127,3 +127,23 @@ def test_layer_gradcheck_on_lasso():
     inputs = [t.clone().requires_grad_(True) for t in case.x_tensors]
     assert torch.autograd.gradcheck(lambda b, lam: layer(b, lam)[0], inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
     layer.close()
+
+
+@pytest.mark.parametrize("sign", ["nonneg", "nonpos"])
+def test_sign_attributes_become_labelled_constraints_on_the_smooth_route(sign):
+    """cp.Variable(n, nonneg=True) is differentiated on the smooth route with y >= 0 as an explicit
+    constraint (cvxpy reports no multiplier for an attribute); the user's variable stays the interface."""
+    n, s = 4, 1.0 if sign == "nonneg" else -1.0
+    x, y = cp.Parameter(n), cp.Variable(n, **{sign: True})
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x) + 0.1 * cp.sum_squares(y)), [cp.sum(y) == 2 * s])
+    target = torch.tensor([2.0, -1.0, 0.5, 0.0], dtype=torch.float64) * s
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: ((y - target) ** 2).sum())
+    assert problem.route == "smooth" and "sign attributes" in problem.route_reason
+    x0 = torch.tensor([1.5, -0.7, 0.9, -0.5], dtype=torch.float64) * s
+    g, info = cbo.hypergrad(problem, x0, return_info=True)
+    assert info.active_set.active.numel() >= 1  # the sign constraint binds on some entries
+    assert sign in problem.constraint_label(int(info.active_set.active[0]))
+    g_conic = cbo.hypergrad(problem, x0, route="conic")
+    torch.testing.assert_close(g, g_conic, atol=1e-7, rtol=1e-6)
+    (y_layer,) = cbo.ArgminLayer(inner, [x], [y], n_workers=1)(x0)
+    torch.testing.assert_close(y_layer, info.y[0], atol=1e-8, rtol=0)
