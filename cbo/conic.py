@@ -253,21 +253,48 @@ class ConicProgram:
         for reduction in self.chain.reductions:
             del_vars = reduction.var_backward(del_vars)
         dz = np.asarray(self.param_prob.split_adjoint(del_vars), dtype=float).reshape(-1)
-        n, m = point.z.size, point.v.size
+        m = point.v.size
         J = torch.as_tensor(_jacobian(point.A, point.D))
         rhs = torch.as_tensor(np.concatenate([dz, np.zeros(m)]))
-        try:
-            w = torch.linalg.solve(J.T, rhs)
-        except torch.linalg.LinAlgError:
-            w = torch.full_like(rhs, float("nan"))
-        point.adjoint_residual = float((J.T @ w - rhs).norm() / rhs.norm().clamp_min(1e-300))
-        if not point.adjoint_residual <= 1e-8:
-            raise StrictComplementarityError(
-                "The derivative of the cone program's solution does not exist at this x: its optimality "
-                "conditions are singular (relative residual of the adjoint solve "
-                f"{point.adjoint_residual:.1e}), so strict complementarity or uniqueness of the solution "
-                "fails. Add a strongly convex term (e.g. 1e-3 * cp.sum_squares(y)), or move x.")
-        w = w.numpy()
+        w, solved = torch.linalg.solve_ex(J.T, rhs)
+        point.adjoint_residual = _relative_residual(J.T, w, rhs)
+        if int(solved) != 0 or not point.adjoint_residual <= 1e-8:
+            w = self._singular_adjoint(point, J, rhs)
+        return self._parameter_gradients(point, w.numpy())
+
+    def _singular_adjoint(self, point: ConicPoint, J: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        r"""The minimum-norm solution of J^T w = rhs when J is singular but the derivative exists.
+
+        J is singular where a variable of cvxpy's canonicalization is not unique (the hypograph
+        variable of a slack geo_mean constraint, say) while the user's solution is; then the system
+        is consistent, every null vector u of J^T carries no parameter gradient, and the
+        minimum-norm w gives the derivative. A null vector that does carry one (a multiplier at a
+        cone's apex, strict complementarity failing) means the derivative does not exist: error.
+        """
+        U, sigma, _ = torch.linalg.svd(J)  # null(J^T) = left singular vectors of J with sigma ~ 0
+        null = U[:, sigma <= 1e-10 * sigma.max()]
+        w = torch.linalg.pinv(J.T) @ rhs
+        point.adjoint_residual = _relative_residual(J.T, w, rhs)
+        largest = lambda adjoint: max(float(np.abs(g).max(initial=0))  # noqa: E731
+                                      for g in self._parameter_gradients(point, adjoint.numpy()))
+        scale, leaking = max(largest(w), 1.0), max((largest(u) for u in null.T), default=0.0)
+        if point.adjoint_residual <= 1e-8 and leaking <= 1e-8 * scale:
+            warnings.warn(
+                "The cone program's optimality conditions are singular at this x: an auxiliary variable of "
+                "cvxpy's canonicalization is not unique (the user's solution is). cbo used the minimum-norm "
+                "solution of the consistent adjoint system.", DegenerateKKTWarning, stacklevel=external_stacklevel())
+            return w
+        raise StrictComplementarityError(
+            "The derivative of the cone program's solution does not exist at this x: its optimality "
+            f"conditions are singular (relative residual of the adjoint solve {point.adjoint_residual:.1e}, "
+            f"parameter sensitivity along their null space {leaking:.1e}), so strict complementarity or "
+            "uniqueness of the solution fails. Add a strongly convex term (e.g. 1e-3 * cp.sum_squares(y)), "
+            "or move x.")
+
+    def _parameter_gradients(self, point: ConicPoint, w: np.ndarray) -> list[np.ndarray]:
+        """dF/dx from the adjoint w = (w_z, w_v): dc = -w_z, dA = -(y w_z^T + w_v z^T), db = w_v, mapped
+        to the user's parameters by cvxpy's parameter maps."""
+        n = point.z.size
         w_z, w_v = w[:n], w[n:]
         dA = -(np.outer(point.y, w_z) + np.outer(w_v, point.z))
         dparams = self.param_prob.apply_param_jac(-w_z, sp.csc_array(-dA), w_v)
@@ -539,6 +566,13 @@ def _in_exp_dual(q: np.ndarray) -> bool:
 
 
 # ---------------------------------------------------------------- residual map
+
+def _relative_residual(M: torch.Tensor, w: torch.Tensor, rhs: torch.Tensor) -> float:
+    """||M w - rhs|| / ||rhs|| (inf if w is not finite)."""
+    if not bool(torch.isfinite(w).all()):
+        return float("inf")
+    return float((M @ w - rhs).norm() / rhs.norm().clamp_min(1e-300))
+
 
 def _residual(c, A, b, z, v, y) -> np.ndarray:
     """N(z, v) = (c + A^T y, A z + y - v - b) with y = Pi_{K^*}(v)."""

@@ -146,6 +146,16 @@ ALL_CASES = [lasso, l1_logistic, svm, socp, sdp, entropy]
 
 # ---------------------------------------------------------------- references
 
+def geo_mean(active: bool) -> NonsmoothCase:
+    """min ||y||^2 - a^T y  s.t.  geo_mean(y) >= 0.1, x = a; the constraint binds iff ``active``.
+    cvxpy's cone program has a hypograph variable that is not unique when the constraint is slack."""
+    a, y = cp.Parameter(3), cp.Variable(3)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y) - a @ y), [cp.geo_mean(y) >= 0.1])
+    x = np.array([0.1, 0.12, 0.08]) if active else np.array([1.0, 1.2, 0.8])
+    problem = cbo.BilevelProblem(inner, [a], [y], outer=_outer(np.array([0.2, 0.5, 0.1]), 1))
+    return NonsmoothCase(f"geo_mean_{'active' if active else 'slack'}", problem, [x])
+
+
 def cvxpy_solution(problem: cbo.BilevelProblem, xs) -> np.ndarray:
     """The first user variable at x, from cvxpy alone (tight Clarabel tolerances)."""
     for p, v in zip(problem.parameters, xs):
@@ -182,7 +192,7 @@ def finite_difference_polished(case: NonsmoothCase, direction, h: float = 1e-5) 
     """The same with y* from cbo's polished cone-program solution (accurate to ~1e-14, checked
     against cvxpy's in the tests), so that the quotient's error is O(h^2)."""
     program = case.problem.conic_program()
-    index = [v.id for v in case.problem.all_variables].index(case.problem.variables[0].id)
+    index = [v.id for v in case.problem.all_variables].index(case.problem.inner_variables[0].id)
 
     def F(sign):
         xs = [x + sign * h * d for x, d in zip(case.x, direction)]

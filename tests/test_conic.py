@@ -2,6 +2,8 @@
 diagnostics, strict complementarity errors, and agreement with the smooth route."""
 from __future__ import annotations
 
+import warnings
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -10,8 +12,8 @@ import torch
 import cbo
 from builders import random_qp
 from cbo.conic import StrictComplementarityError
-from conic_cases import (cvxpy_solution, directional, entropy, finite_difference_cvxpy, finite_difference_polished, sdp,
-                         socp, symmetric_direction)
+from conic_cases import (cvxpy_solution, directional, entropy, finite_difference_cvxpy, finite_difference_polished,
+                         geo_mean, sdp, socp, symmetric_direction)
 
 RTOL = 1e-6
 CONE_CASES = [socp, sdp, entropy]
@@ -78,6 +80,18 @@ def test_strict_complementarity_failure_names_the_constraint():
     problem = cbo.BilevelProblem(inner, [a, r], outer=lambda a, r, y: y.sum())
     with pytest.raises(StrictComplementarityError, match=r"SOC constraint 0 \(`SOC.*boundary"):
         cbo.hypergrad(problem, [torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64), torch.tensor(1.0)])
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["active", "slack"])
+def test_non_unique_canonicalization_variable_is_not_an_error(active):
+    """A slack geo_mean constraint leaves cvxpy's hypograph variable free: the cone program's Jacobian is
+    singular, but the user's solution and its derivative exist (the null space carries no sensitivity)."""
+    case = geo_mean(active)
+    direction = symmetric_direction(case.problem)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)
+        grad = cbo.hypergrad(case.problem, case.x_tensors)
+    assert directional(grad, direction) == pytest.approx(finite_difference_cvxpy(case, direction, h=1e-5), rel=1e-5)
 
 
 def test_non_unique_multiplier_is_an_error():
