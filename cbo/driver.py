@@ -10,8 +10,8 @@ strong-Wolfe line search ("lbfgs", unconstrained x only):
     x_{k+1} = P_C(adam_step(x_k, g_k))        (adam)
 
 P_C is the Euclidean projection, a small cvxpy problem
-``argmin_z ||z - v||^2 s.t. z in C`` compiled once. The loop stops after
-``steps`` updates or when the gradient mapping
+``argmin_z ||z - v||^2 s.t. z in C`` compiled once (a clip when C is a box).
+The loop stops after ``steps`` updates or when the gradient mapping
 
     G(x) = (x - P_C(x - lr * g)) / lr
 
@@ -145,6 +145,7 @@ class OuterProjection:
         rewritten = [_rewrite_outer_constraint(c, i, parameters, substitution) for i, c in enumerate(self.constraints)]
         distance = sum(cp.sum_squares(z - v) for z, v in zip(self._projected, self._points))
         self._problem = cp.Problem(cp.Minimize(distance), rewritten)
+        self._box = _box_bounds(self._projected, rewritten)
         # An interior-point solution of a projection that lands on a bound is off by about
         # sqrt(tolerance) there (z_i s_i = mu): OSQP's polish finds the exact face of a QP.
         # Clarabel is the fallback when OSQP stops short.
@@ -160,6 +161,9 @@ class OuterProjection:
             z.value = value
         if all(np.all(c.violation() <= FEASIBILITY_TOL) for c in self._problem.constraints):
             return xs
+        if self._box is not None:  # bounds only: the projection is a clip
+            return [torch.as_tensor(np.clip(v, lo, hi), dtype=x.dtype, device=x.device)
+                    for v, (lo, hi), x in zip(values, self._box, xs)]
         for point, value in zip(self._points, values):
             point.value = value
         for solver in self._solvers:
@@ -184,6 +188,27 @@ class OuterProjection:
                   for z, (nonneg, nonpos) in zip(self._projected, self._signs)]
         return [torch.as_tensor(np.asarray(v, dtype=float), dtype=x.dtype, device=x.device).reshape(x.shape)
                 for v, x in zip(values, xs)]
+
+
+def _box_bounds(variables: Sequence[cp.Variable], constraints) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """(lower, upper) per variable if every constraint is a bound ``z <= c`` or ``c <= z`` with c
+    constant (broadcast to z's shape), else None."""
+    bounds = {v.id: [np.full(v.shape, -np.inf), np.full(v.shape, np.inf)] for v in variables}
+    for c in constraints:
+        if not isinstance(c, cp.constraints.Inequality):
+            return None
+        lhs, rhs = c.args
+        if getattr(lhs, "id", None) in bounds and rhs.is_constant() and not rhs.parameters():
+            bound = bounds[lhs.id]
+            bound[1] = np.minimum(bound[1], np.broadcast_to(rhs.value, lhs.shape))
+        elif getattr(rhs, "id", None) in bounds and lhs.is_constant() and not lhs.parameters():
+            bound = bounds[rhs.id]
+            bound[0] = np.maximum(bound[0], np.broadcast_to(lhs.value, rhs.shape))
+        else:
+            return None
+    if any(np.any(lo > hi) for lo, hi in bounds.values()):
+        return None  # infeasible bounds: the solver path reports them
+    return [tuple(bounds[v.id]) for v in variables]
 
 
 def _sign_constraints(parameters: Sequence[cp.Parameter]) -> list[cp.Constraint]:

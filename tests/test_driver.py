@@ -174,6 +174,7 @@ def test_bad_outer_constraints_are_named():
     other, z = cp.Parameter(N), cp.Variable(N)
     cases = [
         ([x >= 1, cp.sum(x) <= 0], "infeasible"),
+        ([x >= 1, x <= 0], "infeasible"),
         ([x + z >= 0], "variable"),
         ([other >= 0], "none of the problem's parameters"),
         ([cp.square(x) >= 1], "not convex"),
