@@ -28,6 +28,7 @@ set and the polish's residual tests are judged in the same scaled units.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -251,7 +252,9 @@ class EquilibratedKKT(_KKTSystem):
     """
 
     def __init__(self, op: KKTOperator):
-        self.op, self.d = op, op.scale
+        # A proxy: op caches this object, and a strong reference back would make a cycle that only the
+        # cyclic garbage collector frees (memory then grows between its rare full collections).
+        self.op, self.d = weakref.proxy(op), op.scale
         self.n_y, self.n_dual, self.dual_mask = op.n_y, op.n_dual, op.dual_mask
         self.w = op.w.detach() / self.d
 

@@ -39,3 +39,26 @@ def test_hypergrad_reports_the_corrected_active_set():
     g, info = cbo.hypergrad(problem, torch.tensor([2.0, 0.5], dtype=torch.float64), return_info=True)
     assert info.active_set.active.tolist() == [0]
     torch.testing.assert_close(g, torch.tensor([0.0, 1.0], dtype=torch.float64))  # dF/dx = 2 y* dy*/dx
+
+
+def test_no_tensor_is_left_in_a_reference_cycle():
+    """Cycles holding tensors are freed only by the cyclic garbage collector's rare full passes, so
+    memory grows between them over thousands of calls (found by benchmarks/soak.py)."""
+    import gc
+
+    from builders import random_qp
+
+    case = random_qp(10, seed=0)
+    for method in cbo.METHODS:
+        cbo.hypergrad(case.problem, case.x_tensors, method=method)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for method in cbo.METHODS:
+            cbo.hypergrad(case.problem, case.x_tensors, method=method)
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, torch.Tensor) or type(o).__module__.startswith("cbo")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert cyclic == []
