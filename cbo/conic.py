@@ -661,11 +661,7 @@ class ConicArgminFunction(torch.autograd.Function):
         info_box.append(info)
         ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
         ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
-        by_id = dict(zip([v.id for v in problem.all_variables],
-                         torch.split(y, [v.size for v in problem.all_variables], dim=-1)))
-        dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.float64
-        return tuple(by_id[v.id].reshape(torch.Size([*batch_shape, *v.shape])).to(dtype=dtype, device=inputs[0].device)
-                     for v in problem.inner_variables)
+        return problem.variable_outputs(y, batch_shape, inputs[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -195,11 +195,7 @@ class _ArgminFunction(torch.autograd.Function):
         ctx.layer, ctx.op, ctx.info, ctx.batch_shape = layer, op, info, batch_shape
         ctx.input_shapes = [tuple(t.shape) for t in inputs]
         ctx.input_meta = [(t.dtype, t.device) for t in inputs]
-        y = torch.split(op.w.detach()[:, : problem.n_y], [v.size for v in problem.all_variables], dim=-1)
-        by_id = {v.id: t for v, t in zip(problem.all_variables, y)}
-        dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.float64
-        return tuple(by_id[v.id].reshape(torch.Size([*batch_shape, *v.shape])).to(dtype=dtype, device=inputs[0].device)
-                     for v in problem.inner_variables)
+        return problem.variable_outputs(op.w.detach()[:, : problem.n_y], batch_shape, inputs[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable

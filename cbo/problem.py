@@ -188,6 +188,15 @@ class BilevelProblem:
         sizes = [v.size for v in self.all_variables]
         return [t.reshape(v.shape) for t, v in zip(torch.split(y_flat, sizes), self.all_variables)]
 
+    def variable_outputs(self, y: torch.Tensor, batch_shape: Sequence[int], like: torch.Tensor) -> tuple:
+        """The user's variables from a batch of stacked y (B, n_y): one tensor each, shaped
+        (*batch_shape, *variable.shape), in the dtype (float64 for integer input) and on the device of ``like``."""
+        by_id = dict(zip([v.id for v in self.all_variables],
+                         torch.split(y, [v.size for v in self.all_variables], dim=-1)))
+        dtype = like.dtype if like.is_floating_point() else torch.float64
+        return tuple(by_id[v.id].reshape(torch.Size([*batch_shape, *v.shape])).to(dtype=dtype, device=like.device)
+                     for v in self.inner_variables)
+
     def user_y(self, y_flat: torch.Tensor) -> list[torch.Tensor]:
         """``split_y`` without the epigraph variables: one tensor per variable of the user's problem."""
         added = {v.id for v in self.reformulation.variables}
