@@ -147,7 +147,9 @@ def cg(matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None, *, tol: 
         Ap = matvec(p)
         pAp = _dot(p, Ap)
         if bool(((pAp <= 0) & ~done).any()):
-            raise NegativeCurvature(f"p^T A p = {float(pAp.min()):.3e} at iteration {iterations}")
+            curvature = pAp / _dot(p, p).clamp_min(torch.finfo(p.dtype).tiny)  # a Rayleigh quotient: scale-free
+            raise NegativeCurvature(f"a direction p with p^T A p / p^T p = {float(curvature.min()):.2e} "
+                                    f"at iteration {iterations}")
         alpha = torch.where(done, torch.zeros_like(rs), rs / torch.where(done, torch.ones_like(pAp), pAp))
         x = x + alpha * p
         r = r - alpha * Ap
