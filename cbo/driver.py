@@ -309,10 +309,6 @@ def minimize(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {optimizer!r}. Known optimizers: {', '.join(OPTIMIZERS)}.")
-    if optimizer == "lbfgs" and outer_constraints:
-        raise ValueError(
-            "optimizer='lbfgs' does not handle outer constraints (a projection breaks its line search). "
-            "Use optimizer='adam' or 'sgd', or reparametrize x so that it is unconstrained.")
     if problem.outer is None:
         raise ValueError("The problem has no outer objective: pass outer=F to BilevelProblem.")
     if steps < 0:
@@ -323,6 +319,11 @@ def minimize(
 
     xs, like = as_parameter_tensors(problem, x0)
     project = OuterProjection(problem.parameters, outer_constraints)
+    if optimizer == "lbfgs" and project.constraints:
+        raise ValueError(
+            "optimizer='lbfgs' does not handle outer constraints (a projection breaks its line search), "
+            "including the x >= 0 implied by a parameter declared nonneg=True. Use optimizer='adam' or "
+            "'sgd', or reparametrize x so that it is unconstrained.")
     xs = project(xs)
     evaluate = _Evaluator(problem, method, warm_start, hypergrad_options, solver, solver_options)
     loop = _LBFGSLoop if optimizer == "lbfgs" else _ProjectedLoop

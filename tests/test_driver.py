@@ -184,6 +184,10 @@ def test_bad_outer_constraints_are_named():
             cbo.minimize(problem, torch.zeros(N), outer_constraints=constraints, progress=False)
     with pytest.raises(ValueError, match="lbfgs"):
         cbo.minimize(problem, torch.zeros(N), optimizer="lbfgs", outer_constraints=[x >= 0], progress=False)
+    w, y = cp.Parameter(2, nonneg=True), cp.Variable(2)
+    signed = cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - w))), [w], [y], outer=lambda w, y: y.sum())
+    with pytest.raises(ValueError, match="lbfgs.*nonneg=True"):
+        cbo.minimize(signed, torch.ones(2), optimizer="lbfgs", progress=False)
     with pytest.raises(ValueError, match="Known optimizers"):
         cbo.minimize(problem, torch.zeros(N), optimizer="newton", progress=False)
     with pytest.raises(ValueError, match="shape"):
