@@ -10,7 +10,8 @@ strong-Wolfe line search ("lbfgs", unconstrained x only):
     x_{k+1} = P_C(adam_step(x_k, g_k))        (adam)
 
 P_C is the Euclidean projection, a small cvxpy problem
-``argmin_z ||z - v||^2 s.t. z in C`` compiled once (a clip when C is a box).
+``argmin_z ||z - v||^2 s.t. z in C`` compiled once (a shifted clip when C is
+a box, possibly with a fixed sum: the simplex, a budget).
 The loop stops after ``steps`` updates or when the gradient mapping
 
     G(x) = (x - P_C(x - lr * g)) / lr
@@ -145,7 +146,7 @@ class OuterProjection:
         rewritten = [_rewrite_outer_constraint(c, i, parameters, substitution) for i, c in enumerate(self.constraints)]
         distance = sum(cp.sum_squares(z - v) for z, v in zip(self._projected, self._points))
         self._problem = cp.Problem(cp.Minimize(distance), rewritten)
-        self._box = _box_bounds(self._projected, rewritten)
+        self._box_and_sum = _box_and_sum(self._projected, rewritten)
         # An interior-point solution of a projection that lands on a bound is off by about
         # sqrt(tolerance) there (z_i s_i = mu): OSQP's polish finds the exact face of a QP.
         # Clarabel is the fallback when OSQP stops short.
@@ -161,9 +162,9 @@ class OuterProjection:
             z.value = value
         if all(np.all(c.violation() <= FEASIBILITY_TOL) for c in self._problem.constraints):
             return xs
-        if self._box is not None:  # bounds only: the projection is a clip
-            return [torch.as_tensor(np.clip(v, lo, hi), dtype=x.dtype, device=x.device)
-                    for v, (lo, hi), x in zip(values, self._box, xs)]
+        if self._box_and_sum is not None:  # bounds and sums: a clip after a shift, no solve
+            return [torch.as_tensor(_project_box_and_sum(v, *part), dtype=x.dtype, device=x.device)
+                    for v, part, x in zip(values, self._box_and_sum, xs)]
         for point, value in zip(self._points, values):
             point.value = value
         for solver in self._solvers:
@@ -190,25 +191,56 @@ class OuterProjection:
                 for v, x in zip(values, xs)]
 
 
-def _box_bounds(variables: Sequence[cp.Variable], constraints) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """(lower, upper) per variable if every constraint is a bound ``z <= c`` or ``c <= z`` with c
-    constant (broadcast to z's shape), else None."""
-    bounds = {v.id: [np.full(v.shape, -np.inf), np.full(v.shape, np.inf)] for v in variables}
+def _box_and_sum(variables: Sequence[cp.Variable], constraints) -> list[tuple] | None:
+    """(lower, upper, total) per variable if every constraint is a bound ``z <= c`` / ``c <= z`` with c
+    constant (broadcast to z's shape) or ``cp.sum(z) == c`` (total None without one), else None."""
+    parts = {v.id: [np.full(v.shape, -np.inf), np.full(v.shape, np.inf), None] for v in variables}
     for c in constraints:
-        if not isinstance(c, cp.constraints.Inequality):
-            return None
         lhs, rhs = c.args
-        if getattr(lhs, "id", None) in bounds and rhs.is_constant() and not rhs.parameters():
-            bound = bounds[lhs.id]
-            bound[1] = np.minimum(bound[1], np.broadcast_to(rhs.value, lhs.shape))
-        elif getattr(rhs, "id", None) in bounds and lhs.is_constant() and not lhs.parameters():
-            bound = bounds[rhs.id]
-            bound[0] = np.maximum(bound[0], np.broadcast_to(lhs.value, rhs.shape))
+        if isinstance(c, cp.constraints.Equality):
+            summed, total = (lhs, rhs) if isinstance(lhs, cp.atoms.affine.sum.Sum) else (rhs, lhs)
+            z = summed.args[0] if isinstance(summed, cp.atoms.affine.sum.Sum) and summed.axis is None else None
+            if getattr(z, "id", None) not in parts or not total.is_constant() or total.parameters() \
+                    or parts[z.id][2] is not None:
+                return None
+            parts[z.id][2] = float(total.value)
+        elif isinstance(c, cp.constraints.Inequality):
+            if getattr(lhs, "id", None) in parts and rhs.is_constant() and not rhs.parameters():
+                part = parts[lhs.id]
+                part[1] = np.minimum(part[1], np.broadcast_to(rhs.value, lhs.shape))
+            elif getattr(rhs, "id", None) in parts and lhs.is_constant() and not lhs.parameters():
+                part = parts[rhs.id]
+                part[0] = np.maximum(part[0], np.broadcast_to(lhs.value, rhs.shape))
+            else:
+                return None
         else:
             return None
-    if any(np.any(lo > hi) for lo, hi in bounds.values()):
-        return None  # infeasible bounds: the solver path reports them
-    return [tuple(bounds[v.id]) for v in variables]
+    for lo, hi, total in parts.values():
+        if np.any(lo > hi) or (total is not None and not lo.sum() <= total <= hi.sum()):
+            return None  # infeasible: the solver path reports it
+    return [tuple(parts[v.id]) for v in variables]
+
+
+def _project_box_and_sum(v: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: float | None) -> np.ndarray:
+    r"""argmin ||z - v||^2 s.t. lo <= z <= hi (and sum(z) = total): z = clip(v - tau, lo, hi), with the
+    shift tau = 0 without a sum, else the root of the nonincreasing sum(clip(v - tau, lo, hi)) = total,
+    bracketed by bisection and then solved exactly on the entries strictly between their bounds."""
+    if total is None:
+        return np.clip(v, lo, hi)
+    excess = lambda tau: np.clip(v - tau, lo, hi).sum() - total  # noqa: E731
+    low, high = v.min() - abs(total) - 1.0, v.max() + abs(total) + 1.0  # excess(low) >= 0 >= excess(high)
+    while excess(low) < 0:  # unbounded above: widen (excess(low) grows without limit)
+        low -= 2 * (high - low)
+    while excess(high) > 0:
+        high += 2 * (high - low)
+    for _ in range(100):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if excess(middle) > 0 else (low, middle)
+    free = (v - high > lo) & (v - high < hi)
+    if free.any():  # sum over free entries of (v_i - tau) + the clipped ones = total, solved for tau
+        clipped = np.clip(v - high, lo, hi)
+        high = (v[free].sum() + clipped[~free].sum() - total) / free.sum()
+    return np.clip(v - high, lo, hi)
 
 
 def _sign_constraints(parameters: Sequence[cp.Parameter]) -> list[cp.Constraint]:

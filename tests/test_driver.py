@@ -88,6 +88,25 @@ def test_projection_at_and_near_bounds():
                                   [-1.0, 0.0, 1.0])
 
 
+@pytest.mark.parametrize("constraints", [
+    lambda s: [s >= 0, s <= 0.3, cp.sum(s) == 1.2],        # a box with a budget
+    lambda s: [cp.sum(s) == -2.0],                        # a hyperplane
+    lambda s: [s <= np.linspace(0, 1, N), cp.sum(s) == 0.5],  # upper bounds only
+])
+def test_box_and_sum_projection_matches_cvxpy(constraints):
+    """The shifted-clip projection (no solver) against cvxpy solving the projection problem."""
+    s = cp.Parameter(N)
+    projection = OuterProjection([s], constraints(s))
+    assert projection._box_and_sum is not None
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        v = 2 * rng.standard_normal(N)
+        z = cp.Variable(N)
+        cp.Problem(cp.Minimize(cp.sum_squares(z - v)), constraints(z)).solve(
+            solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        np.testing.assert_allclose(projection([torch.tensor(v)])[0].numpy(), z.value, atol=1e-7)
+
+
 def test_projection_matches_closed_forms():
     x = cp.Parameter(N)
     rng = np.random.default_rng(1)
