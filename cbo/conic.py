@@ -104,6 +104,7 @@ class ConicPoint:
     cones: list[ConeStatus] = field(default_factory=list)
     solve_time: float = 0.0
     adjoint_residual: float = float("nan")
+    x: list = field(default_factory=list)
 
 
 @dataclass
@@ -124,30 +125,44 @@ class ConicProgram:
     Parameters
     ----------
     problem : BilevelProblem
-        Its ``inner`` must be DPP: (A, b, c) are then affine in the parameters.
+        If its ``inner`` is DPP, (A, b, c) are affine in the parameters and
+        cvxpy's parameter maps carry the derivative back; otherwise the problem
+        is re-canonicalized at every x and the derivative of the data is taken
+        by central differences (2 canonicalizations per entry of x).
 
     Raises
     ------
     ProblemDefinitionError
-        If the problem is not DPP, or uses cones cbo cannot differentiate (power cones).
+        For cones cbo cannot differentiate (power cones), or a non-DPP problem with
+        symmetric matrix parameters.
     """
 
     def __init__(self, problem):
-        inner = problem.inner
-        if not inner.is_dpp():
-            raise ProblemDefinitionError(
-                "The conic route needs a DPP inner problem (https://www.cvxpy.org/tutorial/dpp/), so that "
-                "cvxpy's cone program is affine in the parameters; this one is not. Make it DPP (e.g. "
-                "multiply parameters only into affine expressions), or write it with smooth atoms so "
-                "that the smooth Lagrangian route applies."
-            )
         self.problem = problem
+        self.dpp = problem.inner.is_dpp()
+        symmetric = [p.name() for p in problem.parameters if p.attributes.get("symmetric") or p.attributes.get("PSD")]
+        if not self.dpp and symmetric:
+            raise ProblemDefinitionError(
+                f"The conic route differentiates a non-DPP problem by finite differences of its cone data, entry "
+                f"by entry of the parameters, which symmetric parameters ({', '.join(symmetric)}) do not allow. "
+                "Make the problem DPP (https://www.cvxpy.org/tutorial/dpp/).")
+        if self.dpp or all(p.value is not None for p in problem.parameters):
+            self._compile()
+
+    def _compile(self) -> None:
+        """cvxpy's cone program: once for a DPP problem (affine in the parameters), else at the current values."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
-            data, chain, inverse_data = inner.get_problem_data(cp.CLARABEL, solver_opts={"use_quad_obj": False})
+            data, chain, inverse_data = self.problem.inner.get_problem_data(
+                cp.CLARABEL, solver_opts={"use_quad_obj": False})
+        shape = data["A"].shape
+        if hasattr(self, "data") and shape != self.data["A"].shape:
+            raise ProblemDefinitionError(
+                f"The inner problem's cone program changed shape with x ({self.data['A'].shape} -> {shape}): cvxpy "
+                "canonicalizes this non-DPP problem differently at different x. Make it DPP.")
         self.data, self.chain = data, chain
         self.param_prob = data["param_prob"]
-        self.blocks = _blocks(self.param_prob, _user_constraint_names(inner, inverse_data), data["A"].shape[0])
+        self.blocks = _blocks(self.param_prob, _user_constraint_names(self.problem.inner, inverse_data), shape[0])
 
     @property
     def size(self) -> tuple[int, int]:
@@ -160,6 +175,10 @@ class ConicProgram:
         """(c, A, b) of the cone program at parameter values ``x`` (Clarabel's A z + s = b form)."""
         for param, value in zip(self.problem.parameters, x):
             param.value = value
+        if not self.dpp:  # re-canonicalized at every x
+            self._compile()
+            return (np.asarray(self.data["c"], dtype=float), sp.csc_array(self.data["A"]),
+                    np.asarray(self.data["b"], dtype=float))
         for reduction in self.chain.reductions:
             reduction.update_parameters(self.problem.inner)
         c, _, minus_A, b = self.param_prob.apply_parameters(keep_zeros=True)
@@ -204,7 +223,8 @@ class ConicProgram:
                 f"{where}The cone program's optimality residual at the inner solution is {after:.2e} "
                 f"(Clarabel status '{status}'): the hypergradient will be inaccurate. Tighten the solver "
                 "tolerances.", InaccurateSolutionWarning, stacklevel=external_stacklevel())
-        return ConicPoint(z, y, y - v, v, D, A, status, before, after, steps, cones, elapsed)
+        return ConicPoint(z, y, y - v, v, D, A, status, before, after, steps, cones, elapsed,
+                          x=[np.array(value, dtype=float) for value in x])
 
     def _polish(self, c, A, b, z, v, exp_guess, before):
         r"""Newton steps (z, v) <- (z, v) - J^{-1} N(z, v), each kept only if it reduces ||N||_inf."""
@@ -297,11 +317,49 @@ class ConicProgram:
         n = point.z.size
         w_z, w_v = w[:n], w[n:]
         dA = -(np.outer(point.y, w_z) + np.outer(w_v, point.z))
+        if not self.dpp:
+            return self._finite_difference_gradients(point, -w_z, dA, w_v)
         dparams = self.param_prob.apply_param_jac(-w_z, sp.csc_array(-dA), w_v)
         for reduction in reversed(self.chain.reductions):
             dparams = reduction.param_backward(dparams)
         return [_symmetric_gradient(p, np.asarray(dparams.get(p.id, np.zeros(p.shape)), dtype=float).reshape(p.shape))
                 for p in self.problem.parameters]
+
+    def _finite_difference_gradients(self, point: ConicPoint, dc: np.ndarray, dA: np.ndarray, db: np.ndarray
+                                     ) -> list[np.ndarray]:
+        r"""dF/dx_k = <dc, dc/dx_k> + <dA, dA/dx_k> + <db, db/dx_k> for a non-DPP problem, whose cone data
+        (c, A, b) cvxpy gives only at a point: central differences of the data, re-canonicalized at
+        x +- h e_k (one-sided, second order, where a nonneg parameter sits at 0), h = 1e-6 max(1, |x_k|).
+        Costs 2 canonicalizations per entry of x."""
+        def data_at(xs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=UserWarning)
+                for param, value in zip(self.problem.parameters, xs):
+                    param.value = value
+                data = self.problem.inner.get_problem_data(cp.CLARABEL, solver_opts={"use_quad_obj": False})[0]
+            return np.asarray(data["c"], dtype=float), sp.csc_array(data["A"]), np.asarray(data["b"], dtype=float)
+
+        def pairing(data):
+            c, A, b = data
+            return float(dc @ c + (A.multiply(dA)).sum() + db @ b)
+
+        grads = []
+        for index, param in enumerate(self.problem.parameters):
+            grad = np.zeros(param.size)
+            for k in range(param.size):
+                h = 1e-6 * max(1.0, abs(float(point.x[index].flat[k])))
+                one_sided = param.is_nonneg() and point.x[index].flat[k] < h
+
+                def shifted(steps):
+                    xs = [value.copy() for value in point.x]
+                    xs[index].flat[k] += steps * h
+                    return pairing(data_at(xs))
+
+                grad[k] = (-3 * shifted(0) + 4 * shifted(1) - shifted(2)) / (2 * h) if one_sided \
+                    else (shifted(1) - shifted(-1)) / (2 * h)
+            grads.append(grad.reshape(param.shape))
+        self.program_data(point.x)  # leave the parameters and the compiled program at the point
+        return grads
 
     # ------------------------------------------------------------ cones
 

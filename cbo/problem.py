@@ -130,14 +130,6 @@ class BilevelProblem:
         # The user's variables as they appear in `inner` (a nonneg=True variable is replaced there).
         self.inner_variables = [self.reformulation.inner_variable(v) for v in self.variables]
         self.smooth_error = _smooth_setup(self)
-        if self.smooth_error is not None and not inner.is_dpp():
-            raise type(self.smooth_error)(
-                f"{self.smooth_error} The conic route, which differentiates such problems through "
-                "cvxpy's cone program, needs a DPP problem (https://www.cvxpy.org/tutorial/dpp/) and this "
-                "one is not DPP: make the parameters enter DPP-compliantly (e.g. replace a product of "
-                "parameters, or a nonlinear function of one, by a new parameter), or remove what has no "
-                "smooth form."
-            ) from self.smooth_error
         self.is_linear = bool(self.inner.objective.expr.is_affine()) and all(
             _constraint_is_affine(c) for c in self.inner.constraints)
         self._conic = None
@@ -154,7 +146,8 @@ class BilevelProblem:
         """Why that route: "smooth Lagrangian", "smooth after epigraph reformulation of abs, norm1",
         or "conic: SOC constraint 2 has no smooth Lagrangian form"."""
         if self.smooth_error is not None:
-            return f"conic: {str(self.smooth_error).split('. ')[0]}"
+            reason = f"conic: {str(self.smooth_error).split('. ')[0].rstrip('.')}"
+            return reason if self.inner.is_dpp() else f"{reason}; not DPP: re-canonicalized at each x"
         if self.reformulation.changed:
             return f"smooth after epigraph reformulation of {', '.join(self.reformulation.atoms)}"
         if self.reformulation.substitutes:

@@ -12,7 +12,7 @@ import torch
 import cbo
 from builders import random_qp
 from cbo.conic import StrictComplementarityError
-from conic_cases import (cvxpy_solution, directional, entropy, finite_difference_cvxpy, finite_difference_polished,
+from conic_cases import (NonsmoothCase, cvxpy_solution, directional, entropy, finite_difference_cvxpy, finite_difference_polished,
                          geo_mean, sdp, socp, symmetric_direction)
 
 RTOL = 1e-6
@@ -111,11 +111,18 @@ def test_route_selection_errors():
         cbo.hypergrad(case.problem, case.x_tensors, route="cone")
 
 
-def test_non_dpp_cone_problem_is_refused():
-    a, y, t = cp.Parameter(3), cp.Variable(3), cp.Variable()
-    inner = cp.Problem(cp.Minimize(cp.sum(cp.multiply(cp.exp(a), y)) + t), [cp.SOC(t, y)])
-    with pytest.raises(cbo.ProblemDefinitionError, match="SOC constraint 0.*DPP"):
-        cbo.BilevelProblem(inner, [a])
+def test_non_dpp_cone_problem_is_recanonicalized_per_x():
+    """Radius exp(r) and a nonneg parameter at 0: not DPP, so the cone data's derivative comes from
+    re-canonicalizing at x +- h (one-sided at the bound); checked against finite differences of F."""
+    a, r, y = cp.Parameter(3, nonneg=True), cp.Parameter(), cp.Variable(3)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - a)), [cp.SOC(cp.exp(r), y)])
+    case = NonsmoothCase("non_dpp_socp", cbo.BilevelProblem(inner, [a, r], [y], outer=lambda a, r, y: 0.5 * (
+        (y - torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)) ** 2).sum()), [np.array([1.0, 2.0, 0.0]),
+                                                                                  np.array(0.1)])
+    assert case.problem.route == "conic" and "not DPP" in case.problem.route_reason
+    grad = cbo.hypergrad(case.problem, case.x_tensors)
+    for direction in ([np.array([1.0, -0.5, 0.0]), np.array(0.0)], [np.zeros(3), np.array(1.0)]):
+        assert directional(grad, direction) == pytest.approx(finite_difference_cvxpy(case, direction, h=1e-5), rel=1e-6)
 
 
 @pytest.mark.parametrize("build", CONE_CASES, ids=["socp", "sdp", "entropy"])

@@ -67,12 +67,15 @@ def test_nothing_to_rewrite_returns_the_problem():
     assert reformulation.problem is problem and not reformulation.changed
 
 
-def test_non_monotone_atom_in_non_dpp_problem_is_refused():
-    """abs(x) * y: abs sits where neither sign is known, and the problem is not DPP: no route applies."""
-    x = cp.Parameter(4, value=c)
-    problem = cp.Problem(cp.Minimize(cp.sum_squares(y) + cp.abs(x) @ y))
-    with pytest.raises(cbo.NonSmoothAtomError, match="epigraph.*DPP"):
-        cbo.BilevelProblem(problem, [x])
+def test_non_monotone_atom_in_non_dpp_problem_goes_conic():
+    """abs(x) * y: abs sits where neither sign is known and the problem is not DPP: the conic route,
+    re-canonicalized at each x. y* = -|x|/2, so F = sum(y*) has dF/dx = -sign(x)/2."""
+    x, y_ = cp.Parameter(4), cp.Variable(4)
+    problem = cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y_) + cp.abs(x) @ y_)), [x], [y_],
+                                 outer=lambda x, y: y.sum())
+    assert problem.route == "conic" and "abs" in problem.route_reason
+    x0 = torch.tensor([1.0, -2.0, 0.5, -0.3], dtype=torch.float64)
+    torch.testing.assert_close(cbo.hypergrad(problem, x0), -torch.sign(x0) / 2, atol=1e-7, rtol=0)
 
 
 def test_labels_name_the_atom_and_users_y_excludes_epigraph_variables():
