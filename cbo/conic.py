@@ -151,10 +151,7 @@ class ConicProgram:
 
     def _compile(self) -> None:
         """cvxpy's cone program: once for a DPP problem (affine in the parameters), else at the current values."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning)
-            data, chain, inverse_data = self.problem.inner.get_problem_data(
-                cp.CLARABEL, solver_opts={"use_quad_obj": False})
+        data, chain, inverse_data = self._canonicalize()
         shape = data["A"].shape
         if hasattr(self, "data") and shape != self.data["A"].shape:
             raise ProblemDefinitionError(
@@ -163,6 +160,16 @@ class ConicProgram:
         self.data, self.chain = data, chain
         self.param_prob = data["param_prob"]
         self.blocks = _blocks(self.param_prob, _user_constraint_names(self.problem.inner, inverse_data), shape[0])
+
+    def _canonicalize(self) -> tuple[dict, object, list]:
+        """cvxpy's (data, chain, inverse_data) for ``problem.inner`` at the parameters' current values."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)  # cvxpy's notice on non-DPP problems
+            return self.problem.inner.get_problem_data(cp.CLARABEL, solver_opts={"use_quad_obj": False})
+
+    def _set_parameters(self, x: Sequence[np.ndarray]) -> None:
+        for param, value in zip(self.problem.parameters, x):
+            param.value = value
 
     @property
     def size(self) -> tuple[int, int]:
@@ -173,12 +180,10 @@ class ConicProgram:
 
     def program_data(self, x: Sequence[np.ndarray]) -> tuple[np.ndarray, sp.csc_array, np.ndarray]:
         """(c, A, b) of the cone program at parameter values ``x`` (Clarabel's A z + s = b form)."""
-        for param, value in zip(self.problem.parameters, x):
-            param.value = value
+        self._set_parameters(x)
         if not self.dpp:  # re-canonicalized at every x
             self._compile()
-            return (np.asarray(self.data["c"], dtype=float), sp.csc_array(self.data["A"]),
-                    np.asarray(self.data["b"], dtype=float))
+            return _cone_data(self.data)
         for reduction in self.chain.reductions:
             reduction.update_parameters(self.problem.inner)
         c, _, minus_A, b = self.param_prob.apply_parameters(keep_zeros=True)
@@ -331,18 +336,12 @@ class ConicProgram:
         (c, A, b) cvxpy gives only at a point: central differences of the data, re-canonicalized at
         x +- h e_k (one-sided, second order, where a nonneg parameter sits at 0), h = 1e-6 max(1, |x_k|).
         Costs 2 canonicalizations per entry of x."""
-        def data_at(xs):
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=UserWarning)
-                for param, value in zip(self.problem.parameters, xs):
-                    param.value = value
-                data = self.problem.inner.get_problem_data(cp.CLARABEL, solver_opts={"use_quad_obj": False})[0]
-            return np.asarray(data["c"], dtype=float), sp.csc_array(data["A"]), np.asarray(data["b"], dtype=float)
-
-        def pairing(data):
-            c, A, b = data
+        def pairing_at(xs) -> float:
+            self._set_parameters(xs)
+            c, A, b = _cone_data(self._canonicalize()[0])
             return float(dc @ c + (A.multiply(dA)).sum() + db @ b)
 
+        at_point = None  # the pairing at x itself, for one-sided differences: computed once, if needed
         grads = []
         for index, param in enumerate(self.problem.parameters):
             grad = np.zeros(param.size)
@@ -353,12 +352,15 @@ class ConicProgram:
                 def shifted(steps):
                     xs = [value.copy() for value in point.x]
                     xs[index].flat[k] += steps * h
-                    return pairing(data_at(xs))
+                    return pairing_at(xs)
 
-                grad[k] = (-3 * shifted(0) + 4 * shifted(1) - shifted(2)) / (2 * h) if one_sided \
-                    else (shifted(1) - shifted(-1)) / (2 * h)
+                if one_sided:
+                    at_point = pairing_at(point.x) if at_point is None else at_point
+                    grad[k] = (-3 * at_point + 4 * shifted(1) - shifted(2)) / (2 * h)
+                else:
+                    grad[k] = (shifted(1) - shifted(-1)) / (2 * h)
             grads.append(grad.reshape(param.shape))
-        self.program_data(point.x)  # leave the parameters and the compiled program at the point
+        self._set_parameters(point.x)  # leave the parameters at the point
         return grads
 
     # ------------------------------------------------------------ cones
@@ -624,6 +626,11 @@ def _in_exp_dual(q: np.ndarray) -> bool:
 
 
 # ---------------------------------------------------------------- residual map
+
+def _cone_data(data: dict) -> tuple[np.ndarray, sp.csc_array, np.ndarray]:
+    """(c, A, b) of cvxpy's problem data for Clarabel (A z + s = b form), at the values it was made with."""
+    return np.asarray(data["c"], dtype=float), sp.csc_array(data["A"]), np.asarray(data["b"], dtype=float)
+
 
 def _relative_residual(M: torch.Tensor, w: torch.Tensor, rhs: torch.Tensor) -> float:
     """||M w - rhs|| / ||rhs|| (inf if w is not finite)."""

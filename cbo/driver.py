@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DivergenceError, InnerSolveError, ProblemDefinitionError, external_stacklevel
-from .hypergrad import HypergradInfo, TensorLike, as_parameter_tensors, hypergrad
+from .hypergrad import HypergradInfo, TensorLike, as_parameter_tensors, hypergrad, like_input
 from .problem import BilevelProblem
 from .reformulate import substitute
 
@@ -362,11 +362,8 @@ def minimize(
     with tqdm(total=steps, desc="cbo.minimize", disable=not progress, leave=True, mininterval=0.5) as bar:
         xs, record, message, converged, n_steps = loop(evaluate, project, optimizer, lr, lr_decay, steps, tol, callback,
                                                        bar).run(xs)
-    shaped = [x.detach().to(dtype=t.dtype, device=t.device) for x, t in zip(xs, like)]
-    grads = [g.detach().to(dtype=t.dtype, device=t.device) for g, t in zip(record.grads, like)]
-    single = len(like) == 1 and not isinstance(x0, (list, tuple))
     return MinimizeResult(
-        x=shaped[0] if single else shaped, fun=record.f, grad=grads[0] if single else grads,
+        x=like_input(xs, x0, like), fun=record.f, grad=like_input(record.grads, x0, like),
         converged=converged, message=message, n_steps=n_steps, history=evaluate.history, info=record.info)
 
 

@@ -214,7 +214,7 @@ def hypergrad(
                                                               tol, maxiter)
     timings["total"] = time.perf_counter() - start
 
-    result = _as_given(grads, x, like)
+    result = like_input(grads, x, like)
     if not return_info:
         return result
     y, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
@@ -255,7 +255,7 @@ def _conic_hypergrad(problem, x, xs, like, solver_options, polish_solution, tol,
         implicit = program.vjp(point, [g.cpu().numpy() for g in problem.split_y(dF_dy)])
     grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
     timings["total"] = time.perf_counter() - start
-    result = _as_given(grads, x, like)
+    result = like_input(grads, x, like)
     if not return_info:
         return result
     polish_info = PolishInfo(point.polish_steps, point.residual_before, point.residual_after, True,
@@ -270,10 +270,10 @@ def _conic_hypergrad(problem, x, xs, like, solver_options, polish_solution, tol,
     return result, info
 
 
-def _as_given(grads, x, like):
-    """Gradients typed and placed like the inputs; one tensor if ``x`` was one."""
-    grads = [g.detach().to(dtype=t.dtype, device=t.device) for g, t in zip(grads, like)]
-    return grads[0] if len(like) == 1 and not isinstance(x, (list, tuple)) else grads
+def like_input(tensors, x, like):
+    """``tensors`` (one per parameter) typed and placed like the inputs ``like``; one tensor if ``x`` was one."""
+    tensors = [t.detach().to(dtype=o.dtype, device=o.device) for t, o in zip(tensors, like)]
+    return tensors[0] if len(like) == 1 and not isinstance(x, (list, tuple)) else tensors
 
 
 # ---------------------------------------------------------------- steps
