@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cvxpy as cp
+import numpy as np
 import torch
 
 import cbo
 
-__all__ = ["Instance"]
+__all__ = ["Instance", "logistic_loss"]
 
 
 @dataclass
@@ -50,3 +51,8 @@ class Instance:
     reference: dict[str, Any] = field(default_factory=dict)
     evaluate: Callable[..., dict] | None = None
     data: dict[str, Any] = field(default_factory=dict)
+
+
+def logistic_loss(A: np.ndarray, b: np.ndarray, theta: np.ndarray) -> float:
+    """1/m sum_j log(1 + exp(-b_j a_j^T theta)), labels b in {-1, +1}: the data tasks' validation and test loss."""
+    return float(np.mean(np.logaddexp(0.0, -b * (A @ theta))))

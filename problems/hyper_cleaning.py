@@ -28,7 +28,7 @@ import torch
 
 import cbo
 
-from . import Instance
+from . import Instance, logistic_loss
 
 __all__ = ["build", "load_split", "fit_weighted_logistic", "detection_f1", "accuracy", "logistic_loss", "SIZES",
            "FLAG_THRESHOLD"]
@@ -96,11 +96,6 @@ def fit_weighted_logistic(A: np.ndarray, b: np.ndarray, w: np.ndarray, lam: floa
 def accuracy(A: np.ndarray, b: np.ndarray, theta: np.ndarray) -> float:
     """Fraction of rows with sign(a^T theta) == b."""
     return float(np.mean(np.where(A @ theta >= 0, 1.0, -1.0) == b))
-
-
-def logistic_loss(A: np.ndarray, b: np.ndarray, theta: np.ndarray) -> float:
-    """1/m sum_j log(1 + exp(-b_j a_j^T theta)): the outer objective, in numpy."""
-    return float(np.mean(np.logaddexp(0.0, -b * (A @ theta))))
 
 
 def detection_f1(w: np.ndarray, flipped: np.ndarray, threshold: float = FLAG_THRESHOLD) -> dict[str, float]:

@@ -49,9 +49,9 @@ from scipy.special import expit
 
 import cbo
 
-from . import Instance
+from . import Instance, logistic_loss
 
-__all__ = ["VARIANTS", "SIZES", "Dataset", "make_dataset", "weighted_logistic", "baseline_weights", "log_loss",
+__all__ = ["VARIANTS", "SIZES", "Dataset", "make_dataset", "weighted_logistic", "baseline_weights",
            "metrics", "weight_shares", "build"]
 
 VARIANTS = ("imbalance", "noisy")
@@ -178,11 +178,6 @@ def baseline_weights(s: np.ndarray, kind: str) -> np.ndarray:
     raise ValueError(f"Unknown baseline {kind!r}: use 'uniform' or 'inverse_frequency'.")
 
 
-def log_loss(theta: np.ndarray, X: np.ndarray, s: np.ndarray) -> float:
-    """1/m sum_j log(1 + exp(-s_j theta^T x_j))."""
-    return float(np.mean(np.logaddexp(0.0, -s * (X @ theta))))
-
-
 def metrics(theta: np.ndarray, data: Dataset) -> dict[str, float]:
     """Validation and test log-loss, test accuracy, and the test recall of class +1.
 
@@ -192,8 +187,8 @@ def metrics(theta: np.ndarray, data: Dataset) -> dict[str, float]:
     """
     predicted = np.where(data.X_test @ theta >= 0, 1.0, -1.0)
     return {
-        "val_loss": log_loss(theta, data.X_val, data.s_val),
-        "test_loss": log_loss(theta, data.X_test, data.s_test),
+        "val_loss": logistic_loss(data.X_val, data.s_val, theta),
+        "test_loss": logistic_loss(data.X_test, data.s_test, theta),
         "test_accuracy": float(np.mean(predicted == data.s_test)),
         "test_recall_pos": float(np.mean(predicted[data.s_test > 0] == 1.0)),
     }

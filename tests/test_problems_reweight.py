@@ -17,6 +17,7 @@ pytest.importorskip("sklearn")
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 import cbo  # noqa: E402
+from problems import logistic_loss  # noqa: E402
 from problems import reweight as rw  # noqa: E402
 
 from builders import Case, central_jacobian, polished_kkt_point, relative_error  # noqa: E402
@@ -138,7 +139,7 @@ def test_reference_metrics_match_scikit_learn(variant):
         model = LogisticRegression(fit_intercept=False).fit(data.X_train, data.s_train)
         model.coef_ = theta[None, :]  # predictions of scikit-learn's own decision function
         predicted = model.predict(data.X_test)
-        assert values["val_loss"] == pytest.approx(rw.log_loss(theta, data.X_val, data.s_val), rel=1e-6)
+        assert values["val_loss"] == pytest.approx(logistic_loss(data.X_val, data.s_val, theta), rel=1e-6)
         assert values["test_accuracy"] == pytest.approx(np.mean(predicted == data.s_test), abs=1e-3)
         assert values["test_recall_pos"] == pytest.approx(np.mean(predicted[data.s_test > 0] == 1), abs=2e-3)
         assert values["minority_weight"] == pytest.approx(w[data.clean_train > 0].sum())
@@ -170,7 +171,7 @@ def test_hypergrad_matches_closed_form_and_finite_differences(variant):
 
     def F(t):
         theta_t = polished_kkt_point(case, [w + t[0] * direction])[0]
-        return np.array([rw.log_loss(theta_t, data.X_val, data.s_val)])
+        return np.array([logistic_loss(data.X_val, data.s_val, theta_t)])
 
     fd = central_jacobian(F, np.zeros(1), h=1e-4)[0, 0]
     assert abs(grad @ direction - fd) < 1e-7 * max(1.0, abs(fd)), (grad @ direction, fd)
