@@ -10,36 +10,30 @@ reductions' ``var_forward``). K is a product of zero, nonnegative, second-order
 (SOC), positive semidefinite (PSD, Clarabel's scaled upper-triangular vector)
 and exponential cones.
 
-Residual map (Busseti, Moursi & Boyd 2019; Agrawal et al. 2019). With
-v = y - s, Moreau's decomposition gives y = Pi(v) and s = Pi(v) - v, where Pi
-is the projection onto K^*, and the optimality conditions read
+Solve and polish. Clarabel solves the cone program; its solution is then
+Newton-polished on the residual map (Busseti, Moursi & Boyd 2019; Agrawal et
+al. 2019): with v = y - s, Moreau's decomposition gives y = Pi(v) and
+s = Pi(v) - v (Pi: the projection onto K^*, :mod:`cbo.cones`), and
 
-    N(z, v) = ( c + A^T Pi(v),  A z + Pi(v) - v - b ) = 0.
+    N(z, v) = ( c + A^T Pi(v),  A z + Pi(v) - v - b ) = 0,
+    dN/d(z, v) = [[0, A^T D], [A, D - I]],   D = dPi(v)  (block diagonal).
 
-N is differentiable where every projection is (strict complementarity), with
+Solutions on exponential and second-order cones are only ~1e-7 accurate from
+the interior-point solver; two or three Newton steps bring them to ~1e-14.
 
-    J = dN/d(z, v) = [[0, A^T D], [A, D - I]],   D = dPi(v)  (block diagonal).
+Differentiate. At the polished solution each cone is reduced to its active
+part (active linear rows, the boundary of an SOC or exponential cone, the
+range of a PSD multiplier: :mod:`cbo.cone_kkt`), which gives a symmetric
+indefinite KKT matrix K = [[A^T C A, J^T], [J, 0]] of the same structure as
+the smooth route's. For an outer gradient g = dF/dz, the adjoint
+K (w_z, w_mu) = (g, 0) is solved by the same solvers (``method``: "cg",
+"minres", "direct", "fixed_point", "neumann", :mod:`cbo.linsolve`) and gives
+the gradient in the cone data
 
-For an outer gradient g = dF/dz, the adjoint J^T w = (g, 0) gives
-
-    dF/dc = -w_z,   dF/dA = -(y w_z^T + w_v z^T),   dF/db = w_v,
+    dF/dc = -w_z,   dF/dA = -(y w_z^T + w_b z^T),   dF/db = w_b,
 
 which ``param_prob.apply_param_jac`` and the reductions' ``param_backward``
-carry to the user's parameters. The same N is Newton-polished after the
-solve (solutions on exponential and second-order cones are only ~1e-7
-accurate from the interior-point solver).
-
-dPi per cone of K^*:
-
-* zero cone rows (equalities): K^* is the whole space, D = I;
-* nonnegative: D = diag(v > 0);
-* SOC (self-dual), v = (t, u): I if ||u|| <= t, 0 if ||u|| <= -t, else
-  1/2 [[1, u'^T], [u', (1 + t/||u||) I - t/||u|| u' u'^T]] with u' = u / ||u||;
-* PSD (self-dual): with V = Q diag(l) Q^T, D[dV] = Q (G o Q^T dV Q) Q^T,
-  G_ij = (l_i^+ - l_j^+) / (l_i - l_j) (1 if both > 0, 0 if both <= 0);
-* exponential: Pi_{K^*}(v) = v + Pi_K(-v), so D = I - dPi_K(-v); on the
-  boundary of K = {h(p) = p_1 - p_2 log(p_3 / p_2) <= 0}, dPi_K is the top-left
-  block of [[I + lam hess h, grad h], [grad h^T, 0]]^{-1} at the projection p.
+carry to the user's parameters.
 """
 from __future__ import annotations
 
@@ -53,10 +47,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .errors import (DegenerateKKTWarning, InaccurateSolutionWarning, InnerSolveError, ProblemDefinitionError,
-                     StrictComplementarityError, external_stacklevel)
+from .cone_kkt import ActivePieces, ConeKKT, active_pieces
+from .cones import exp_h, project_dual, projection_jacobian, smat
+from .errors import (ConvergenceError, DegenerateKKTWarning, InaccurateSolutionWarning, InnerSolveError,
+                     ProblemDefinitionError, StrictComplementarityError, external_stacklevel)
 from .inner import DEFAULT_SOLVER_OPTIONS
-from .linsolve import SolveInfo
+from .kkt import curvature_check, licq_check
+from .linsolve import SolveInfo, adjoint_solve
 
 __all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityError", "ConicArgminFunction"]
 
@@ -94,16 +91,14 @@ class ConicPoint:
     z: np.ndarray
     y: np.ndarray
     s: np.ndarray
-    v: np.ndarray
-    D: np.ndarray
     A: sp.csc_array
+    pieces: ActivePieces
     status: str
     residual_before: float
     residual_after: float
     polish_steps: int
     cones: list[ConeStatus] = field(default_factory=list)
     solve_time: float = 0.0
-    adjoint_residual: float = float("nan")
     x: list = field(default_factory=list)
 
 
@@ -220,15 +215,16 @@ class ConicProgram:
         steps = 0
         if polish:
             z, v, after, steps = self._polish(c, A, b, z, v, exp_guess, before)
-        y = _project(v, self.blocks, exp_guess)
-        D = _projection_jacobian(v, y, self.blocks)
+        y = project_dual(v, self.blocks, exp_guess)
+        s = y - v
         scale = max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0)))
         if after > 1e-6 * scale:
             warnings.warn(
                 f"{where}The cone program's optimality residual at the inner solution is {after:.2e} "
                 f"(Clarabel status '{status}'): the hypergradient will be inaccurate. Tighten the solver "
                 "tolerances.", InaccurateSolutionWarning, stacklevel=external_stacklevel())
-        return ConicPoint(z, y, y - v, v, D, A, status, before, after, steps, cones, elapsed,
+        pieces = active_pieces(self.blocks, y, s, _TIGHT_TOL * max(1.0, float(np.abs(np.concatenate([y, s])).max())))
+        return ConicPoint(z, y, s, A, pieces, status, before, after, steps, cones, elapsed,
                           x=[np.array(value, dtype=float) for value in x])
 
     def _polish(self, c, A, b, z, v, exp_guess, before):
@@ -237,8 +233,8 @@ class ConicProgram:
         for _ in range(5):
             if best <= 1e-14 * max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0))):
                 break
-            y = _project(v, self.blocks, exp_guess)
-            J = _jacobian(A, _projection_jacobian(v, y, self.blocks))
+            y = project_dual(v, self.blocks, exp_guess)
+            J = _jacobian(A, projection_jacobian(v, y, self.blocks))
             try:
                 step = np.linalg.solve(J, _residual(c, A, b, z, v, y))
             except np.linalg.LinAlgError:
@@ -267,54 +263,112 @@ class ConicProgram:
 
     # ------------------------------------------------------------ derivative
 
-    def vjp(self, point: ConicPoint, grad_y: Sequence[np.ndarray]) -> list[np.ndarray]:
-        r"""(dy*/dx)^T g for g = ``grad_y`` (one array per ``problem.all_variables``): one per parameter.
+    def vjp(self, points: Sequence[ConicPoint], grads_y: Sequence[Sequence[np.ndarray]], method: str = "cg", *,
+            tol: float = 1e-10, maxiter: int | None = None, on_nonconvergence: str = "raise",
+            like: torch.Tensor | None = None) -> tuple[list[list[np.ndarray]], SolveInfo]:
+        r"""(dy*/dx)^T g at each of a batch of solutions: per item, one array per parameter; and the solve's info.
 
-        Solves J^T w = (dz, 0) with dz the gradient carried from the user's
-        variables to z, then maps (dc, dA, db) to the parameters.
+        Carries each g = ``grads_y[b]`` (one array per ``problem.all_variables``) to d = dF/dz, solves
+        the reduced adjoint systems K (w_z, w_mu) = (d, 0) of all items at once with ``method`` (any of
+        :data:`cbo.linsolve.ADJOINT_SOLVERS`) in torch, on the device and in the dtype of ``like``
+        (default float64 on the CPU), then maps (dc, dA, db) to the parameters.
+
+        Raises
+        ------
+        ConvergenceError
+            If the adjoint solve does not converge (``on_nonconvergence="raise"``).
+        StrictComplementarityError
+            If K is singular along a direction that changes the derivative.
         """
+        like = torch.zeros((), dtype=torch.float64) if like is None else like
+        op = ConeKKT([p.A for p in points], [p.pieces for p in points], [p.z for p in points], like)
+        d = torch.as_tensor(np.stack([self._variable_adjoint(g) for g in grads_y])).to(op.w)
+        rhs = torch.cat([d, torch.zeros_like(op.w[:, self.size[0]:])], -1)
+        try:
+            v, info = adjoint_solve(op, rhs, method, tol=tol, maxiter=maxiter, on_nonconvergence=on_nonconvergence)
+            failed = None
+        except ConvergenceError as error:
+            v, info, failed = None, error.info, error
+        suspects = self._degenerate_items(op, info, failed is not None)
+        if suspects:
+            v = self._minimum_norm_adjoint(points, op, rhs, v, suspects, failed)
+            info.residual = _relative_residual(op, rhs, v)
+            info.converged, info.extra["minimum_norm_items"] = True, suspects
+        info.extra["active_pieces"] = [p.pieces.sizes for p in points]
+        v = v.detach().cpu().double().numpy()
+        return [self._parameter_gradients(p, op.data_adjoint(v[b], b)) for b, p in enumerate(points)], info
+
+    def _variable_adjoint(self, grad_y: Sequence[np.ndarray]) -> np.ndarray:
+        """dF/dz from dF/d(user variables) (one array per ``problem.all_variables``)."""
         del_vars = {v.id: np.asarray(g, dtype=float).reshape(v.shape)
                     for v, g in zip(self.problem.all_variables, grad_y)}
         for reduction in self.chain.reductions:
             del_vars = reduction.var_backward(del_vars)
-        dz = np.asarray(self.param_prob.split_adjoint(del_vars), dtype=float).reshape(-1)
-        m = point.v.size
-        J = torch.as_tensor(_jacobian(point.A, point.D))
-        rhs = torch.as_tensor(np.concatenate([dz, np.zeros(m)]))
-        w, solved = torch.linalg.solve_ex(J.T, rhs)
-        point.adjoint_residual = _relative_residual(J.T, w, rhs)
-        if int(solved) != 0 or not point.adjoint_residual <= 1e-8:
-            w = self._singular_adjoint(point, J, rhs)
-        return self._parameter_gradients(point, w.numpy())
+        return np.asarray(self.param_prob.split_adjoint(del_vars), dtype=float).reshape(-1)
 
-    def _singular_adjoint(self, point: ConicPoint, J: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        r"""The minimum-norm solution of J^T w = rhs when J is singular but the derivative exists.
+    @staticmethod
+    def _degenerate_items(op: ConeKKT, info: SolveInfo, failed: bool) -> list[int]:
+        """Items whose K may be singular: the dense solve needed a pseudo-inverse, the active pieces'
+        gradients are dependent, the reduced Hessian has a (near) zero eigenvalue, or (all items) the
+        iterative solve failed."""
+        if failed:
+            return list(range(op.batch_size))
+        suspects = set(info.extra.get("singular_items", []))
+        with warnings.catch_warnings():  # their wording is the smooth route's: the analysis below words its own
+            warnings.simplefilter("ignore", DegenerateKKTWarning)
+            suspects |= {b for b, licq in enumerate(licq_check(op)) if not licq.holds}
+            suspects |= {b for b, (low, high) in enumerate(curvature_check(op))
+                         if high > 0 and low <= 1e-9 * high and op.n_y > int(op.dual_mask[b].sum())}
+        return sorted(suspects)
 
-        J is singular where a variable of cvxpy's canonicalization is not unique (the hypograph
-        variable of a slack geo_mean constraint, say) while the user's solution is; then the system
-        is consistent, every null vector u of J^T carries no parameter gradient, and the
-        minimum-norm w gives the derivative. A null vector that does carry one (a multiplier at a
-        cone's apex, strict complementarity failing) means the derivative does not exist: error.
+    def _minimum_norm_adjoint(self, points, op: ConeKKT, rhs: torch.Tensor, v: torch.Tensor | None,
+                              suspects: list[int], failed: ConvergenceError | None) -> torch.Tensor:
+        r"""Dense adjoint solutions of the ``suspects``: minimum-norm where K is singular but the derivative
+        exists, LU elsewhere (the iterative solve failed on the batch).
+
+        K is singular where a variable of cvxpy's canonicalization is not unique (the hypograph variable
+        of a slack geo_mean constraint, say) while the user's solution is; then the system is consistent,
+        every null vector u of K carries no parameter gradient, and the minimum-norm solution gives the
+        derivative. A null vector that does carry one (strict complementarity or uniqueness failing)
+        means the derivative does not exist: error. A failed iterative solve on a nonsingular K is
+        re-raised.
         """
-        U, sigma, _ = torch.linalg.svd(J)  # null(J^T) = left singular vectors of J with sigma ~ 0
-        null = U[:, sigma <= 1e-10 * sigma.max()]
-        w = torch.linalg.pinv(J.T) @ rhs
-        point.adjoint_residual = _relative_residual(J.T, w, rhs)
-        largest = lambda adjoint: max(float(np.abs(g).max(initial=0))  # noqa: E731
-                                      for g in self._parameter_gradients(point, adjoint.numpy()))
-        scale, leaking = max(largest(w), 1.0), max((largest(u) for u in null.T), default=0.0)
-        if point.adjoint_residual <= 1e-8 and leaking <= 1e-8 * scale:
+        v = torch.zeros_like(rhs) if v is None else v.clone()
+        dense = op.dense()
+        singular_any = False
+        for b in suspects:
+            real = torch.cat([torch.ones(op.n_y, dtype=torch.bool, device=rhs.device), op.dual_mask[b] > 0])
+            K = dense[b][real][:, real]
+            U, sigma, _ = torch.linalg.svd(K)
+            null = U[:, sigma <= 1e-10 * sigma.max()]
+            solution = torch.linalg.pinv(K, hermitian=True) @ rhs[b, real]
+            v[b] = 0.0
+            v[b, real] = solution
+            if not null.shape[1]:
+                continue
+            singular_any = True
+            residual = float((K @ solution - rhs[b, real]).norm() / rhs[b, real].norm().clamp_min(1e-300))
+            full = torch.zeros(null.shape[1], rhs.shape[-1], dtype=rhs.dtype, device=rhs.device)
+            full[:, real] = null.T
+            largest = lambda adjoint: max(float(np.abs(g).max(initial=0.0)) for g in  # noqa: E731
+                                          self._parameter_gradients(points[b], op.data_adjoint(adjoint, b)))
+            scale = max(largest(v[b].cpu().numpy()), 1.0)
+            leaking = max(largest(u.cpu().numpy()) for u in full)
+            if residual > 1e-8 or leaking > 1e-8 * scale:
+                raise StrictComplementarityError(
+                    "The derivative of the cone program's solution does not exist at this x: its optimality "
+                    f"conditions are singular (relative residual of the adjoint solve {residual:.1e}, "
+                    f"parameter sensitivity along their null space {leaking:.1e}), so strict complementarity or "
+                    "uniqueness of the solution fails. Add a strongly convex term (e.g. 1e-3 * "
+                    "cp.sum_squares(y)), or move x.")
+        if failed is not None and not singular_any:
+            raise failed
+        if singular_any:
             warnings.warn(
                 "The cone program's optimality conditions are singular at this x: an auxiliary variable of "
                 "cvxpy's canonicalization is not unique (the user's solution is). cbo used the minimum-norm "
                 "solution of the consistent adjoint system.", DegenerateKKTWarning, stacklevel=external_stacklevel())
-            return w
-        raise StrictComplementarityError(
-            "The derivative of the cone program's solution does not exist at this x: its optimality "
-            f"conditions are singular (relative residual of the adjoint solve {point.adjoint_residual:.1e}, "
-            f"parameter sensitivity along their null space {leaking:.1e}), so strict complementarity or "
-            "uniqueness of the solution fails. Add a strongly convex term (e.g. 1e-3 * cp.sum_squares(y)), "
-            "or move x.")
+        return v
 
     def _parameter_gradients(self, point: ConicPoint, w: np.ndarray) -> list[np.ndarray]:
         """dF/dx from the adjoint w = (w_z, w_v): dc = -w_z, dA = -(y w_z^T + w_v z^T), db = w_v, mapped
@@ -452,179 +506,6 @@ def _blocks(param_prob, names: dict[int, str], m: int) -> list[_Block]:
     return blocks
 
 
-# ---------------------------------------------------------------- projections onto K^*
-
-def _project(v: np.ndarray, blocks: list[_Block], exp_guess: np.ndarray) -> np.ndarray:
-    """Pi_{K^*}(v), block by block. ``exp_guess`` holds the exponential blocks' last projections
-    Pi_K(-v) (warm starts of their Newton solves) and is updated in place."""
-    y = np.empty_like(v)
-    for block in blocks:
-        vb = v[block.rows]
-        if block.kind == "zero":
-            y[block.rows] = vb
-        elif block.kind == "nonneg":
-            y[block.rows] = np.maximum(vb, 0.0)
-        elif block.kind == "soc":
-            y[block.rows] = _soc_project(vb)
-        elif block.kind == "psd":
-            y[block.rows] = _psd_project(vb)
-        else:
-            p, _ = _exp_project(-vb, exp_guess[block.rows])
-            exp_guess[block.rows] = p
-            y[block.rows] = vb + p
-    return y
-
-
-def _projection_jacobian(v: np.ndarray, y: np.ndarray, blocks: list[_Block]) -> np.ndarray:
-    """D = dPi_{K^*}(v), dense and block diagonal; ``y`` = Pi_{K^*}(v)."""
-    D = np.zeros((v.size, v.size))
-    for block in blocks:
-        r, vb = block.rows, v[block.rows]
-        if block.kind == "zero":
-            D[r, r] = np.eye(block.size)
-        elif block.kind == "nonneg":
-            D[r, r] = np.diag((vb > 0).astype(float))
-        elif block.kind == "soc":
-            D[r, r] = _soc_derivative(vb)
-        elif block.kind == "psd":
-            D[r, r] = _psd_derivative(vb)
-        else:
-            D[r, r] = np.eye(3) - _exp_derivative(-vb, y[r] - vb)
-    return D
-
-
-def _soc_project(v: np.ndarray) -> np.ndarray:
-    t, u = v[0], v[1:]
-    norm = np.linalg.norm(u)
-    if norm <= t:
-        return v.copy()
-    if norm <= -t:
-        return np.zeros_like(v)
-    a = (t + norm) / 2
-    return np.concatenate([[a], a * u / norm])
-
-
-def _soc_derivative(v: np.ndarray) -> np.ndarray:
-    t, u = v[0], v[1:]
-    norm = np.linalg.norm(u)
-    if norm <= t:
-        return np.eye(v.size)
-    if norm <= -t:
-        return np.zeros((v.size, v.size))
-    unit = u / norm
-    D = np.empty((v.size, v.size))
-    D[0, 0], D[0, 1:], D[1:, 0] = 1.0, unit, unit
-    D[1:, 1:] = (1 + t / norm) * np.eye(u.size) - (t / norm) * np.outer(unit, unit)
-    return D / 2
-
-
-def _psd_order(k: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Matrix size and (row, column) of each entry of Clarabel's triangle vector (upper, by columns)."""
-    n = int(round((np.sqrt(8 * k + 1) - 1) / 2))
-    rows, cols = zip(*[(i, j) for j in range(n) for i in range(j + 1)])
-    return n, np.array(rows), np.array(cols)
-
-
-def _smat(v: np.ndarray) -> np.ndarray:
-    """Symmetric matrix of a scaled triangle vector (off-diagonal entries carry sqrt 2)."""
-    n, rows, cols = _psd_order(v.size)
-    values = np.where(rows == cols, v, v / np.sqrt(2))
-    M = np.zeros((n, n))
-    M[rows, cols] = values
-    M[cols, rows] = values
-    return M
-
-
-def _svec(M: np.ndarray) -> np.ndarray:
-    n = M.shape[0]
-    rows, cols = zip(*[(i, j) for j in range(n) for i in range(j + 1)])
-    rows, cols = np.array(rows), np.array(cols)
-    return np.where(rows == cols, M[rows, cols], np.sqrt(2) * M[rows, cols])
-
-
-def _psd_project(v: np.ndarray) -> np.ndarray:
-    values, Q = np.linalg.eigh(_smat(v))
-    return _svec((Q * np.maximum(values, 0)) @ Q.T)
-
-
-def _psd_derivative(v: np.ndarray) -> np.ndarray:
-    values, Q = np.linalg.eigh(_smat(v))
-    plus = np.maximum(values, 0)
-    difference = values[:, None] - values[None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        G = np.where(np.abs(difference) > 1e-14 * max(1.0, np.abs(values).max()),
-                     (plus[:, None] - plus[None, :]) / difference, (values[:, None] > 0).astype(float))
-    G = np.where((values[:, None] > 0) & (values[None, :] > 0), 1.0, G)
-    columns = []
-    for e in np.eye(v.size):
-        dV = Q.T @ _smat(e) @ Q
-        columns.append(_svec(Q @ (G * dV) @ Q.T))
-    return np.stack(columns, axis=1)
-
-
-def _exp_h(p: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """h(p) = p_1 - p_2 log(p_3 / p_2) (K_exp = {h <= 0, p_2, p_3 > 0}), its gradient and Hessian."""
-    p1, p2, p3 = p
-    h = p1 - p2 * np.log(p3 / p2)
-    grad = np.array([1.0, np.log(p2 / p3) + 1.0, -p2 / p3])
-    hess = np.array([[0.0, 0.0, 0.0], [0.0, 1 / p2, -1 / p3], [0.0, -1 / p3, p2 / p3 ** 2]])
-    return h, grad, hess
-
-
-def _exp_project(w: np.ndarray, guess: np.ndarray) -> tuple[np.ndarray, float]:
-    r"""Pi_K(w) onto the exponential cone and the multiplier lam of h(p) <= 0.
-
-    w in K: itself; -w in K^*: 0; else Newton on p - w + lam grad h(p) = 0,
-    h(p) = 0 from ``guess`` (the solver's slack, a close start).
-    """
-    if _in_exp_cone(w):
-        return w.copy(), 0.0
-    if _in_exp_dual(-w):
-        return np.zeros(3), 0.0
-    p = np.array(guess, dtype=float)
-    if not (p[1] > 0 and p[2] > 0):
-        p = np.array([min(w[0], -1e-3), max(w[1], 1e-3), max(w[2], 1e-3)])
-    _, grad, _ = _exp_h(p)
-    lam = max(float(grad @ (w - p)) / float(grad @ grad), 0.0)
-    for _ in range(50):
-        h, grad, hess = _exp_h(p)
-        residual = np.concatenate([p - w + lam * grad, [h]])
-        if np.abs(residual).max() <= 1e-15 * max(1.0, np.abs(w).max()):
-            break
-        M = np.block([[np.eye(3) + lam * hess, grad[:, None]], [grad[None, :], np.zeros((1, 1))]])
-        step = np.linalg.solve(M, residual)
-        t = 1.0
-        while not (p[1] - t * step[1] > 0 and p[2] - t * step[2] > 0):
-            t /= 2
-        p, lam = p - t * step[:3], lam - t * step[3]
-    return p, lam
-
-
-def _exp_derivative(w: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """dPi_K(w) for the exponential cone K, p = Pi_K(w)."""
-    if np.allclose(p, w, rtol=0, atol=1e-13 * max(1.0, np.abs(w).max())):
-        return np.eye(3)
-    if not p.any():
-        return np.zeros((3, 3))
-    _, grad, hess = _exp_h(p)
-    lam = float(grad @ (w - p)) / float(grad @ grad)
-    M = np.block([[np.eye(3) + lam * hess, grad[:, None]], [grad[None, :], np.zeros((1, 1))]])
-    return np.linalg.inv(M)[:3, :3]
-
-
-def _in_exp_cone(p: np.ndarray) -> bool:
-    if p[1] > 0 and p[2] > 0:
-        return p[0] - p[1] * np.log(p[2] / p[1]) <= 0
-    return p[0] <= 0 and p[1] == 0 and p[2] >= 0
-
-
-def _in_exp_dual(q: np.ndarray) -> bool:
-    """K_exp^* = {(u, v, w): u < 0, -u exp(v / u) <= e w} U {(0, v, w): v, w >= 0}."""
-    if q[0] < 0:
-        return -q[0] * np.exp(q[1] / q[0]) <= np.e * q[2]
-    return q[0] == 0 and q[1] >= 0 and q[2] >= 0
-
-
 # ---------------------------------------------------------------- residual map
 
 def _cone_data(data: dict) -> tuple[np.ndarray, sp.csc_array, np.ndarray]:
@@ -632,11 +513,11 @@ def _cone_data(data: dict) -> tuple[np.ndarray, sp.csc_array, np.ndarray]:
     return np.asarray(data["c"], dtype=float), sp.csc_array(data["A"]), np.asarray(data["b"], dtype=float)
 
 
-def _relative_residual(M: torch.Tensor, w: torch.Tensor, rhs: torch.Tensor) -> float:
-    """||M w - rhs|| / ||rhs|| (inf if w is not finite)."""
-    if not bool(torch.isfinite(w).all()):
+def _relative_residual(op: ConeKKT, rhs: torch.Tensor, v: torch.Tensor) -> float:
+    """max over items of ||K v - rhs|| / ||rhs|| (inf if v is not finite)."""
+    if not bool(torch.isfinite(v).all()):
         return float("inf")
-    return float((M @ w - rhs).norm() / rhs.norm().clamp_min(1e-300))
+    return float(((op.matvec(v) - rhs).norm(dim=-1) / rhs.norm(dim=-1).clamp_min(1e-300)).max())
 
 
 def _residual(c, A, b, z, v, y) -> np.ndarray:
@@ -645,7 +526,7 @@ def _residual(c, A, b, z, v, y) -> np.ndarray:
 
 
 def _residual_norm(c, A, b, z, v, blocks, exp_guess) -> float:
-    return float(np.abs(_residual(c, A, b, z, v, _project(v, blocks, exp_guess))).max(initial=0.0))
+    return float(np.abs(_residual(c, A, b, z, v, project_dual(v, blocks, exp_guess))).max(initial=0.0))
 
 
 def _jacobian(A: sp.csc_array, D: np.ndarray) -> np.ndarray:
@@ -679,7 +560,7 @@ def _soc_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_to
 
 def _psd_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
     """Rank of the PSD slack S; strict complementarity: rank S + rank Y = n (S + Y nonsingular)."""
-    S, Y = _smat(s), _smat(y)
+    S, Y = smat(s), smat(y)
     rank = int((np.linalg.eigvalsh(S) > weak_tol).sum())
     if np.linalg.eigvalsh(S + Y).min() <= weak_tol:
         _raise_degenerate(block, f"rank(S) + rank(Y) = {rank} + {int((np.linalg.eigvalsh(Y) > weak_tol).sum())} "
@@ -691,7 +572,7 @@ def _exp_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_to
     y_zero, s_zero = np.abs(y).max() <= weak_tol, np.abs(s).max() <= weak_tol
     if y_zero and s_zero:
         _raise_degenerate(block, "the slack and the multiplier are both zero")
-    if y_zero and (s[1] <= weak_tol or s[2] <= weak_tol or _exp_h(s)[0] >= -weak_tol):
+    if y_zero and (s[1] <= weak_tol or s[2] <= weak_tol or exp_h(s)[0] >= -weak_tol):
         _raise_degenerate(block, "the slack is on the cone's boundary with a zero multiplier")
     tight = bool(np.abs(y).max() > tol)
     return ConeStatus(block.label, "exp", tight, detail="on the boundary" if tight else "interior")
@@ -702,8 +583,9 @@ def _exp_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_to
 class ConicArgminFunction(torch.autograd.Function):
     r""":class:`cbo.ArgminLayer` on the conic route: a batch of cone programs forward, their VJPs backward.
 
-    Backward: for each item b, dL/dx_b = (dy_b/dx_b)^T dL/dy_b by :meth:`ConicProgram.vjp`; gradients
-    of broadcast (unbatched) inputs are summed over the batch.
+    Backward: dL/dx_b = (dy_b/dx_b)^T dL/dy_b for every item b, the items' reduced adjoint systems
+    solved as one batch with the layer's ``method`` (:meth:`ConicProgram.vjp`); gradients of broadcast
+    (unbatched) inputs are summed over the batch.
     """
 
     @staticmethod
@@ -731,22 +613,22 @@ class ConicArgminFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
-        problem, program = ctx.layer.problem, ctx.layer.problem.conic_program()
+        layer = ctx.layer
+        problem, program = layer.problem, layer.problem.conic_program()
         start = time.perf_counter()
         batch = len(ctx.points)
         by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
-        per_item = []
-        for b, point in enumerate(ctx.points):
-            grad_y = [np.zeros(v.size) if by_id.get(v.id) is None
-                      else by_id[v.id].detach().reshape(batch, v.size)[b].cpu().double().numpy()
-                      for v in problem.all_variables]
-            per_item.append(program.vjp(point, grad_y))
+        grads_y = [[np.zeros(v.size) if by_id.get(v.id) is None
+                    else by_id[v.id].detach().reshape(batch, v.size)[b].cpu().double().numpy()
+                    for v in problem.all_variables] for b in range(batch)]
+        like = next(g for g in grad_outputs if g is not None)
+        per_item, ctx.info.linear_solve = program.vjp(
+            ctx.points, grads_y, layer.method, tol=layer.tol, maxiter=layer.maxiter,
+            on_nonconvergence=layer.on_nonconvergence, like=like.to(torch.float64))
         grads = []
         for k, (shape, dtype, device) in enumerate(ctx.input_meta):
             g = torch.as_tensor(np.stack([item[k] for item in per_item]))
             g = g.reshape(torch.Size([*ctx.batch_shape, *g.shape[1:]])).sum_to_size(shape)
             grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
-        residual = max(p.adjoint_residual for p in ctx.points)
-        ctx.info.linear_solve = SolveInfo("direct", True, batch, residual, ctx.layer.tol)
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
         return (None, None, *grads)

@@ -166,8 +166,10 @@ def hypergrad(
     route : {"smooth", "conic"}, optional
         Default: "smooth" (the KKT system of the inner problem, after the
         epigraph reformulation of piecewise-linear atoms) when it applies, else
-        "conic" (the residual map of cvxpy's cone program, :mod:`cbo.conic`,
-        for DPP problems; it solves its adjoint densely, whatever ``method``).
+        "conic" (cvxpy's cone program, :mod:`cbo.conic`, for problems with cone
+        constraints): its KKT system, reduced to the active part of each cone, is
+        solved by the same adjoint solvers. The routes "reverse", "truncated",
+        "forward" and the penalty methods are the smooth route's only.
     return_info : bool
         Also return a :class:`HypergradInfo`.
 
@@ -194,8 +196,12 @@ def hypergrad(
 
     route, reason = select_route(problem, route)
     if route == "conic":
-        return _conic_hypergrad(problem, x, xs, like, solver_options, polish_solution, tol, reason, return_info,
-                                timings, start)
+        if method not in ADJOINT_SOLVERS:
+            raise ValueError(
+                f"method={method!r} differentiates the smooth route's Lagrangian, which this problem does not "
+                f"have ({reason}). The conic route takes the adjoint solvers: {', '.join(ADJOINT_SOLVERS)}.")
+        return _conic_hypergrad(problem, x, xs, like, method, tol, maxiter, on_nonconvergence, solver_options,
+                                polish_solution, reason, return_info, timings, start)
 
     with _timed(timings, "inner_solve"):
         sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], solver, solver_options)
@@ -242,9 +248,9 @@ def select_route(problem: BilevelProblem, route: str | None) -> tuple[str, str]:
     return route, problem.route_reason if route == problem.route else "conic: requested"
 
 
-def _conic_hypergrad(problem, x, xs, like, solver_options, polish_solution, tol, reason, return_info, timings,
-                     start):
-    """dF/dx = d_x F + (dy*/dx)^T d_y F with the vector-Jacobian product of :mod:`cbo.conic`."""
+def _conic_hypergrad(problem, x, xs, like, method, tol, maxiter, on_nonconvergence, solver_options,
+                     polish_solution, reason, return_info, timings, start):
+    """dF/dx = d_x F + (dy*/dx)^T d_y F with the reduced conic adjoint of :mod:`cbo.conic`."""
     program = problem.conic_program()
     with _timed(timings, "inner_solve"):
         point = program.solve([t.detach().cpu().numpy() for t in xs], solver_options, polish_solution)
@@ -252,7 +258,9 @@ def _conic_hypergrad(problem, x, xs, like, solver_options, polish_solution, tol,
                              device=xs[0].device)
     outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
     with _timed(timings, "adjoint_solve"):
-        implicit = program.vjp(point, [g.cpu().numpy() for g in problem.split_y(dF_dy)])
+        (implicit,), solve_info = program.vjp([point], [[g.cpu().numpy() for g in problem.split_y(dF_dy)]], method,
+                                              tol=tol, maxiter=maxiter, on_nonconvergence=on_nonconvergence,
+                                              like=xs[0])
     grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
     timings["total"] = time.perf_counter() - start
     result = like_input(grads, x, like)
@@ -261,11 +269,10 @@ def _conic_hypergrad(problem, x, xs, like, solver_options, polish_solution, tol,
     polish_info = PolishInfo(point.polish_steps, point.residual_before, point.residual_after, True,
                              "" if polish_solution else "disabled")
     info = HypergradInfo(
-        method="direct", solver="CLARABEL", solver_status=point.status, outer_value=outer_value,
+        method=method, solver="CLARABEL", solver_status=point.status, outer_value=outer_value,
         y=problem.user_y(y_flat), mu=None, nu=None, active_set=None, licq=None, reduced_hessian_extremes=None,
-        kkt_residual=point.residual_after, polish=polish_info,
-        linear_solve=SolveInfo("direct", True, 1, point.adjoint_residual, tol), timings=timings, route=reason,
-        cones=point.cones,
+        kkt_residual=point.residual_after, polish=polish_info, linear_solve=solve_info, timings=timings,
+        route=reason, cones=point.cones,
     )
     return result, info
 

@@ -139,7 +139,9 @@ class _KKTSystem:
     n_dual: int
     dual_mask: torch.Tensor
     w: torch.Tensor
+    scale: torch.Tensor | None = None
     _gram: ConstraintGram | None = None
+    _equilibrated: EquilibratedKKT | None = None
 
     @property
     def size(self) -> int:
@@ -157,6 +159,14 @@ class _KKTSystem:
         if self._gram is None:
             self._gram = ConstraintGram(self.constraint_jacobian(), self.dual_mask)
         return self._gram
+
+    def equilibrated(self) -> _KKTSystem:
+        """D K D (an :class:`EquilibratedKKT`, made once) if the operator has a ``scale``, else itself."""
+        if self.scale is None:
+            return self
+        if self._equilibrated is None:
+            self._equilibrated = EquilibratedKKT(self)
+        return self._equilibrated
 
 
 class KKTOperator(_KKTSystem):
@@ -188,7 +198,6 @@ class KKTOperator(_KKTSystem):
         self.x = [t.detach().requires_grad_(True) for t in x]
         self.w = w.detach().requires_grad_(True)
         self._jacobian: torch.Tensor | None = None
-        self._equilibrated: EquilibratedKKT | None = None
         with torch.enable_grad():
             L = vmap(problem.lagrangian)(self.x, self.w, self.active).sum()
             (self.R,) = torch.autograd.grad(L, self.w, create_graph=True)
@@ -224,14 +233,6 @@ class KKTOperator(_KKTSystem):
                 jacobian = torch.func.jacrev(self.problem.active_constraints, argnums=1)
                 self._jacobian = vmap(jacobian)(x, y, self.active)
         return self._jacobian
-
-    def equilibrated(self) -> KKTOperator | EquilibratedKKT:
-        """D K D (an :class:`EquilibratedKKT`, made once) if the operator has a ``scale``, else itself."""
-        if self.scale is None:
-            return self
-        if self._equilibrated is None:
-            self._equilibrated = EquilibratedKKT(self)
-        return self._equilibrated
 
     def scaled_residual(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(||D R||_inf, ||D^{-1} w||_inf) per item: the residual and the size of the point in the units

@@ -1,0 +1,248 @@
+r"""The KKT system of a cone program reduced to the active part of each cone.
+
+At a strictly complementary solution (z, s, y) of
+
+    min_z c^T z   s.t.  A z + s = b,  s in K,          (dual: c + A^T y = 0, y in K^*, s^T y = 0)
+
+each cone is, near s, described by a few smooth constraints g(s) <= 0 that
+hold with equality ("active pieces"), and y = -dg(s)^T mu with mu > 0:
+
+* zero-cone rows, active nonnegative rows (s_i = 0 < y_i) and a second-order
+  or exponential cone at its apex (s = 0, y interior): g(s) = -s_i, mu_i = y_i;
+* an SOC (t, u) on its boundary, s != 0: g(s) = ||u|| - t, mu = y_t;
+* an exponential cone on its boundary: g(s) = h(s) = s_1 - s_2 log(s_3 / s_2);
+* a PSD slack S of rank r < n, with U (n x r) spanning its range and V
+  (n x k) that of the multiplier Y: the Schur complement
+  E(S) = V^T S V - V^T S U (U^T S U)^{-1} U^T S V, for which S >= 0 iff
+  E(S) >= 0 near S, gives k(k+1)/2 constraints g(S) = -E(S) with multiplier
+  M = V^T Y V (Y = V M V^T). Only the range of the multiplier enters.
+
+Inactive pieces (a nonnegative row with s_i > 0, a cone with s in its
+interior) have y = 0 and drop out. With G = dg/ds (p x m, the stacked active
+pieces) and C = sum_j mu_j hess g_j(s) (m x m, block diagonal, positive
+semidefinite: the cones' curvature), the conditions
+
+    R(z, mu) = ( c - A^T G^T mu,  g(b - A z) ) = 0
+
+have the symmetric, indefinite Jacobian
+
+    K = [[H, J^T], [J, 0]],   H = A^T C A,   J = -G A,
+
+the structure of the smooth route's KKT matrix (:mod:`cbo.kkt`), so the same
+adjoint solvers (:mod:`cbo.linsolve`) apply. The curvature of the PSD piece
+is C[dS] = Y dS S^+ + S^+ dS Y (the second derivative of -<M, E(S)>). For an
+outer gradient d = dF/dz, the adjoint K (w_z, w_mu) = (d, 0) gives the
+gradient in the cone data (c, A, b)
+
+    dF/dc = -w_z,   dF/db = w_b = C A w_z - G^T w_mu,   dF/dA = -(y w_z^T + w_b z^T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .cones import exp_h, smat, svec
+from .errors import StrictComplementarityError
+from .kkt import _KKTSystem, equilibration
+
+__all__ = ["ActivePieces", "active_pieces", "ConeKKT"]
+
+
+@dataclass
+class ActivePieces:
+    r"""The active smooth pieces of a cone program's cones at one solution.
+
+    Attributes
+    ----------
+    G : sparse (p, m)
+        dg/ds of the p active pieces, in the cone program's rows.
+    curvature : sparse (m, m)
+        C = sum_j mu_j hess g_j(s), block diagonal.
+    mu : array (p,)
+        The pieces' multipliers.
+    sizes : dict[str, int]
+        Number of pieces of each kind: "linear" rows, "soc", "exp", "psd" (multiplier entries).
+    """
+
+    G: sp.csr_array
+    curvature: sp.csr_array
+    mu: np.ndarray
+    sizes: dict
+
+
+def active_pieces(blocks: Sequence, y: np.ndarray, s: np.ndarray, tol: float) -> ActivePieces:
+    """The active pieces of each cone block at the solution (s, y); ``tol`` decides what is zero.
+
+    Strict complementarity is assumed (checked by :meth:`cbo.conic.ConicProgram.solve`).
+    """
+    m = s.size
+    rows, curvature_blocks, mu = [], [], []
+    sizes = {"linear": 0, "soc": 0, "exp": 0, "psd": 0}
+
+    def linear(indices):
+        for i in indices:
+            rows.append(({i: -1.0}))
+            mu.append(y[i])
+        sizes["linear"] += len(indices)
+
+    def curved(block, gradient, hessian_of_mu, multipliers):
+        for g in np.atleast_2d(gradient):
+            rows.append({block.start + j: value for j, value in enumerate(g) if value != 0})
+        mu.extend(np.atleast_1d(multipliers))
+        curvature_blocks.append((block.start, hessian_of_mu))
+
+    for block in blocks:
+        indices = list(range(block.start, block.start + block.size))
+        sb, yb = s[block.rows], y[block.rows]
+        if block.kind == "zero":
+            linear(indices)
+        elif block.kind == "nonneg":
+            linear([i for i, (si, yi) in zip(indices, zip(sb, yb)) if si <= yi])
+        elif block.kind == "soc":
+            if np.abs(sb).max() <= tol:
+                linear(indices)
+            elif sb[0] - np.linalg.norm(sb[1:]) <= tol:
+                gradient, hessian = _soc_piece(sb)
+                curved(block, gradient, _multiplier(yb, gradient) * hessian, _multiplier(yb, gradient))
+                sizes["soc"] += 1
+        elif block.kind == "exp":
+            if np.abs(yb).max() <= tol:
+                continue
+            if np.abs(sb).max() <= tol:
+                linear(indices)
+                continue
+            if not (sb[1] > tol and sb[2] > tol):
+                raise StrictComplementarityError(
+                    f"{block.label} is active on the face s_2 = 0 of the exponential cone, where its boundary is "
+                    "not smooth: cbo cannot differentiate the solution there. Move x, or bound the argument of "
+                    "the log/exp atom away from zero.")
+            _, gradient, hessian = exp_h(sb)
+            curved(block, gradient, _multiplier(yb, gradient) * hessian, _multiplier(yb, gradient))
+            sizes["exp"] += 1
+        else:
+            piece = _psd_piece(sb, yb)
+            if piece is not None:
+                curved(block, *piece)
+                sizes["psd"] += len(piece[2])
+    G = sp.csr_array(_sparse_rows(rows, m))
+    curvature = sp.lil_array((m, m))
+    for start, hessian in curvature_blocks:
+        curvature[start:start + hessian.shape[0], start:start + hessian.shape[0]] = hessian
+    return ActivePieces(G, sp.csr_array(curvature), np.asarray(mu, dtype=float), sizes)
+
+
+def _sparse_rows(rows: list[dict], m: int) -> sp.coo_array:
+    data = [(r, j, value) for r, row in enumerate(rows) for j, value in row.items()]
+    r, j, values = zip(*data) if data else ((), (), ())
+    return sp.coo_array((np.asarray(values, dtype=float), (np.asarray(r, dtype=int), np.asarray(j, dtype=int))),
+                        shape=(len(rows), m))
+
+
+def _multiplier(y: np.ndarray, gradient: np.ndarray) -> float:
+    """mu >= 0 with y = -mu grad g (least squares)."""
+    return max(0.0, -float(y @ gradient) / float(gradient @ gradient))
+
+
+def _soc_piece(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """g(s) = ||u|| - t for s = (t, u): gradient (-1, u / ||u||), Hessian (I - u' u'^T) / ||u|| on u."""
+    u = s[1:]
+    norm = np.linalg.norm(u)
+    unit = u / norm
+    hessian = np.zeros((s.size, s.size))
+    hessian[1:, 1:] = (np.eye(u.size) - np.outer(unit, unit)) / norm
+    return np.concatenate([[-1.0], unit]), hessian
+
+
+def _psd_piece(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    r"""(G rows, C, M) of a PSD block; None if the multiplier is zero (S in the interior).
+
+    S - Y has the eigenvectors of both (they commute at a complementary solution):
+    positive eigenvalues span range(S) (U), negative ones range(Y) (V).
+    """
+    S, Y = smat(s), smat(y)
+    values, Q = np.linalg.eigh(S - Y)
+    U, V = Q[:, values > 0], Q[:, values <= 0]
+    if V.shape[1] == 0:
+        return None
+    S_pinv = (U / np.diag(U.T @ S @ U)) @ U.T
+    basis = _symmetric_basis(V.shape[1])
+    gradient = np.stack([-svec(V @ E @ V.T) for E in basis])  # d(-<E, E(S)>)/ds = -svec(V E V^T)
+    multipliers = np.array([np.sum(E * (V.T @ Y @ V)) for E in basis])
+    Y_range = V @ V.T @ Y @ V @ V.T
+    columns = [svec(Y_range @ H @ S_pinv + S_pinv @ H @ Y_range) for H in map(smat, np.eye(s.size))]
+    return gradient, np.stack(columns, axis=1), multipliers
+
+
+def _symmetric_basis(k: int) -> list[np.ndarray]:
+    """An orthonormal basis of the k x k symmetric matrices (trace inner product)."""
+    basis = []
+    for a in range(k):
+        for b in range(a, k):
+            E = np.zeros((k, k))
+            E[a, b] = E[b, a] = 1.0 if a == b else 1 / np.sqrt(2)
+            basis.append(E)
+    return basis
+
+
+class ConeKKT(_KKTSystem):
+    r"""The reduced KKT matrices K = [[A^T C A, -(G A)^T], [-G A, 0]] of a batch of cone-program solutions.
+
+    Items have different numbers of active pieces; they are padded to the
+    largest, with a unit diagonal on the padded rows (``dual_mask`` 0), as the
+    smooth route pads inactive multipliers. H and J are dense torch tensors on
+    the device and in the dtype of ``like``; products are batched matmuls.
+
+    Parameters
+    ----------
+    A : list of sparse (m, n)
+        Each item's constraint matrix.
+    pieces : list of ActivePieces
+    z : list of arrays (n,)
+        Each item's solution.
+    like : tensor
+        Device and dtype of the computation.
+    """
+
+    def __init__(self, A: Sequence[sp.csc_array], pieces: Sequence[ActivePieces], z: Sequence[np.ndarray],
+                 like: torch.Tensor):
+        self.pieces, self.A = list(pieces), list(A)
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a), dtype=like.dtype, device=like.device)  # noqa: E731
+        self.n_y = A[0].shape[1]
+        self.n_dual = max((p.mu.size for p in pieces), default=0)
+        batch = len(pieces)
+        self.H = as_tensor(np.stack([(a.T @ p.curvature @ a).toarray() for a, p in zip(A, pieces)]))
+        J = np.zeros((batch, self.n_dual, self.n_y))
+        mask = np.zeros((batch, self.n_dual))
+        w = np.zeros((batch, self.n_y + self.n_dual))
+        for b, (a, p) in enumerate(zip(A, pieces)):
+            J[b, : p.mu.size] = -(p.G @ a).toarray()
+            mask[b, : p.mu.size] = 1.0
+            w[b, : self.n_y], w[b, self.n_y: self.n_y + p.mu.size] = z[b], p.mu
+        self.J, self.dual_mask, self.w = as_tensor(J), as_tensor(mask), as_tensor(w)
+        self.scale = equilibration(self)  # computed with the class default scale None: on K itself
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """K v for v of shape (B, N) or (k, B, N)."""
+        v_z, v_mu = v[..., : self.n_y], v[..., self.n_y:]
+        top = torch.einsum("bij,...bj->...bi", self.H, v_z) + torch.einsum("bpi,...bp->...bi", self.J, v_mu)
+        bottom = torch.einsum("bpi,...bi->...bp", self.J, v_z) + (1 - self.dual_mask) * v_mu
+        return torch.cat([top, bottom], -1)
+
+    def dense(self) -> torch.Tensor:
+        """K as dense (B, N, N) matrices."""
+        return torch.cat([torch.cat([self.H, self.J.mT], -1),
+                          torch.cat([self.J, torch.diag_embed(1 - self.dual_mask)], -1)], -2)
+
+    def constraint_jacobian(self) -> torch.Tensor:
+        """J = -G A, shape (B, n_dual, n_y), zero on padded rows."""
+        return self.J
+
+    def data_adjoint(self, v: np.ndarray, item: int) -> np.ndarray:
+        """(w_z, w_b) of item ``item`` from its adjoint solution v = (w_z, w_mu): w_b = C A w_z - G^T w_mu."""
+        pieces, A = self.pieces[item], self.A[item]
+        w_z, w_mu = v[: self.n_y], v[self.n_y: self.n_y + pieces.mu.size]
+        return np.concatenate([w_z, pieces.curvature @ (A @ w_z) - pieces.G.T @ w_mu])
