@@ -7,10 +7,11 @@ At a strictly complementary solution (z, s, y) of
 each cone is, near s, described by a few smooth constraints g(s) <= 0 that
 hold with equality ("active pieces"), and y = -dg(s)^T mu with mu > 0:
 
-* zero-cone rows, active nonnegative rows (s_i = 0 < y_i) and a second-order
-  or exponential cone at its apex (s = 0, y interior): g(s) = -s_i, mu_i = y_i;
+* zero-cone rows, active nonnegative rows (s_i = 0 < y_i) and a second-order,
+  exponential or power cone at its apex (s = 0, y interior): g(s) = -s_i, mu_i = y_i;
 * an SOC (t, u) on its boundary, s != 0: g(s) = ||u|| - t, mu = y_t;
 * an exponential cone on its boundary: g(s) = h(s) = s_1 - s_2 log(s_3 / s_2);
+  a 3-d power cone: g(s) = |s_3| - s_1^a s_2^(1-a) (where s_1, s_2, s_3 != 0);
 * a PSD slack S of rank r < n, with U (n x r) spanning its range and V
   (n x k) that of the multiplier Y: the Schur complement
   E(S) = V^T S V - V^T S U (U^T S U)^{-1} U^T S V, for which S >= 0 iff
@@ -45,7 +46,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .cones import exp_h, smat, svec
+from .cones import exp_h, pow_g, smat, svec
 from .errors import StrictComplementarityError
 from .kkt import _KKTSystem, equilibration
 
@@ -65,7 +66,7 @@ class ActivePieces:
     mu : array (p,)
         The pieces' multipliers.
     sizes : dict[str, int]
-        Number of pieces of each kind: "linear" rows, "soc", "exp", "psd" (multiplier entries).
+        Number of pieces of each kind: "linear" rows, "soc", "exp", "pow", "psd" (multiplier entries).
     """
 
     G: sp.csr_array
@@ -81,7 +82,7 @@ def active_pieces(blocks: Sequence, y: np.ndarray, s: np.ndarray, tol: float) ->
     """
     m = s.size
     rows, curvature_blocks, mu = [], [], []
-    sizes = {"linear": 0, "soc": 0, "exp": 0, "psd": 0}
+    sizes = {"linear": 0, "soc": 0, "exp": 0, "pow": 0, "psd": 0}
 
     def linear(indices):
         for i in indices:
@@ -109,20 +110,22 @@ def active_pieces(blocks: Sequence, y: np.ndarray, s: np.ndarray, tol: float) ->
                 gradient, hessian = _soc_piece(sb)
                 curved(block, gradient, _multiplier(yb, gradient) * hessian, _multiplier(yb, gradient))
                 sizes["soc"] += 1
-        elif block.kind == "exp":
+        elif block.kind in ("exp", "pow"):
             if np.abs(yb).max() <= tol:
                 continue
             if np.abs(sb).max() <= tol:
                 linear(indices)
                 continue
-            if not (sb[1] > tol and sb[2] > tol):
+            smooth = sb[1] > tol and sb[2] > tol if block.kind == "exp" else \
+                sb[0] > tol and sb[1] > tol and abs(sb[2]) > tol
+            if not smooth:
                 raise StrictComplementarityError(
-                    f"{block.label} is active on the face s_2 = 0 of the exponential cone, where its boundary is "
-                    "not smooth: cbo cannot differentiate the solution there. Move x, or bound the argument of "
-                    "the log/exp atom away from zero.")
-            _, gradient, hessian = exp_h(sb)
+                    f"{block.label} is active on a face of the {'exponential' if block.kind == 'exp' else 'power'} "
+                    "cone where its boundary is not smooth: cbo cannot differentiate the solution there. Move x, "
+                    "or keep the cone's arguments away from zero.")
+            _, gradient, hessian = exp_h(sb) if block.kind == "exp" else pow_g(sb, block.alpha)
             curved(block, gradient, _multiplier(yb, gradient) * hessian, _multiplier(yb, gradient))
-            sizes["exp"] += 1
+            sizes[block.kind] += 1
         else:
             piece = _psd_piece(sb, yb)
             if piece is not None:

@@ -1,7 +1,8 @@
 r"""Cone geometry for the conic route: projections onto the dual cone K^* and their derivatives.
 
-Blocks are objects with ``kind`` ("zero", "nonneg", "soc", "psd", "exp") and
-``rows`` (a slice of the cone program's rows). PSD blocks are Clarabel's scaled
+Blocks are objects with ``kind`` ("zero", "nonneg", "soc", "psd", "exp",
+"pow") and ``rows`` (a slice of the cone program's rows); a power cone's also
+has ``alpha``. PSD blocks are Clarabel's scaled
 upper-triangular vectors (off-diagonal entries times sqrt 2, so that
 <svec A, svec B> = tr(AB)).
 
@@ -13,9 +14,13 @@ dPi per cone of K^*:
   1/2 [[1, u'^T], [u', (1 + t/||u||) I - t/||u|| u' u'^T]] with u' = u / ||u||;
 * PSD (self-dual): with V = Q diag(l) Q^T, D[dV] = Q (G o Q^T dV Q) Q^T,
   G_ij = (l_i^+ - l_j^+) / (l_i - l_j) (1 if both > 0, 0 if both <= 0);
-* exponential: Pi_{K^*}(v) = v + Pi_K(-v), so D = I - dPi_K(-v); on the
-  boundary of K = {h(p) = p_1 - p_2 log(p_3 / p_2) <= 0}, dPi_K is the top-left
-  block of [[I + lam hess h, grad h], [grad h^T, 0]]^{-1} at the projection p.
+* exponential and 3-d power cones: Pi_{K^*}(v) = v + Pi_K(-v), so
+  D = I - dPi_K(-v); on the smooth part of the boundary of K = {g(p) <= 0}
+  (exponential: g = h(p) = p_1 - p_2 log(p_3 / p_2); power:
+  g(p) = |p_3| - p_1^a p_2^(1 - a)), dPi_K is the top-left block of
+  [[I + lam hess g, grad g], [grad g^T, 0]]^{-1} at the projection p, lam its
+  multiplier. Pi_K for the power cone is Hien's (2015) one-dimensional root
+  search.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["project_dual", "projection_jacobian", "smat", "svec", "psd_order", "exp_h"]
+__all__ = ["project_dual", "projection_jacobian", "smat", "svec", "psd_order", "exp_h", "pow_g", "in_pow_cone"]
 
 
 def project_dual(v: np.ndarray, blocks: Sequence, exp_guess: np.ndarray) -> np.ndarray:
@@ -40,10 +45,12 @@ def project_dual(v: np.ndarray, blocks: Sequence, exp_guess: np.ndarray) -> np.n
             y[block.rows] = _soc_project(vb)
         elif block.kind == "psd":
             y[block.rows] = _psd_project(vb)
-        else:
+        elif block.kind == "exp":
             p, _ = _exp_project(-vb, exp_guess[block.rows])
             exp_guess[block.rows] = p
             y[block.rows] = vb + p
+        else:
+            y[block.rows] = vb + _pow_project(-vb, block.alpha)
     return y
 
 
@@ -60,8 +67,10 @@ def projection_jacobian(v: np.ndarray, y: np.ndarray, blocks: Sequence) -> np.nd
             D[r, r] = _soc_derivative(vb)
         elif block.kind == "psd":
             D[r, r] = _psd_derivative(vb)
+        elif block.kind == "exp":
+            D[r, r] = np.eye(3) - _boundary_projection_derivative(-vb, y[r] - vb, exp_h)
         else:
-            D[r, r] = np.eye(3) - _exp_derivative(-vb, y[r] - vb)
+            D[r, r] = np.eye(3) - _boundary_projection_derivative(-vb, y[r] - vb, _pow_boundary(block.alpha))
     return D
 
 
@@ -172,16 +181,78 @@ def _exp_project(w: np.ndarray, guess: np.ndarray) -> tuple[np.ndarray, float]:
     return p, lam
 
 
-def _exp_derivative(w: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """dPi_K(w) for the exponential cone K, p = Pi_K(w)."""
+def _boundary_projection_derivative(w: np.ndarray, p: np.ndarray, boundary) -> np.ndarray:
+    """dPi_K(w) for a 3-d cone K = {g <= 0}, p = Pi_K(w); ``boundary(p)`` -> (g, grad g, hess g), or None
+    where p is on a face of K whose boundary is not smooth (there: the clip's derivative)."""
     if np.allclose(p, w, rtol=0, atol=1e-13 * max(1.0, np.abs(w).max())):
         return np.eye(3)
     if not p.any():
         return np.zeros((3, 3))
-    _, grad, hess = exp_h(p)
+    smooth = boundary(p)
+    if smooth is None:
+        return np.diag((p != 0).astype(float))
+    _, grad, hess = smooth
     lam = float(grad @ (w - p)) / float(grad @ grad)
     M = np.block([[np.eye(3) + lam * hess, grad[:, None]], [grad[None, :], np.zeros((1, 1))]])
     return np.linalg.inv(M)[:3, :3]
+
+
+def _pow_boundary(alpha: float):
+    return lambda p: pow_g(p, alpha) if p[0] > 0 and p[1] > 0 and p[2] != 0 else None
+
+
+def pow_g(p: np.ndarray, alpha: float) -> tuple[float, np.ndarray, np.ndarray]:
+    r"""g(p) = |p_3| - p_1^a p_2^(1-a) (the power cone K_a = {g <= 0, p_1, p_2 >= 0}), its gradient and
+    Hessian, where p_1, p_2 > 0 and p_3 != 0. With phi = p_1^a p_2^(1-a):
+    grad g = (-a phi / p_1, -(1-a) phi / p_2, sign p_3), hess g = a (1-a) phi [[1/p_1^2, -1/(p_1 p_2)],
+    [-1/(p_1 p_2), 1/p_2^2]] on (p_1, p_2)."""
+    x, y, z = p
+    phi = x ** alpha * y ** (1 - alpha)
+    grad = np.array([-alpha * phi / x, -(1 - alpha) * phi / y, np.sign(z)])
+    hess = np.zeros((3, 3))
+    hess[:2, :2] = alpha * (1 - alpha) * phi * np.array([[1 / x ** 2, -1 / (x * y)], [-1 / (x * y), 1 / y ** 2]])
+    return abs(z) - phi, grad, hess
+
+
+def _pow_project(w: np.ndarray, alpha: float) -> np.ndarray:
+    r"""Pi_K(w) onto the power cone K_a (Hien 2015).
+
+    w in K: itself; -w in K^*: 0; w_3 = 0: the clip (w_1^+, w_2^+, 0). Else the projection is
+    (x(r), y(r), sign(w_3) r) with x(r) = (w_1 + sqrt(w_1^2 + 4 a r (|w_3| - r))) / 2, y(r) likewise with
+    1 - a, and r in (0, |w_3|) the root of x(r)^a y(r)^(1-a) = r (the multiplier of g is |w_3| - r), found
+    by bisection to machine precision.
+    """
+    if in_pow_cone(w, alpha):
+        return w.copy()
+    if _in_pow_dual(-w, alpha):
+        return np.zeros(3)
+    x0, y0, z0 = w
+    if z0 == 0:
+        return np.array([max(x0, 0.0), max(y0, 0.0), 0.0])
+
+    def point(r: float) -> tuple[float, float]:
+        return (0.5 * (x0 + np.sqrt(x0 ** 2 + 4 * alpha * r * (abs(z0) - r))),
+                0.5 * (y0 + np.sqrt(y0 ** 2 + 4 * (1 - alpha) * r * (abs(z0) - r))))
+
+    low, high = 0.0, abs(z0)
+    for _ in range(200):
+        r = (low + high) / 2
+        x, y = point(r)
+        low, high = (r, high) if x ** alpha * y ** (1 - alpha) > r else (low, r)
+        if high - low <= 4 * np.finfo(float).eps * abs(z0):
+            break
+    r = (low + high) / 2
+    x, y = point(r)
+    return np.array([x, y, np.sign(z0) * r])
+
+
+def in_pow_cone(p: np.ndarray, alpha: float) -> bool:
+    return bool(p[0] >= 0 and p[1] >= 0 and p[0] ** alpha * p[1] ** (1 - alpha) >= abs(p[2]))
+
+
+def _in_pow_dual(q: np.ndarray, alpha: float) -> bool:
+    """K_a^* = {(u, v, w): u, v >= 0, (u / a)^a (v / (1 - a))^(1-a) >= |w|}."""
+    return bool(q[0] >= 0 and q[1] >= 0 and (q[0] / alpha) ** alpha * (q[1] / (1 - alpha)) ** (1 - alpha) >= abs(q[2]))
 
 
 def _in_exp_cone(p: np.ndarray) -> bool:

@@ -48,7 +48,7 @@ import scipy.sparse as sp
 import torch
 
 from .cone_kkt import ActivePieces, ConeKKT, active_pieces
-from .cones import exp_h, project_dual, projection_jacobian, smat
+from .cones import exp_h, pow_g, project_dual, projection_jacobian, smat
 from .errors import (ConvergenceError, DegenerateKKTWarning, InaccurateSolutionWarning, InnerSolveError,
                      ProblemDefinitionError, StrictComplementarityError, external_stacklevel)
 from .inner import DEFAULT_SOLVER_OPTIONS
@@ -58,7 +58,8 @@ from .linsolve import SolveInfo, adjoint_solve
 __all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityError", "ConicArgminFunction"]
 
 _SOLVED = ("Solved", "AlmostSolved")
-_KINDS = {"Zero": "zero", "NonNeg": "nonneg", "SOC": "soc", "SvecPSD": "psd", "PSD": "psd", "ExpCone": "exp"}
+_KINDS = {"Zero": "zero", "NonNeg": "nonneg", "SOC": "soc", "SvecPSD": "psd", "PSD": "psd", "ExpCone": "exp",
+          "PowCone3D": "pow"}
 # Relative thresholds: a slack entry at most _TIGHT_TOL is on its bound; slack and multiplier both within
 # _WEAK_TOL of the boundary (sqrt of the 1e-6 active-set tolerance / 10, as in cbo.kkt.active_set: an
 # interior-point method approaches a weakly active point at the square root of its tolerance) fail strict
@@ -108,6 +109,7 @@ class _Block:
     start: int
     size: int
     label: str
+    alpha: float | None = None  # a power cone's exponent
 
     @property
     def rows(self) -> slice:
@@ -438,7 +440,7 @@ class ConicProgram:
             elif block.kind == "psd":
                 statuses.append(_psd_status(block, yb, sb, tol, weak_tol))
             else:
-                statuses.append(_exp_status(block, yb, sb, tol, weak_tol))
+                statuses.append(_exp_or_pow_status(block, yb, sb, tol, weak_tol))
         if weak:
             warnings.warn(
                 f"{where}Strict complementarity fails at the inner solution: {'; '.join(dict.fromkeys(weak))} "
@@ -488,15 +490,19 @@ def _blocks(param_prob, names: dict[int, str], m: int) -> list[_Block]:
         if kind is None:
             raise ProblemDefinitionError(
                 f"cvxpy compiles the inner problem to a {type(constraint).__name__} cone, which cbo's conic "
-                "route cannot differentiate yet (zero, nonnegative, second-order, PSD and exponential cones "
-                "are supported). Rewrite the atom that needs it (e.g. geo_mean, power with a fractional "
-                "exponent, pnorm with p other than 1, 2, inf).")
+                "route cannot differentiate yet (zero, nonnegative, second-order, PSD, exponential and 3-d "
+                "power cones are supported). Write an n-dimensional power cone as a chain of cp.PowCone3D "
+                "constraints.")
         counts[kind] = counts.get(kind, 0) + 1
         label = names.get(constraint.id, f"{kind} cone {counts[kind] - 1} of cvxpy's canonicalization (from an atom)")
-        if kind in ("soc", "exp"):  # one constraint object may stack several cones
-            sizes = constraint.cone_sizes() if kind == "soc" else [3] * (constraint.size // 3)
+        if kind == "soc":  # one constraint object may stack several cones
+            sizes = constraint.cone_sizes()
             offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
             blocks += [_Block(kind, start + int(o), int(n), label) for o, n in zip(offsets, sizes)]
+        elif kind in ("exp", "pow"):
+            count = constraint.size // 3
+            alphas = [None] * count if kind == "exp" else _power_exponents(constraint, count, label)
+            blocks += [_Block(kind, start + 3 * k, 3, label, alpha) for k, alpha in enumerate(alphas)]
         else:
             blocks.append(_Block(kind, start, constraint.size, label))
         start += constraint.size
@@ -504,6 +510,14 @@ def _blocks(param_prob, names: dict[int, str], m: int) -> list[_Block]:
         raise ProblemDefinitionError(f"cbo could not match cvxpy's cone program rows ({m}) to its constraints "
                                      f"({start}); please report this problem.")
     return blocks
+
+
+def _power_exponents(constraint, count: int, label: str) -> list[float]:
+    """The exponent of each of the ``count`` 3-d power cones that ``constraint`` stacks."""
+    if constraint.alpha.parameters():
+        raise ProblemDefinitionError(f"The exponent of {label} depends on a parameter: the cone itself changes "
+                                     "with x, which cbo cannot differentiate. Make the exponent a constant.")
+    return [float(a) for a in np.broadcast_to(np.asarray(constraint.alpha.value, dtype=float).ravel(), (count,))]
 
 
 # ---------------------------------------------------------------- residual map
@@ -568,14 +582,23 @@ def _psd_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_to
     return ConeStatus(block.label, "psd", rank < S.shape[0], rank=rank, detail=f"rank {rank} of {S.shape[0]}")
 
 
-def _exp_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
+def _exp_or_pow_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
+    """An exponential or power cone: tight where the multiplier is nonzero. Strict complementarity fails
+    where slack and multiplier are both zero, or the slack is on the boundary with a zero multiplier."""
     y_zero, s_zero = np.abs(y).max() <= weak_tol, np.abs(s).max() <= weak_tol
     if y_zero and s_zero:
         _raise_degenerate(block, "the slack and the multiplier are both zero")
-    if y_zero and (s[1] <= weak_tol or s[2] <= weak_tol or exp_h(s)[0] >= -weak_tol):
+    if y_zero and _boundary_margin(block, s) <= weak_tol:
         _raise_degenerate(block, "the slack is on the cone's boundary with a zero multiplier")
     tight = bool(np.abs(y).max() > tol)
-    return ConeStatus(block.label, "exp", tight, detail="on the boundary" if tight else "interior")
+    return ConeStatus(block.label, block.kind, tight, detail="on the boundary" if tight else "interior")
+
+
+def _boundary_margin(block: _Block, s: np.ndarray) -> float:
+    """-g(s): how far s lies inside its exponential or power cone (0 on the faces where g is undefined)."""
+    if block.kind == "exp":
+        return -exp_h(s)[0] if s[1] > 0 and s[2] > 0 else 0.0
+    return -pow_g(s, block.alpha)[0] if s[0] > 0 and s[1] > 0 else 0.0
 
 
 # ---------------------------------------------------------------- layer

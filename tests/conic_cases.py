@@ -141,7 +141,23 @@ def entropy(n: int = 4, seed: int = 5) -> NonsmoothCase:
     return _pair("entropy", build, [b], [rng.standard_normal(n)], rng.random(n) / n)
 
 
-ALL_CASES = [lasso, l1_logistic, svm, socp, sdp, entropy]
+def power_cone(seed: int = 6) -> NonsmoothCase:
+    """min 1/2 ||y - a||^2  s.t.  cp.PowCone3D(y_1 + r, y_2, y_3, 0.3), binding with y_3 > 0; twin: the same
+    bound y_3 <= (y_1 + r)^0.3 y_2^0.7 by cp.geo_mean, which cvxpy writes with second-order cones."""
+    rng = np.random.default_rng(seed)
+    a, r = cp.Parameter(3), cp.Parameter()
+
+    def build(variant):
+        y = cp.Variable(3)
+        cone = cp.PowCone3D(y[0] + r, y[1], y[2], 0.3) if variant == "main" else \
+            y[2] <= cp.geo_mean(cp.hstack([y[0] + r, y[1]]), [3, 7])
+        return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - a)), [cone]), y
+
+    x = [np.array([0.5, 0.4, 2.0]) + 0.1 * rng.standard_normal(3), np.array(0.2)]
+    return _pair("power_cone", build, [a, r], x, rng.standard_normal(3))
+
+
+ALL_CASES = [lasso, l1_logistic, svm, socp, sdp, entropy, power_cone]
 
 
 # ---------------------------------------------------------------- references

@@ -12,12 +12,14 @@ import torch
 
 import cbo
 from cbo.cone_kkt import _psd_piece
-from cbo.cones import projection_jacobian, smat, svec
+from cbo.cones import _boundary_projection_derivative, _in_pow_dual, _pow_boundary, _pow_project, in_pow_cone, \
+    projection_jacobian, smat, svec
 from conic_cases import (NonsmoothCase, _pair, directional, entropy, finite_difference_polished, l1_logistic, lasso,
-                         sdp, socp, svm, symmetric_direction)
+                         power_cone, sdp, socp, svm, symmetric_direction)
 
 METHODS = ["direct", "minres", "cg", "fixed_point", "neumann"]
-CASES = {"socp": socp, "sdp": sdp, "entropy": entropy, "lasso": lasso, "l1_logistic": l1_logistic, "svm": svm}
+CASES = {"socp": socp, "sdp": sdp, "entropy": entropy, "power_cone": power_cone, "lasso": lasso,
+         "l1_logistic": l1_logistic, "svm": svm}
 _REFERENCES: dict[str, tuple[NonsmoothCase, list, float]] = {}
 
 
@@ -91,6 +93,30 @@ def test_psd_piece_is_the_schur_complement_to_second_order():
     np.testing.assert_allclose(-gradient.T @ multipliers, svec(Y), atol=1e-12)  # y = -G^T mu
 
 
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_power_cone_projection(alpha):
+    """Moreau: p = Pi_K(w) in K, p - w in K^*, <p, p - w> = 0; and dPi_K against central differences."""
+    rng = np.random.default_rng(int(10 * alpha))
+    for w in rng.standard_normal((20, 3)) * 2:
+        p = _pow_project(w, alpha)
+        assert in_pow_cone(p + np.array([1e-12, 1e-12, 0]), alpha) and _in_pow_dual(p - w + 1e-12, alpha)
+        assert abs(p @ (p - w)) <= 1e-10 * max(1.0, w @ w)
+        D = _boundary_projection_derivative(w, p, _pow_boundary(alpha))
+        eps = 1e-6
+        columns = [(_pow_project(w + eps * e, alpha) - _pow_project(w - eps * e, alpha)) / (2 * eps) for e in np.eye(3)]
+        np.testing.assert_allclose(D, np.stack(columns, axis=1), atol=1e-6)
+
+
+def test_power_cone_and_geo_mean_formulations_agree():
+    """cp.PowCone3D against the same bound by cp.geo_mean, which cvxpy writes with second-order cones."""
+    case = power_cone()
+    grad, info = cbo.hypergrad(case.problem, case.x_tensors, return_info=True)
+    (pow_status,) = [c for c in info.cones if c.kind == "pow"]
+    assert pow_status.tight and info.linear_solve.extra["active_pieces"][0]["pow"] == 1
+    for a, b in zip(grad, cbo.hypergrad(case.twin, case.x_tensors)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-7, atol=1e-10)
+
+
 def _larger_sdp(n: int, seed: int) -> NonsmoothCase:
     rng = np.random.default_rng(seed)
     C, X = cp.Parameter((n, n), symmetric=True), cp.Variable((n, n), symmetric=True)
@@ -155,3 +181,11 @@ def test_adjoint_runs_on_the_inputs_device():
     gpu, info = cbo.hypergrad(case.problem, [t.cuda() for t in case.x_tensors], return_info=True)
     assert gpu.device.type == "cuda"
     np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_n_dimensional_power_cone_is_refused_with_a_rewrite():
+    y, a, t = cp.Variable(3), cp.Parameter(3), cp.Variable()
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - a) - t), [cp.PowConeND(y, t, np.array([0.2, 0.3, 0.5]))])
+    problem = cbo.BilevelProblem(inner, [a], [y], outer=lambda a, y: y.sum())
+    with pytest.raises(cbo.ProblemDefinitionError, match="PowConeND cone.*chain of cp.PowCone3D"):
+        cbo.hypergrad(problem, torch.ones(3, dtype=torch.float64))
