@@ -57,12 +57,22 @@ __all__ = ["ActivePieces", "active_pieces", "ConeKKT"]
 class ActivePieces:
     r"""The active smooth pieces of a cone program's cones at one solution.
 
+    The cones' curvature C = sum_j mu_j hess g_j(s) (m x m, block diagonal) is
+    kept as a diagonal plus a low-rank part, C = diag(c) + F diag(f) F^T: an
+    SOC's is diag(0, 1, ..., 1) mu / ||u|| minus a rank-one term, a PSD
+    block's has rank k r, an exponential or power cone's 3 x 3 block is its
+    eigendecomposition. Products and H = A^T C A never form C densely.
+
     Attributes
     ----------
     G : sparse (p, m)
         dg/ds of the p active pieces, in the cone program's rows.
-    curvature : sparse (m, m)
-        C = sum_j mu_j hess g_j(s), block diagonal.
+    curvature_diagonal : array (m,)
+        c.
+    curvature_factor : sparse (m, R)
+        F.
+    curvature_weights : array (R,)
+        f.
     mu : array (p,)
         The pieces' multipliers.
     sizes : dict[str, int]
@@ -70,9 +80,22 @@ class ActivePieces:
     """
 
     G: sp.csr_array
-    curvature: sp.csr_array
+    curvature_diagonal: np.ndarray
+    curvature_factor: sp.csc_array
+    curvature_weights: np.ndarray
     mu: np.ndarray
     sizes: dict
+
+    def curvature_times(self, u: np.ndarray) -> np.ndarray:
+        """C u for u of length m."""
+        F = self.curvature_factor
+        return self.curvature_diagonal * u + F @ (self.curvature_weights * (F.T @ u))
+
+    def hessian(self, A: sp.csr_array) -> np.ndarray:
+        """H = A^T C A = A^T diag(c) A + B diag(f) B^T with B = A^T F, in sparse products (n x n, dense)."""
+        B = sp.csr_array(A.T @ self.curvature_factor)
+        H = A.T @ (self.curvature_diagonal[:, None] * A) + B @ (self.curvature_weights[:, None] * B.T)
+        return H.toarray() if sp.issparse(H) else np.asarray(H)
 
 
 def active_pieces(blocks: Sequence, y: np.ndarray, s: np.ndarray, tol: float) -> ActivePieces:
@@ -80,35 +103,54 @@ def active_pieces(blocks: Sequence, y: np.ndarray, s: np.ndarray, tol: float) ->
 
     Strict complementarity is assumed (checked by :meth:`cbo.conic.ConicProgram.solve`).
     """
-    m = s.size
-    rows, curvature_blocks, mu = [], [], []
+    rows, columns, values, mu = [], [], [], []
+    diagonal, factor_rows, factor_columns, factor_values, weights = np.zeros(s.size), [], [], [], []
     sizes = {"linear": 0, "soc": 0, "exp": 0, "pow": 0, "psd": 0}
+    count = rank = 0  # pieces so far, columns of F so far
 
-    def linear(indices):
-        for i in indices:
-            rows.append(({i: -1.0}))
-            mu.append(y[i])
-        sizes["linear"] += len(indices)
+    def linear(indices: np.ndarray) -> None:
+        nonlocal count
+        rows.append(count + np.arange(indices.size))
+        columns.append(indices)
+        values.append(-np.ones(indices.size))
+        mu.append(y[indices])
+        sizes["linear"] += indices.size
+        count += indices.size
 
-    def curved(block, gradient, hessian_of_mu, multipliers):
-        for g in np.atleast_2d(gradient):
-            rows.append({block.start + j: value for j, value in enumerate(g) if value != 0})
-        mu.extend(np.atleast_1d(multipliers))
-        curvature_blocks.append((block.start, hessian_of_mu))
+    def curved(block, gradient: np.ndarray, multipliers, curvature: tuple) -> None:
+        """Pieces with rows ``gradient`` of G; ``curvature`` = (c, F, f) of the block (c, F: None for none)."""
+        nonlocal count, rank
+        gradient = np.atleast_2d(gradient)
+        piece, entry = np.nonzero(gradient)
+        rows.append(count + piece)
+        columns.append(block.start + entry)
+        values.append(gradient[piece, entry])
+        mu.append(np.atleast_1d(multipliers))
+        count += gradient.shape[0]
+        block_diagonal, factor, factor_weights = curvature
+        if block_diagonal is not None:
+            diagonal[block.rows] = block_diagonal
+        if factor is not None:
+            entry, column = np.nonzero(factor)
+            factor_rows.append(block.start + entry)
+            factor_columns.append(rank + column)
+            factor_values.append(factor[entry, column])
+            weights.append(np.asarray(factor_weights, dtype=float))
+            rank += factor.shape[1]
 
     for block in blocks:
-        indices = list(range(block.start, block.start + block.size))
+        indices = np.arange(block.start, block.start + block.size)
         sb, yb = s[block.rows], y[block.rows]
         if block.kind == "zero":
             linear(indices)
         elif block.kind == "nonneg":
-            linear([i for i, (si, yi) in zip(indices, zip(sb, yb)) if si <= yi])
+            linear(indices[sb <= yb])
         elif block.kind == "soc":
             if np.abs(sb).max() <= tol:
                 linear(indices)
             elif sb[0] - np.linalg.norm(sb[1:]) <= tol:
-                gradient, hessian = _soc_piece(sb)
-                curved(block, gradient, _multiplier(yb, gradient) * hessian, _multiplier(yb, gradient))
+                gradient, curvature = _soc_piece(sb, yb)
+                curved(block, gradient, _multiplier(yb, gradient), curvature)
                 sizes["soc"] += 1
         elif block.kind in ("exp", "pow"):
             if np.abs(yb).max() <= tol:
@@ -124,25 +166,22 @@ def active_pieces(blocks: Sequence, y: np.ndarray, s: np.ndarray, tol: float) ->
                     "cone where its boundary is not smooth: cbo cannot differentiate the solution there. Move x, "
                     "or keep the cone's arguments away from zero.")
             _, gradient, hessian = exp_h(sb) if block.kind == "exp" else pow_g(sb, block.alpha)
-            curved(block, gradient, _multiplier(yb, gradient) * hessian, _multiplier(yb, gradient))
+            multiplier = _multiplier(yb, gradient)
+            eigenvalues, eigenvectors = np.linalg.eigh(multiplier * hessian)
+            curved(block, gradient, multiplier, (None, eigenvectors, eigenvalues))
             sizes[block.kind] += 1
         else:
             piece = _psd_piece(sb, yb)
             if piece is not None:
-                curved(block, *piece)
-                sizes["psd"] += len(piece[2])
-    G = sp.csr_array(_sparse_rows(rows, m))
-    curvature = sp.lil_array((m, m))
-    for start, hessian in curvature_blocks:
-        curvature[start:start + hessian.shape[0], start:start + hessian.shape[0]] = hessian
-    return ActivePieces(G, sp.csr_array(curvature), np.asarray(mu, dtype=float), sizes)
-
-
-def _sparse_rows(rows: list[dict], m: int) -> sp.coo_array:
-    data = [(r, j, value) for r, row in enumerate(rows) for j, value in row.items()]
-    r, j, values = zip(*data) if data else ((), (), ())
-    return sp.coo_array((np.asarray(values, dtype=float), (np.asarray(r, dtype=int), np.asarray(j, dtype=int))),
-                        shape=(len(rows), m))
+                gradient, multipliers, factor, factor_weights = piece
+                curved(block, gradient, multipliers, (None, factor, factor_weights))
+                sizes["psd"] += len(multipliers)
+    join = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+    G = sp.csr_array((join(values, float), (join(rows, int), join(columns, int))), shape=(count, s.size))
+    weights = join(weights, float)
+    F = sp.csc_array((join(factor_values, float), (join(factor_rows, int), join(factor_columns, int))),
+                     shape=(s.size, weights.size))
+    return ActivePieces(G, diagonal, F, weights, join(mu, float), sizes)
 
 
 def _multiplier(y: np.ndarray, gradient: np.ndarray) -> float:
@@ -150,45 +189,46 @@ def _multiplier(y: np.ndarray, gradient: np.ndarray) -> float:
     return max(0.0, -float(y @ gradient) / float(gradient @ gradient))
 
 
-def _soc_piece(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """g(s) = ||u|| - t for s = (t, u): gradient (-1, u / ||u||), Hessian (I - u' u'^T) / ||u|| on u."""
+def _soc_piece(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """g(s) = ||u|| - t for s = (t, u): gradient (-1, u'), u' = u / ||u||, and the curvature
+    mu hess g = (mu / ||u||) (diag(0, 1, ..., 1) - (0, u')(0, u')^T) as (diagonal, factor, weights)."""
     u = s[1:]
     norm = np.linalg.norm(u)
-    unit = u / norm
-    hessian = np.zeros((s.size, s.size))
-    hessian[1:, 1:] = (np.eye(u.size) - np.outer(unit, unit)) / norm
-    return np.concatenate([[-1.0], unit]), hessian
+    gradient = np.concatenate([[-1.0], u / norm])
+    scale = _multiplier(y, gradient) / norm
+    direction = np.concatenate([[0.0], u / norm])[:, None]
+    return gradient, (scale * (np.arange(s.size) > 0), direction, [-scale])
 
 
-def _psd_piece(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    r"""(G rows, C, M) of a PSD block; None if the multiplier is zero (S in the interior).
+def _psd_piece(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    r"""(G rows, mu, W^T, weights) of a PSD block, C = W^T diag(weights) W; None if the multiplier is
+    zero (S in the interior).
 
-    S - Y has the eigenvectors of both (they commute at a complementary solution):
-    positive eigenvalues span range(S) (U), negative ones range(Y) (V).
+    S - Y has the eigenvectors of both (they commute at a complementary solution): positive
+    eigenvalues span range(S) (U, eigenvalues l of S), negative ones range(Y) (V). In the
+    orthonormal basis smat(e_i) of the k x k symmetric matrices, mu = svec(M), M = V^T Y V, and the
+    rows of G are -svec(V smat(e_i) V^T). With M = Q diag(m) Q^T and v_a the columns of V Q,
+
+        <dS, C dS> = 2 tr(Y dS S^+ dS) = sum_ab 2 (m_a / l_b) (v_a^T dS u_b)^2,
+
+    so C = W^T diag(2 m_a / l_b) W with rows w_ab = svec(sym(v_a u_b^T)): rank k r, formed without
+    the n^2 x n^2 Kronecker products.
     """
     S, Y = smat(s), smat(y)
     values, Q = np.linalg.eigh(S - Y)
     U, V = Q[:, values > 0], Q[:, values <= 0]
-    if V.shape[1] == 0:
+    k = V.shape[1]
+    if k == 0:
         return None
-    S_pinv = (U / np.diag(U.T @ S @ U)) @ U.T
-    basis = _symmetric_basis(V.shape[1])
-    gradient = np.stack([-svec(V @ E @ V.T) for E in basis])  # d(-<E, E(S)>)/ds = -svec(V E V^T)
-    multipliers = np.array([np.sum(E * (V.T @ Y @ V)) for E in basis])
-    Y_range = V @ V.T @ Y @ V @ V.T
-    columns = [svec(Y_range @ H @ S_pinv + S_pinv @ H @ Y_range) for H in map(smat, np.eye(s.size))]
-    return gradient, np.stack(columns, axis=1), multipliers
-
-
-def _symmetric_basis(k: int) -> list[np.ndarray]:
-    """An orthonormal basis of the k x k symmetric matrices (trace inner product)."""
-    basis = []
-    for a in range(k):
-        for b in range(a, k):
-            E = np.zeros((k, k))
-            E[a, b] = E[b, a] = 1.0 if a == b else 1 / np.sqrt(2)
-            basis.append(E)
-    return basis
+    basis = np.stack([smat(e) for e in np.eye(k * (k + 1) // 2)])
+    gradient = -svec(V @ basis @ V.T)
+    M = V.T @ Y @ V
+    multipliers = svec(M)
+    weights, rotation = np.linalg.eigh(M)
+    V, l = V @ rotation, np.einsum("ij,ij->j", U, S @ U)
+    outer = np.einsum("ia,jb->abij", V, U)
+    W = svec((outer + np.swapaxes(outer, -1, -2)) / 2).reshape(k * U.shape[1], -1)
+    return gradient, multipliers, W.T, (2 * weights[:, None] / l[None, :]).reshape(-1)
 
 
 class ConeKKT(_KKTSystem):
@@ -217,7 +257,7 @@ class ConeKKT(_KKTSystem):
         self.n_y = A[0].shape[1]
         self.n_dual = max((p.mu.size for p in pieces), default=0)
         batch = len(pieces)
-        self.H = as_tensor(np.stack([(a.T @ p.curvature @ a).toarray() for a, p in zip(A, pieces)]))
+        self.H = as_tensor(np.stack([p.hessian(sp.csr_array(a)) for a, p in zip(A, pieces)]))
         J = np.zeros((batch, self.n_dual, self.n_y))
         mask = np.zeros((batch, self.n_dual))
         w = np.zeros((batch, self.n_y + self.n_dual))
@@ -248,4 +288,4 @@ class ConeKKT(_KKTSystem):
         """(w_z, w_b) of item ``item`` from its adjoint solution v = (w_z, w_mu): w_b = C A w_z - G^T w_mu."""
         pieces, A = self.pieces[item], self.A[item]
         w_z, w_mu = v[: self.n_y], v[self.n_y: self.n_y + pieces.mu.size]
-        return np.concatenate([w_z, pieces.curvature @ (A @ w_z) - pieces.G.T @ w_mu])
+        return np.concatenate([w_z, pieces.curvature_times(A @ w_z) - pieces.G.T @ w_mu])

@@ -24,6 +24,7 @@ dPi per cone of K^*:
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -99,28 +100,40 @@ def _soc_derivative(v: np.ndarray) -> np.ndarray:
     return D / 2
 
 
+@functools.lru_cache(maxsize=64)
+def _triangle(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, scale) of each entry of Clarabel's triangle vector of an n x n matrix (upper, by
+    columns); scale is sqrt 2 off the diagonal. Cached: read only."""
+    rows, cols = np.triu_indices(n)  # (i, j) with i <= j
+    order = np.lexsort((rows, cols))  # by column, then row
+    rows, cols = rows[order], cols[order]
+    scale = np.where(rows == cols, 1.0, np.sqrt(2))
+    for array in (rows, cols, scale):
+        array.flags.writeable = False
+    return rows, cols, scale
+
+
 def psd_order(k: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Matrix size and (row, column) of each entry of Clarabel's triangle vector (upper, by columns)."""
+    """Matrix size and (row, column) of each entry of Clarabel's triangle vector of length k."""
     n = int(round((np.sqrt(8 * k + 1) - 1) / 2))
-    rows, cols = zip(*[(i, j) for j in range(n) for i in range(j + 1)])
-    return n, np.array(rows), np.array(cols)
+    rows, cols, _ = _triangle(n)
+    return n, rows, cols
 
 
 def smat(v: np.ndarray) -> np.ndarray:
     """Symmetric matrix of a scaled triangle vector (off-diagonal entries carry sqrt 2)."""
-    n, rows, cols = psd_order(v.size)
-    values = np.where(rows == cols, v, v / np.sqrt(2))
+    n, _, _ = psd_order(v.size)
+    rows, cols, scale = _triangle(n)
     M = np.zeros((n, n))
-    M[rows, cols] = values
-    M[cols, rows] = values
+    M[rows, cols] = v / scale
+    M[cols, rows] = v / scale
     return M
 
 
 def svec(M: np.ndarray) -> np.ndarray:
-    n = M.shape[0]
-    rows, cols = zip(*[(i, j) for j in range(n) for i in range(j + 1)])
-    rows, cols = np.array(rows), np.array(cols)
-    return np.where(rows == cols, M[rows, cols], np.sqrt(2) * M[rows, cols])
+    """Scaled triangle vector(s) of symmetric matrices M (..., n, n): <svec A, svec B> = tr(AB)."""
+    rows, cols, scale = _triangle(M.shape[-1])
+    return M[..., rows, cols] * scale
 
 
 def _psd_project(v: np.ndarray) -> np.ndarray:

@@ -310,17 +310,20 @@ class ConicProgram:
 
     @staticmethod
     def _degenerate_items(op: ConeKKT, info: SolveInfo, failed: bool) -> list[int]:
-        """Items whose K may be singular: the dense solve needed a pseudo-inverse, the active pieces'
-        gradients are dependent, the reduced Hessian has a (near) zero eigenvalue, or (all items) the
-        iterative solve failed."""
+        """Items whose K may be singular: all if the solve failed; those where the dense solve needed a
+        pseudo-inverse; for the iterative methods, also those whose active pieces have dependent gradients
+        (from the Gram factorization the solvers made) or whose reduced Hessian has a (near) zero
+        eigenvalue (Lanczos; skipped where the active pieces leave no null space)."""
         if failed:
             return list(range(op.batch_size))
-        suspects = set(info.extra.get("singular_items", []))
+        if info.method == "direct":
+            return sorted(info.extra.get("singular_items", []))
         with warnings.catch_warnings():  # their wording is the smooth route's: the analysis below words its own
             warnings.simplefilter("ignore", DegenerateKKTWarning)
-            suspects |= {b for b, licq in enumerate(licq_check(op)) if not licq.holds}
-            suspects |= {b for b, (low, high) in enumerate(curvature_check(op))
-                         if high > 0 and low <= 1e-9 * high and op.n_y > int(op.dual_mask[b].sum())}
+            suspects = {b for b, licq in enumerate(licq_check(op)) if not licq.holds}
+            if bool((op.dual_mask.sum(-1) < op.n_y).any()):
+                suspects |= {b for b, (low, high) in enumerate(curvature_check(op))
+                             if high > 0 and low <= 1e-9 * high and op.n_y > int(op.dual_mask[b].sum())}
         return sorted(suspects)
 
     def _minimum_norm_adjoint(self, points, op: ConeKKT, rhs: torch.Tensor, v: torch.Tensor | None,
