@@ -98,90 +98,87 @@ class ActivePieces:
         return H.toarray() if sp.issparse(H) else np.asarray(H)
 
 
+@dataclass
+class _Piece:
+    """The active pieces of one cone block: rows of G (dg/ds, one per piece, over the block's
+    rows), their multipliers, and the block's curvature diag(diagonal) + factor diag(weights) factor^T
+    (None: no such part)."""
+
+    kind: str
+    gradient: np.ndarray
+    multipliers: np.ndarray
+    diagonal: np.ndarray | None = None
+    factor: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+
 def active_pieces(blocks: Sequence, y: np.ndarray, s: np.ndarray, tol: float) -> ActivePieces:
-    """The active pieces of each cone block at the solution (s, y); ``tol`` decides what is zero.
+    """The active pieces of each cone block at the solution (s, y), assembled; ``tol`` decides what is zero.
 
     Strict complementarity is assumed (checked by :meth:`cbo.conic.ConicProgram.solve`).
     """
-    rows, columns, values, mu = [], [], [], []
-    diagonal, factor_rows, factor_columns, factor_values, weights = np.zeros(s.size), [], [], [], []
     sizes = {"linear": 0, "soc": 0, "exp": 0, "pow": 0, "psd": 0}
-    count = rank = 0  # pieces so far, columns of F so far
-
-    def linear(indices: np.ndarray) -> None:
-        nonlocal count
-        rows.append(count + np.arange(indices.size))
-        columns.append(indices)
-        values.append(-np.ones(indices.size))
-        mu.append(y[indices])
-        sizes["linear"] += indices.size
-        count += indices.size
-
-    def curved(block, gradient: np.ndarray, multipliers, curvature: tuple) -> None:
-        """Pieces with rows ``gradient`` of G; ``curvature`` = (c, F, f) of the block (c, F: None for none)."""
-        nonlocal count, rank
-        gradient = np.atleast_2d(gradient)
-        piece, entry = np.nonzero(gradient)
-        rows.append(count + piece)
-        columns.append(block.start + entry)
-        values.append(gradient[piece, entry])
-        mu.append(np.atleast_1d(multipliers))
-        count += gradient.shape[0]
-        block_diagonal, factor, factor_weights = curvature
-        if block_diagonal is not None:
-            diagonal[block.rows] = block_diagonal
-        if factor is not None:
-            entry, column = np.nonzero(factor)
-            factor_rows.append(block.start + entry)
-            factor_columns.append(rank + column)
-            factor_values.append(factor[entry, column])
-            weights.append(np.asarray(factor_weights, dtype=float))
-            rank += factor.shape[1]
-
+    G_entries, F_entries, mu, weights = [], [], [], []
+    diagonal = np.zeros(s.size)
+    pieces = rank = 0  # rows of G, columns of F so far
     for block in blocks:
-        indices = np.arange(block.start, block.start + block.size)
-        sb, yb = s[block.rows], y[block.rows]
-        if block.kind == "zero":
-            linear(indices)
-        elif block.kind == "nonneg":
-            linear(indices[sb <= yb])
-        elif block.kind == "soc":
-            if np.abs(sb).max() <= tol:
-                linear(indices)
-            elif sb[0] - np.linalg.norm(sb[1:]) <= tol:
-                gradient, curvature = _soc_piece(sb, yb)
-                curved(block, gradient, _multiplier(yb, gradient), curvature)
-                sizes["soc"] += 1
-        elif block.kind in ("exp", "pow"):
-            if np.abs(yb).max() <= tol:
-                continue
-            if np.abs(sb).max() <= tol:
-                linear(indices)
-                continue
-            smooth = sb[1] > tol and sb[2] > tol if block.kind == "exp" else \
-                sb[0] > tol and sb[1] > tol and abs(sb[2]) > tol
-            if not smooth:
-                raise StrictComplementarityError(
-                    f"{block.label} is active on a face of the {'exponential' if block.kind == 'exp' else 'power'} "
-                    "cone where its boundary is not smooth: cbo cannot differentiate the solution there. Move x, "
-                    "or keep the cone's arguments away from zero.")
-            _, gradient, hessian = exp_h(sb) if block.kind == "exp" else pow_g(sb, block.alpha)
-            multiplier = _multiplier(yb, gradient)
-            eigenvalues, eigenvectors = np.linalg.eigh(multiplier * hessian)
-            curved(block, gradient, multiplier, (None, eigenvectors, eigenvalues))
-            sizes[block.kind] += 1
-        else:
-            piece = _psd_piece(sb, yb)
-            if piece is not None:
-                gradient, multipliers, factor, factor_weights = piece
-                curved(block, gradient, multipliers, (None, factor, factor_weights))
-                sizes["psd"] += len(multipliers)
-    join = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
-    G = sp.csr_array((join(values, float), (join(rows, int), join(columns, int))), shape=(count, s.size))
-    weights = join(weights, float)
-    F = sp.csc_array((join(factor_values, float), (join(factor_rows, int), join(factor_columns, int))),
-                     shape=(s.size, weights.size))
-    return ActivePieces(G, diagonal, F, weights, join(mu, float), sizes)
+        piece = _block_piece(block, s[block.rows], y[block.rows], tol)
+        if piece is None:
+            continue
+        sizes[piece.kind] += len(piece.multipliers) if piece.kind in ("linear", "psd") else 1
+        G_entries.append(_entries(piece.gradient, pieces, block.start))
+        mu.append(piece.multipliers)
+        pieces += len(piece.multipliers)
+        if piece.diagonal is not None:
+            diagonal[block.rows] = piece.diagonal
+        if piece.factor is not None:
+            F_entries.append(_entries(piece.factor, block.start, rank))
+            weights.append(piece.weights)
+            rank += len(piece.weights)
+    mu, weights = (np.concatenate(parts) if parts else np.zeros(0) for parts in (mu, weights))
+    G = sp.csr_array(_assembled(G_entries), shape=(mu.size, s.size))
+    F = sp.csc_array(_assembled(F_entries), shape=(s.size, weights.size))
+    return ActivePieces(G, diagonal, F, weights, mu, sizes)
+
+
+def _entries(block_matrix, row_offset: int, column_offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, values) of the nonzeros of a block (dense or sparse), shifted by the offsets."""
+    coo = sp.coo_array(block_matrix)
+    return coo.row + row_offset, coo.col + column_offset, coo.data
+
+
+def _assembled(entries: list) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """(values, (rows, columns)) of a list of :func:`_entries`, for a scipy COO-style constructor."""
+    if not entries:
+        return np.zeros(0), (np.zeros(0, int), np.zeros(0, int))
+    rows, columns, values = (np.concatenate(part) for part in zip(*entries))
+    return values.astype(float), (rows.astype(int), columns.astype(int))
+
+
+def _block_piece(block, s: np.ndarray, y: np.ndarray, tol: float) -> _Piece | None:
+    """The active pieces of one block (None: inactive, s in the cone's interior)."""
+    if block.kind == "zero":
+        return _linear(y, np.ones(block.size, dtype=bool))
+    if block.kind == "nonneg":
+        return _linear(y, s <= y)
+    if block.kind == "psd":
+        return _psd_piece(s, y)
+    if block.kind == "soc":
+        if np.abs(s).max() <= tol:  # at the apex, the multiplier in the interior: every row is active
+            return _linear(y, np.ones(block.size, dtype=bool))
+        return _soc_piece(s, y) if s[0] - np.linalg.norm(s[1:]) <= tol else None
+    if np.abs(y).max() <= tol:  # exponential or power cone with a zero multiplier
+        return None
+    if np.abs(s).max() <= tol:
+        return _linear(y, np.ones(block.size, dtype=bool))
+    return _exp_or_pow_piece(block, s, y, tol)
+
+
+def _linear(y: np.ndarray, active: np.ndarray) -> _Piece:
+    """Rows g(s) = -s_i for the ``active`` rows of a block, multipliers y_i."""
+    rows = np.flatnonzero(active)
+    gradient = sp.csr_array((-np.ones(rows.size), (np.arange(rows.size), rows)), shape=(rows.size, active.size))
+    return _Piece("linear", gradient, y[active])
 
 
 def _multiplier(y: np.ndarray, gradient: np.ndarray) -> float:
@@ -189,20 +186,35 @@ def _multiplier(y: np.ndarray, gradient: np.ndarray) -> float:
     return max(0.0, -float(y @ gradient) / float(gradient @ gradient))
 
 
-def _soc_piece(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, tuple]:
-    """g(s) = ||u|| - t for s = (t, u): gradient (-1, u'), u' = u / ||u||, and the curvature
-    mu hess g = (mu / ||u||) (diag(0, 1, ..., 1) - (0, u')(0, u')^T) as (diagonal, factor, weights)."""
+def _soc_piece(s: np.ndarray, y: np.ndarray) -> _Piece:
+    """g(s) = ||u|| - t for s = (t, u): gradient (-1, u'), u' = u / ||u||, curvature
+    mu hess g = (mu / ||u||) (diag(0, 1, ..., 1) - (0, u')(0, u')^T)."""
     u = s[1:]
     norm = np.linalg.norm(u)
     gradient = np.concatenate([[-1.0], u / norm])
-    scale = _multiplier(y, gradient) / norm
+    mu = _multiplier(y, gradient)
     direction = np.concatenate([[0.0], u / norm])[:, None]
-    return gradient, (scale * (np.arange(s.size) > 0), direction, [-scale])
+    return _Piece("soc", gradient[None, :], np.array([mu]), mu / norm * (np.arange(s.size) > 0), direction,
+                  np.array([-mu / norm]))
 
 
-def _psd_piece(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    r"""(G rows, mu, W^T, weights) of a PSD block, C = W^T diag(weights) W; None if the multiplier is
-    zero (S in the interior).
+def _exp_or_pow_piece(block, s: np.ndarray, y: np.ndarray, tol: float) -> _Piece:
+    """g = h (exponential) or |s_3| - s_1^a s_2^(1-a) (power) on the smooth part of the boundary; the
+    3 x 3 curvature mu hess g by its eigendecomposition."""
+    smooth = s[1] > tol and s[2] > tol if block.kind == "exp" else s[0] > tol and s[1] > tol and abs(s[2]) > tol
+    if not smooth:
+        raise StrictComplementarityError(
+            f"{block.label} is active on a face of the {'exponential' if block.kind == 'exp' else 'power'} "
+            "cone where its boundary is not smooth: cbo cannot differentiate the solution there. Move x, "
+            "or keep the cone's arguments away from zero.")
+    _, gradient, hessian = exp_h(s) if block.kind == "exp" else pow_g(s, block.alpha)
+    mu = _multiplier(y, gradient)
+    weights, factor = np.linalg.eigh(mu * hessian)
+    return _Piece(block.kind, gradient[None, :], np.array([mu]), None, factor, weights)
+
+
+def _psd_piece(s: np.ndarray, y: np.ndarray) -> _Piece | None:
+    r"""The pieces of a PSD block; None if the multiplier is zero (S in the interior).
 
     S - Y has the eigenvectors of both (they commute at a complementary solution): positive
     eigenvalues span range(S) (U, eigenvalues l of S), negative ones range(Y) (V). In the
@@ -228,7 +240,7 @@ def _psd_piece(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     V, l = V @ rotation, np.einsum("ij,ij->j", U, S @ U)
     outer = np.einsum("ia,jb->abij", V, U)
     W = svec((outer + np.swapaxes(outer, -1, -2)) / 2).reshape(k * U.shape[1], -1)
-    return gradient, multipliers, W.T, (2 * weights[:, None] / l[None, :]).reshape(-1)
+    return _Piece("psd", gradient, multipliers, None, W.T, (2 * weights[:, None] / l[None, :]).reshape(-1))
 
 
 class ConeKKT(_KKTSystem):

@@ -76,8 +76,9 @@ def test_psd_piece_is_the_schur_complement_to_second_order():
     S = U @ np.diag([2.0, 0.7]) @ U.T
     M = np.array([[1.0, 0.3], [0.3, 0.8]])
     Y = V @ M @ V.T
-    gradient, multipliers, factor, weights = _psd_piece(svec(S), svec(Y))
-    curvature = factor @ np.diag(weights) @ factor.T
+    piece = _psd_piece(svec(S), svec(Y))
+    gradient, multipliers = piece.gradient, piece.multipliers
+    curvature = piece.factor @ np.diag(piece.weights) @ piece.factor.T
     def lagrangian_term(s):  # -<M, E(S)> = <M, g(S)>: the piece's term of the Lagrangian
         T = smat(s)
         E = V.T @ T @ V - V.T @ T @ U @ np.linalg.solve(U.T @ T @ U, U.T @ T @ V)
