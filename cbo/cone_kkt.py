@@ -91,11 +91,12 @@ class ActivePieces:
         F = self.curvature_factor
         return self.curvature_diagonal * u + F @ (self.curvature_weights * (F.T @ u))
 
-    def hessian(self, A: sp.csr_array) -> np.ndarray:
-        """H = A^T C A = A^T diag(c) A + B diag(f) B^T with B = A^T F, in sparse products (n x n, dense)."""
+    def kkt_blocks(self, A: sp.csr_array) -> tuple[np.ndarray, np.ndarray]:
+        """(H, J) = (A^T C A, -G A), dense; H = A^T diag(c) A + B diag(f) B^T with B = A^T F, in sparse
+        products."""
         B = sp.csr_array(A.T @ self.curvature_factor)
         H = A.T @ (self.curvature_diagonal[:, None] * A) + B @ (self.curvature_weights[:, None] * B.T)
-        return H.toarray() if sp.issparse(H) else np.asarray(H)
+        return (H.toarray() if sp.issparse(H) else np.asarray(H)), -(self.G @ A).toarray()
 
 
 @dataclass
@@ -143,8 +144,13 @@ def active_pieces(blocks: Sequence, y: np.ndarray, s: np.ndarray, tol: float) ->
 
 def _entries(block_matrix, row_offset: int, column_offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, columns, values) of the nonzeros of a block (dense or sparse), shifted by the offsets."""
-    coo = sp.coo_array(block_matrix)
-    return coo.row + row_offset, coo.col + column_offset, coo.data
+    if sp.issparse(block_matrix):
+        coo = block_matrix.tocoo()
+        rows, columns, values = coo.row, coo.col, coo.data
+    else:
+        rows, columns = np.nonzero(block_matrix)
+        values = block_matrix[rows, columns]
+    return rows + row_offset, columns + column_offset, values
 
 
 def _assembled(entries: list) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
@@ -269,15 +275,15 @@ class ConeKKT(_KKTSystem):
         self.n_y = A[0].shape[1]
         self.n_dual = max((p.mu.size for p in pieces), default=0)
         batch = len(pieces)
-        self.H = as_tensor(np.stack([p.hessian(sp.csr_array(a)) for a, p in zip(A, pieces)]))
+        H = np.zeros((batch, self.n_y, self.n_y))
         J = np.zeros((batch, self.n_dual, self.n_y))
         mask = np.zeros((batch, self.n_dual))
         w = np.zeros((batch, self.n_y + self.n_dual))
         for b, (a, p) in enumerate(zip(A, pieces)):
-            J[b, : p.mu.size] = -(p.G @ a).toarray()
+            H[b], J[b, : p.mu.size] = p.kkt_blocks(sp.csr_array(a))
             mask[b, : p.mu.size] = 1.0
             w[b, : self.n_y], w[b, self.n_y: self.n_y + p.mu.size] = z[b], p.mu
-        self.J, self.dual_mask, self.w = as_tensor(J), as_tensor(mask), as_tensor(w)
+        self.H, self.J, self.dual_mask, self.w = as_tensor(H), as_tensor(J), as_tensor(mask), as_tensor(w)
         self.scale = equilibration(self)  # computed with the class default scale None: on K itself
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

@@ -230,25 +230,61 @@ class ConicProgram:
                           x=[np.array(value, dtype=float) for value in x])
 
     def _polish(self, c, A, b, z, v, exp_guess, before):
-        r"""Newton steps (z, v) <- (z, v) - J^{-1} N(z, v), each kept only if it reduces ||N||_inf."""
+        r"""Newton steps on N(z, v) = 0, each kept only if it reduces ||N||_inf: on the KKT system reduced to
+        the active pieces (size n + p, :meth:`_reduced_step`) and, if those stall above the target, on N's
+        full Jacobian (size n + m, :meth:`_full_step`), which also corrects a wrong active set."""
         best, steps = before, 0
+        for newton_step in (self._reduced_step, self._full_step):
+            z, v, best, taken = self._newton(newton_step, c, A, b, z, v, exp_guess, best)
+            steps += taken
+            if best <= _polish_target(z, v):
+                break
+        return z, v, best, steps
+
+    def _newton(self, newton_step, c, A, b, z, v, exp_guess, best):
+        """Up to 5 steps (z, v) += ``newton_step``(...), each kept only if it reduces ||N||_inf."""
+        taken = 0
         for _ in range(5):
-            if best <= 1e-14 * max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0))):
+            if best <= _polish_target(z, v):
                 break
             y = project_dual(v, self.blocks, exp_guess)
-            J = _jacobian(A, projection_jacobian(v, y, self.blocks))
             try:
-                step = np.linalg.solve(J, _residual(c, A, b, z, v, y))
-            except np.linalg.LinAlgError:
+                dz, dv = newton_step(c, A, b, z, v, y)
+            except (np.linalg.LinAlgError, StrictComplementarityError):
                 break
-            n = z.size
             trial_guess = exp_guess.copy()
-            trial = _residual_norm(c, A, b, z - step[:n], v - step[n:], self.blocks, trial_guess)
+            trial = _residual_norm(c, A, b, z + dz, v + dv, self.blocks, trial_guess)
             if not trial < best:
                 break
-            z, v, best, steps = z - step[:n], v - step[n:], trial, steps + 1
+            z, v, best, taken = z + dz, v + dv, trial, taken + 1
             exp_guess[:] = trial_guess
-        return z, v, best, steps
+        return z, v, best, taken
+
+    def _full_step(self, c, A, b, z, v, y):
+        r"""-J^{-1} N(z, v) with J = dN/d(z, v) = [[0, A^T D], [A, D - I]] (dense, size n + m)."""
+        step = np.linalg.solve(_jacobian(A, projection_jacobian(v, y, self.blocks)), _residual(c, A, b, z, v, y))
+        return -step[: z.size], -step[z.size:]
+
+    def _reduced_step(self, c, A, b, z, v, y):
+        r"""The Newton step of the conditions reduced to the active pieces of (s, y) = (y - v, y).
+
+        With the dual residual r_d = c + A^T y, the primal one r_p = A z + s - b (s is on each active
+        piece's boundary, g(s) = 0) and the pieces' K = [[H, J^T], [J, 0]] (:mod:`cbo.cone_kkt`):
+
+            K (dz, dmu) = (-r_d - A^T C r_p,  G r_p),   dy = -G^T dmu + C (A dz + r_p),
+
+        so that c + A^T (y + dy) = 0 and g(b - A (z + dz)) = 0 to first order; v = y - s moves by
+        dv = dy + A dz + r_p.
+        """
+        s = y - v
+        pieces = active_pieces(self.blocks, y, s, _TIGHT_TOL * max(1.0, float(np.abs(np.concatenate([y, s])).max())))
+        H, J = pieces.kkt_blocks(sp.csr_array(A))
+        r_d, r_p = c + A.T @ y, A @ z + s - b
+        K = np.block([[H, J.T], [J, np.zeros((J.shape[0], J.shape[0]))]])
+        step = np.linalg.solve(K, np.concatenate([-r_d - A.T @ pieces.curvature_times(r_p), pieces.G @ r_p]))
+        dz, dmu = step[: z.size], step[z.size:]
+        dy = -pieces.G.T @ dmu + pieces.curvature_times(A @ dz + r_p)
+        return dz, dy + A @ dz + r_p
 
     # ------------------------------------------------------------ variables
 
@@ -540,6 +576,11 @@ def _relative_residual(op: ConeKKT, rhs: torch.Tensor, v: torch.Tensor) -> float
 def _residual(c, A, b, z, v, y) -> np.ndarray:
     """N(z, v) = (c + A^T y, A z + y - v - b) with y = Pi_{K^*}(v)."""
     return np.concatenate([c + A.T @ y, A @ z + y - v - b])
+
+
+def _polish_target(z: np.ndarray, v: np.ndarray) -> float:
+    """||N||_inf at which the polish stops: 1e-14 relative to the size of the point."""
+    return 1e-14 * max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0)))
 
 
 def _residual_norm(c, A, b, z, v, blocks, exp_guess) -> float:
