@@ -7,19 +7,22 @@ cvxpy compiles a DPP inner problem once into the cone program
 with (A, b, c) affine in the parameters (``param_prob.apply_parameters``) and
 z linear in the user's variables (``param_prob.split_solution`` and the
 reductions' ``var_forward``). K is a product of zero, nonnegative, second-order
-(SOC), positive semidefinite (PSD, Clarabel's scaled upper-triangular vector)
-and exponential cones.
+(SOC), positive semidefinite (PSD, Clarabel's scaled upper-triangular vector),
+exponential and 3-d power cones.
 
-Solve and polish. Clarabel solves the cone program; its solution is then
-Newton-polished on the residual map (Busseti, Moursi & Boyd 2019; Agrawal et
-al. 2019): with v = y - s, Moreau's decomposition gives y = Pi(v) and
-s = Pi(v) - v (Pi: the projection onto K^*, :mod:`cbo.cones`), and
+Solve and polish. Clarabel solves the cone program; solutions on
+exponential, power and second-order cones are only ~1e-6 to 1e-8 accurate
+from the interior-point solver, so Newton steps polish them, judged on the
+residual map (Busseti, Moursi & Boyd 2019; Agrawal et al. 2019): with
+v = y - s, Moreau's decomposition gives y = Pi(v) and s = Pi(v) - v (Pi: the
+projection onto K^*, :mod:`cbo.cones`), and
 
-    N(z, v) = ( c + A^T Pi(v),  A z + Pi(v) - v - b ) = 0,
-    dN/d(z, v) = [[0, A^T D], [A, D - I]],   D = dPi(v)  (block diagonal).
+    N(z, v) = ( c + A^T Pi(v),  A z + Pi(v) - v - b ) = 0.
 
-Solutions on exponential and second-order cones are only ~1e-7 accurate from
-the interior-point solver; two or three Newton steps bring them to ~1e-14.
+The steps are those of the conditions reduced to the active pieces (below;
+size n + p), one or two of them reaching ||N|| ~ 1e-15; if they stall, those
+of N itself, dN/d(z, v) = [[0, A^T D], [A, D - I]] with D = dPi(v) (dense,
+size n + m), which also correct a wrong active set.
 
 Differentiate. At the polished solution each cone is reduced to its active
 part (active linear rows, the boundary of an SOC or exponential cone, the
