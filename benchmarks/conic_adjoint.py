@@ -29,7 +29,10 @@ The second table splits the peer and method "direct" into phases (medians of the
 number of calls): the peer's D and J, its LU solve, the parameter maps; the reduced
 route's active pieces (paid in ``solve``), building K (H = A^T C A, J = -G A,
 equilibration), the solve, the degeneracy checks (LICQ, Lanczos on the reduced
-Hessian), and the parameter maps.
+Hessian), and the parameter maps. Its last columns time the forward pass,
+``program.solve`` (Clarabel and the Newton polish), with the polish's steps on the
+reduced system (the default) and with its steps on the full residual map only (the
+reduced step disabled), and their ratio.
 
 Problems (tests/conic_cases.py, outer F = 1/2 ||y - y_target||^2): lasso (n features,
 2n samples, lam = 3: at the builder's lam = 1.5 a coefficient for n >= 100 is within
@@ -186,6 +189,23 @@ def phases(program: ConicProgram, point: ConicPoint, grad_y: list[np.ndarray], r
     }
 
 
+def solve_times(program: ConicProgram, x: list[np.ndarray], repeats: int) -> dict[str, float]:
+    """Median times of ``program.solve(x)``: polished on the reduced system, and on the residual map only."""
+    def unavailable(*args):
+        raise np.linalg.LinAlgError("disabled by the benchmark")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cbo.CboWarning)
+        reduced = median_time(lambda: program.solve(x), repeats)
+        original = ConicProgram._reduced_step
+        ConicProgram._reduced_step = unavailable
+        try:
+            full = median_time(lambda: program.solve(x), repeats)
+        finally:
+            ConicProgram._reduced_step = original
+    return {"solve: reduced polish": reduced, "solve: residual-map polish": full}
+
+
 def measure(case: Case, repeats: int) -> Result:
     built = case.build()
     program = built.problem.conic_program()
@@ -210,7 +230,7 @@ def measure(case: Case, repeats: int) -> Result:
             result.times[method] = median_time(lambda: program.vjp([point], [grad_y], method), repeats)
     result.notes += sorted({type(w.message).__name__ for w in caught + vjp_caught})
     result.notes += [f"peer dF/dx_{k} = 0 (x_{k} of shape {built.problem.parameters[k].shape})" for k in zero]
-    result.phases = phases(program, point, grad_y, repeats)
+    result.phases = phases(program, point, grad_y, repeats) | solve_times(program, built.x, repeats)
     return result
 
 
@@ -233,8 +253,11 @@ def tables(results: list[Result]) -> str:
             + f" | {ms(whole)} ({r.peer / whole:.2f}x) | {r.iterations['cg']} | {r.iterations['minres']} | "
             + " | ".join(f"{r.differences[m]:.1e}" for m in METHODS) + f" | {'; '.join(r.notes) or '-'} |")
     names = list(results[0].phases)
-    rows += ["", "Phases [ms]:", "", "| problem | " + " | ".join(names) + " |", "|---|" + "--:|" * len(names)]
-    rows += [f"| {r.case} | " + " | ".join(ms(r.phases[k]) for k in names) + " |" for r in results]
+    rows += ["", "Phases [ms]:", "", "| problem | " + " | ".join(names) + " | solve: x |",
+             "|---|" + "--:|" * (len(names) + 1)]
+    rows += [f"| {r.case} | " + " | ".join(ms(r.phases[k]) for k in names)
+             + f" | {r.phases['solve: residual-map polish'] / r.phases['solve: reduced polish']:.2f}x |"
+             for r in results]
     return "\n".join(rows)
 
 
