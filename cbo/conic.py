@@ -159,6 +159,7 @@ class ConicProgram:
                 "canonicalizes this non-DPP problem differently at different x. Make it DPP.")
         self.data, self.chain = data, chain
         self.param_prob = data["param_prob"]
+        self._entries = None  # of A that depend on the parameters: cached by _parametric_entries
         self.blocks = _blocks(self.param_prob, _user_constraint_names(self.problem.inner, inverse_data), shape[0])
 
     def _canonicalize(self) -> tuple[dict, object, list]:
@@ -415,18 +416,32 @@ class ConicProgram:
         return v
 
     def _parameter_gradients(self, point: ConicPoint, w: np.ndarray) -> list[np.ndarray]:
-        """dF/dx from the adjoint w = (w_z, w_v): dc = -w_z, dA = -(y w_z^T + w_v z^T), db = w_v, mapped
-        to the user's parameters by cvxpy's parameter maps."""
+        """dF/dx from the adjoint w = (w_z, w_b): dc = -w_z, dA = -(y w_z^T + w_b z^T), db = w_b, mapped
+        to the user's parameters by cvxpy's parameter maps. For a DPP problem dA is needed only where
+        A depends on the parameters (:meth:`_parametric_entries`): formed there alone, in O(nnz)."""
         n = point.z.size
-        w_z, w_v = w[:n], w[n:]
-        dA = -(np.outer(point.y, w_z) + np.outer(w_v, point.z))
+        w_z, w_b = w[:n], w[n:]
         if not self.dpp:
-            return self._finite_difference_gradients(point, -w_z, dA, w_v)
-        dparams = self.param_prob.apply_param_jac(-w_z, sp.csc_array(-dA), w_v)
+            dA = -(np.outer(point.y, w_z) + np.outer(w_b, point.z))
+            return self._finite_difference_gradients(point, -w_z, dA, w_b)
+        rows, columns = self._parametric_entries()
+        minus_dA = sp.csc_array((point.y[rows] * w_z[columns] + w_b[rows] * point.z[columns], (rows, columns)),
+                                shape=point.A.shape)  # cvxpy's parameter map holds -A
+        dparams = self.param_prob.apply_param_jac(-w_z, minus_dA, w_b)
         for reduction in reversed(self.chain.reductions):
             dparams = reduction.param_backward(dparams)
         return [_symmetric_gradient(p, np.asarray(dparams.get(p.id, np.zeros(p.shape)), dtype=float).reshape(p.shape))
                 for p in self.problem.parameters]
+
+    def _parametric_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, columns) of the entries of A that cvxpy's parameter map can change (or set), computed once:
+        the nonzero rows of ``param_prob.A``, whose row r < m n is entry (r mod m, r div m) of A."""
+        if self._entries is None:
+            n, m = self.size
+            flat = np.unique(sp.coo_array(self.param_prob.A).row)
+            flat = flat[flat < m * n]
+            self._entries = (flat % m, flat // m)
+        return self._entries
 
     def _finite_difference_gradients(self, point: ConicPoint, dc: np.ndarray, dA: np.ndarray, db: np.ndarray
                                      ) -> list[np.ndarray]:
