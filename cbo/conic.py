@@ -63,11 +63,16 @@ __all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityErr
 _SOLVED = ("Solved", "AlmostSolved")
 _KINDS = {"Zero": "zero", "NonNeg": "nonneg", "SOC": "soc", "SvecPSD": "psd", "PSD": "psd", "ExpCone": "exp",
           "PowCone3D": "pow"}
-# Relative thresholds: a slack entry at most _TIGHT_TOL is on its bound; slack and multiplier both within
-# _WEAK_TOL of the boundary (sqrt of the 1e-6 active-set tolerance / 10, as in cbo.kkt.active_set: an
-# interior-point method approaches a weakly active point at the square root of its tolerance) fail strict
-# complementarity.
-_TIGHT_TOL, _WEAK_TOL = 1e-7, 1e-4
+# Relative thresholds (times max(1, |y|, |s|)): a slack entry at most _TIGHT_TOL is on its bound. A cone
+# fails strict complementarity where slack and multiplier are both (nearly) on the boundary: in the
+# polished solution (KKT residual ~1e-15) "both at most _ZERO_TOL" is an error, "within _WEAK_TOL" a
+# warning that the derivative changes abruptly nearby (sqrt of the 1e-6 active-set tolerance / 10, as in
+# cbo.kkt.active_set: an interior-point method approaches a weakly active point at the square root of its
+# tolerance). Unpolished, the two cannot be told apart and _WEAK_TOL is the error threshold.
+_TIGHT_TOL, _WEAK_TOL, _ZERO_TOL = 1e-7, 1e-4, 1e-9
+# The reduced K counts as singular where its equilibrated form has a singular value below _SINGULAR of its
+# largest; systems up to _DENSE_CHECK_SIZE are checked densely (an SVD), larger ones by Lanczos.
+_SINGULAR, _DENSE_CHECK_SIZE = 1e-9, 300
 
 
 @dataclass
@@ -214,7 +219,6 @@ class ConicProgram:
                 "infeasible, unbounded, or badly scaled for this x. Check the constraints at this x."
             )
         z, y, s = (np.asarray(t, dtype=float) for t in (result.x, result.z, result.s))
-        cones = self._check_cones(y, s, where)
         v = y - s
         exp_guess = s.copy()
         before = after = _residual_norm(c, A, b, z, v, self.blocks, exp_guess)
@@ -224,6 +228,7 @@ class ConicProgram:
         y = project_dual(v, self.blocks, exp_guess)
         s = y - v
         scale = max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0)))
+        cones = self._check_cones(y, s, where, polished=after <= 1e-12 * scale)
         if after > 1e-6 * scale:
             warnings.warn(
                 f"{where}The cone program's optimality residual at the inner solution is {after:.2e} "
@@ -351,55 +356,60 @@ class ConicProgram:
     @staticmethod
     def _degenerate_items(op: ConeKKT, info: SolveInfo, failed: bool) -> list[int]:
         """Items whose K may be singular: all if the solve failed; those where the dense solve needed a
-        pseudo-inverse; for the iterative methods, also those whose active pieces have dependent gradients
-        (from the Gram factorization the solvers made) or whose reduced Hessian has a (near) zero
-        eigenvalue (Lanczos; skipped where the active pieces leave no null space)."""
+        pseudo-inverse. For the iterative methods, also those whose equilibrated K has a singular value
+        below _SINGULAR of its largest (dense, for systems of size at most _DENSE_CHECK_SIZE), or else
+        whose active pieces have dependent gradients (from the Gram factorization the solvers made) or
+        whose reduced Hessian has a (near) zero eigenvalue (Lanczos; skipped where the active pieces
+        leave no null space)."""
         if failed:
             return list(range(op.batch_size))
         if info.method == "direct":
             return sorted(info.extra.get("singular_items", []))
+        if op.size <= _DENSE_CHECK_SIZE:
+            sigma = torch.linalg.svdvals(op.equilibrated().dense())
+            return [b for b in range(op.batch_size) if float(sigma[b, -1]) <= _SINGULAR * float(sigma[b, 0])]
         with warnings.catch_warnings():  # their wording is the smooth route's: the analysis below words its own
             warnings.simplefilter("ignore", DegenerateKKTWarning)
             suspects = {b for b, licq in enumerate(licq_check(op)) if not licq.holds}
             if bool((op.dual_mask.sum(-1) < op.n_y).any()):
                 suspects |= {b for b, (low, high) in enumerate(curvature_check(op))
-                             if high > 0 and low <= 1e-9 * high and op.n_y > int(op.dual_mask[b].sum())}
+                             if high > 0 and low <= _SINGULAR * high and op.n_y > int(op.dual_mask[b].sum())}
         return sorted(suspects)
 
     def _minimum_norm_adjoint(self, points, op: ConeKKT, rhs: torch.Tensor, v: torch.Tensor | None,
                               suspects: list[int], failed: ConvergenceError | None) -> torch.Tensor:
         r"""Dense adjoint solutions of the ``suspects``: minimum-norm where K is singular but the derivative
-        exists, LU elsewhere (the iterative solve failed on the batch).
+        exists, exact elsewhere (the iterative solve failed on the batch).
 
         K is singular where a variable of cvxpy's canonicalization is not unique (the hypograph variable
         of a slack geo_mean constraint, say) while the user's solution is; then the system is consistent,
         every null vector u of K carries no parameter gradient, and the minimum-norm solution gives the
         derivative. A null vector that does carry one (strict complementarity or uniqueness failing)
         means the derivative does not exist: error. A failed iterative solve on a nonsingular K is
-        re-raised.
+        re-raised. Null vectors are those of the equilibrated D K D (singular values below _SINGULAR of
+        the largest), mapped back by D, so that the scales the problem is written in do not matter.
         """
         v = torch.zeros_like(rhs) if v is None else v.clone()
-        dense = op.dense()
+        dense, d = op.equilibrated().dense(), op.scale
         singular_any = False
         for b in suspects:
             real = torch.cat([torch.ones(op.n_y, dtype=torch.bool, device=rhs.device), op.dual_mask[b] > 0])
-            K = dense[b][real][:, real]
+            K, scale, target = dense[b][real][:, real], d[b, real], d[b, real] * rhs[b, real]
             U, sigma, _ = torch.linalg.svd(K)
-            null = U[:, sigma <= 1e-10 * sigma.max()]
-            solution = torch.linalg.pinv(K, hermitian=True) @ rhs[b, real]
+            null = scale[:, None] * U[:, sigma <= _SINGULAR * sigma.max()]
             v[b] = 0.0
-            v[b, real] = solution
+            v[b, real] = scale * (torch.linalg.pinv(K, hermitian=True, rtol=_SINGULAR) @ target)
             if not null.shape[1]:
                 continue
             singular_any = True
-            residual = float((K @ solution - rhs[b, real]).norm() / rhs[b, real].norm().clamp_min(1e-300))
+            residual = float((K @ (v[b, real] / scale) - target).norm() / target.norm().clamp_min(1e-300))
             full = torch.zeros(null.shape[1], rhs.shape[-1], dtype=rhs.dtype, device=rhs.device)
             full[:, real] = null.T
             largest = lambda adjoint: max(float(np.abs(g).max(initial=0.0)) for g in  # noqa: E731
                                           self._parameter_gradients(points[b], op.data_adjoint(adjoint, b)))
-            scale = max(largest(v[b].cpu().numpy()), 1.0)
-            leaking = max(largest(u.cpu().numpy()) for u in full)
-            if residual > 1e-8 or leaking > 1e-8 * scale:
+            size = max(largest(v[b].cpu().numpy()), 1.0)
+            leaking = max(largest((u / u.norm()).cpu().numpy()) for u in full)
+            if residual > 1e-8 or leaking > 1e-8 * size:
                 raise StrictComplementarityError(
                     "The derivative of the cone program's solution does not exist at this x: its optimality "
                     f"conditions are singular (relative residual of the adjoint solve {residual:.1e}, "
@@ -478,12 +488,17 @@ class ConicProgram:
 
     # ------------------------------------------------------------ cones
 
-    def _check_cones(self, y: np.ndarray, s: np.ndarray, where: str) -> list[ConeStatus]:
-        """Activity of each cone, and strict complementarity (y + s in the interior of the cone)."""
-        statuses = []
+    def _check_cones(self, y: np.ndarray, s: np.ndarray, where: str, polished: bool) -> list[ConeStatus]:
+        """Activity of each cone, and strict complementarity (y + s in the interior of the cone).
+
+        Raises StrictComplementarityError where an SOC, PSD, exponential or power cone fails it (slack and
+        multiplier both on the boundary, to ``_ZERO_TOL`` in a ``polished`` solution), warns where one
+        nearly does (``_WEAK_TOL``) or where nonnegative entries are weakly active.
+        """
+        statuses, weak, nearly = [], [], []
         scale = max(1.0, float(np.abs(y).max(initial=0.0)), float(np.abs(s).max(initial=0.0)))
         tol, weak_tol = _TIGHT_TOL * scale, _WEAK_TOL * scale
-        weak = []
+        zero_tol = (_ZERO_TOL if polished else _WEAK_TOL) * scale
         for block in self.blocks:
             yb, sb = y[block.rows], s[block.rows]
             if block.kind == "zero":
@@ -492,18 +507,27 @@ class ConicProgram:
                 tight = sb <= yb
                 weak += [block.label] if bool(((sb <= weak_tol) & (yb <= weak_tol)).any()) else []
                 statuses.append(ConeStatus(block.label, "nonneg", bool(tight.any()), active=int(tight.sum())))
-            elif block.kind == "soc":
-                statuses.append(_soc_status(block, yb, sb, tol, weak_tol))
-            elif block.kind == "psd":
-                statuses.append(_psd_status(block, yb, sb, tol, weak_tol))
-            else:
-                statuses.append(_exp_or_pow_status(block, yb, sb, tol, weak_tol))
+                continue
+            status, (degeneracy, what) = _CONE_STATUS[block.kind](block, yb, sb, tol)
+            if degeneracy <= zero_tol:
+                raise StrictComplementarityError(
+                    f"Strict complementarity fails in {block.label}: {what} {degeneracy:.1e}. The solution map "
+                    "y*(x) is not differentiable at this x (the cone constraint is weakly active). Move x "
+                    "slightly, or drop or loosen the constraint if it should not bind.")
+            if degeneracy <= weak_tol:
+                nearly.append(f"{block.label} ({what} {degeneracy:.1e})")
+            statuses.append(status)
         if weak:
             warnings.warn(
                 f"{where}Strict complementarity fails at the inner solution: {'; '.join(dict.fromkeys(weak))} "
                 "touch(es) the bound with a zero multiplier (weakly active). y*(x) is not differentiable "
                 "there; cbo returns the one-sided derivative that keeps these entries inactive.",
                 DegenerateKKTWarning, stacklevel=external_stacklevel())
+        if nearly:
+            warnings.warn(
+                f"{where}Nearly weakly active cone constraint(s): {'; '.join(nearly)}, relative to the solution's "
+                f"scale {scale:.1e}. The derivative exists but changes abruptly within about that distance of "
+                "x.", DegenerateKKTWarning, stacklevel=external_stacklevel())
         return statuses
 
 
@@ -526,8 +550,8 @@ def _user_constraint_names(inner: cp.Problem, inverse_data) -> dict[int, str]:
     """Id of each constraint of the final cone program -> the user's constraint it comes from."""
     names = {}
     for index, constraint in enumerate(inner.constraints):
-        text = str(constraint)
-        text = text if len(text) <= 60 and "\n" not in text else f"of shape {constraint.shape}"
+        text = " ".join(str(constraint).split())  # one line
+        text = text if len(text) <= 60 else text[:57] + "..."
         names[constraint.id] = f"{type(constraint).__name__} constraint {index} (`{text}`)"
     for data in inverse_data:
         mapping = getattr(data, "cons_id_map", None)
@@ -614,46 +638,40 @@ def _jacobian(A: sp.csc_array, D: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- cone activity
 
-def _raise_degenerate(block: _Block, what: str) -> None:
-    raise StrictComplementarityError(
-        f"Strict complementarity fails in {block.label}: {what}. The solution map y*(x) is not "
-        "differentiable at this x (the cone constraint is weakly active). Move x slightly, or drop or "
-        "loosen the constraint if it should not bind.")
-
-
-def _soc_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
-    """s = (t, u) in the SOC: tight when ||u|| = t. Strict complementarity fails when one of y, s is
-    (nearly) zero and the other (nearly) on the boundary, i.e. y + s is not in the interior."""
+def _soc_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float) -> tuple[ConeStatus, tuple[float, str]]:
+    """s = (t, u) in the SOC: tight when ||u|| = t. Strict complementarity fails when one of y, s is zero
+    and the other on the boundary: the degeneracy is the smaller of max(|y|, margin(s)) and
+    max(|s|, margin(y)), margin(u) = u_0 - ||u_1:||."""
     margin = lambda u: u[0] - np.linalg.norm(u[1:])  # noqa: E731
-    s_zero, y_zero = np.abs(s).max() <= weak_tol, np.abs(y).max() <= weak_tol
-    if (y_zero and margin(s) <= weak_tol) or (s_zero and margin(y) <= weak_tol):
-        _raise_degenerate(block, f"the {'slack' if y_zero else 'multiplier'} is on the cone's boundary and the "
-                                 f"{'multiplier' if y_zero else 'slack'} is zero")
+    zero_multiplier = max(np.abs(y).max(), margin(s))
+    zero_slack = max(np.abs(s).max(), margin(y))
+    what = ("the slack is on the cone's boundary and the multiplier has size" if zero_multiplier <= zero_slack
+            else "the multiplier is on the dual cone's boundary and the slack has size")
     tight = margin(s) <= tol or np.abs(s).max() <= tol
     detail = "at the apex" if np.abs(s).max() <= tol else ("on the boundary" if tight else "interior")
-    return ConeStatus(block.label, "soc", bool(tight), detail=detail)
+    return ConeStatus(block.label, "soc", bool(tight), detail=detail), (min(zero_multiplier, zero_slack), what)
 
 
-def _psd_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
-    """Rank of the PSD slack S; strict complementarity: rank S + rank Y = n (S + Y nonsingular)."""
+def _psd_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float) -> tuple[ConeStatus, tuple[float, str]]:
+    """Rank of the PSD slack S; strict complementarity: rank S + rank Y = n, the degeneracy is
+    lambda_min(S + Y)."""
     S, Y = smat(s), smat(y)
-    rank = int((np.linalg.eigvalsh(S) > weak_tol).sum())
-    if np.linalg.eigvalsh(S + Y).min() <= weak_tol:
-        _raise_degenerate(block, f"rank(S) + rank(Y) = {rank} + {int((np.linalg.eigvalsh(Y) > weak_tol).sum())} "
-                                 f"< {S.shape[0]} for the slack S and the multiplier Y")
-    return ConeStatus(block.label, "psd", rank < S.shape[0], rank=rank, detail=f"rank {rank} of {S.shape[0]}")
+    rank = int((np.linalg.eigvalsh(S) > tol).sum())
+    what = (f"rank(S) + rank(Y) = {rank} + {int((np.linalg.eigvalsh(Y) > tol).sum())} of {S.shape[0]} for the "
+            "slack S and the multiplier Y, lambda_min(S + Y)")
+    status = ConeStatus(block.label, "psd", rank < S.shape[0], rank=rank, detail=f"rank {rank} of {S.shape[0]}")
+    return status, (float(np.linalg.eigvalsh(S + Y).min()), what)
 
 
-def _exp_or_pow_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float, weak_tol: float) -> ConeStatus:
+def _exp_or_pow_status(block: _Block, y: np.ndarray, s: np.ndarray, tol: float
+                       ) -> tuple[ConeStatus, tuple[float, str]]:
     """An exponential or power cone: tight where the multiplier is nonzero. Strict complementarity fails
-    where slack and multiplier are both zero, or the slack is on the boundary with a zero multiplier."""
-    y_zero, s_zero = np.abs(y).max() <= weak_tol, np.abs(s).max() <= weak_tol
-    if y_zero and s_zero:
-        _raise_degenerate(block, "the slack and the multiplier are both zero")
-    if y_zero and _boundary_margin(block, s) <= weak_tol:
-        _raise_degenerate(block, "the slack is on the cone's boundary with a zero multiplier")
+    where the multiplier is zero and the slack zero or on the boundary: degeneracy
+    max(|y|, min(|s|, margin(s)))."""
+    degeneracy = max(np.abs(y).max(), min(np.abs(s).max(), _boundary_margin(block, s)))
     tight = bool(np.abs(y).max() > tol)
-    return ConeStatus(block.label, block.kind, tight, detail="on the boundary" if tight else "interior")
+    status = ConeStatus(block.label, block.kind, tight, detail="on the boundary" if tight else "interior")
+    return status, (degeneracy, "the slack is on the cone's boundary or zero and the multiplier has size")
 
 
 def _boundary_margin(block: _Block, s: np.ndarray) -> float:
@@ -661,6 +679,9 @@ def _boundary_margin(block: _Block, s: np.ndarray) -> float:
     if block.kind == "exp":
         return -exp_h(s)[0] if s[1] > 0 and s[2] > 0 else 0.0
     return -pow_g(s, block.alpha)[0] if s[0] > 0 and s[1] > 0 else 0.0
+
+
+_CONE_STATUS = {"soc": _soc_status, "psd": _psd_status, "exp": _exp_or_pow_status, "pow": _exp_or_pow_status}
 
 
 # ---------------------------------------------------------------- layer

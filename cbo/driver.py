@@ -20,6 +20,7 @@ The loop stops after ``steps`` updates or when the gradient mapping
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import DivergenceError, InnerSolveError, ProblemDefinitionError, external_stacklevel
+from .errors import (ConvergenceError, DivergenceError, InnerSolveError, ProblemDefinitionError,
+                     StrictComplementarityError, external_stacklevel)
 from .hypergrad import HypergradInfo, TensorLike, as_parameter_tensors, hypergrad, like_input
 from .problem import BilevelProblem
 from .reformulate import substitute
@@ -333,9 +335,10 @@ def minimize(
     DivergenceError
         If F or dF/dx becomes non-finite, or F grows far above its best value
         (step size too large); the message says at which step.
-    InnerSolveError
-        If the inner problem cannot be solved at some iterate; the message names
-        the step and x.
+    InnerSolveError, StrictComplementarityError, ConvergenceError
+        If the inner problem cannot be solved at some iterate, y*(x) is not
+        differentiable there, or the adjoint solve fails; the message names the
+        step and x, and ``err.history`` holds the iterates so far.
     ProblemDefinitionError
         For infeasible or ill-formed outer constraints.
     """
@@ -397,11 +400,8 @@ class _Evaluator:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 grads, info = hypergrad(self.problem, xs, return_info=True, **self.options)
-        except InnerSolveError as err:
-            raise InnerSolveError(
-                f"At outer step {step}, x = {_describe(self.problem, xs)}: {err} The outer iterate may have left "
-                "the region where the inner problem is solvable: add outer_constraints that keep x there, or "
-                "lower lr.") from err
+        except (InnerSolveError, StrictComplementarityError, ConvergenceError) as err:
+            raise self._at_step(err, step, xs) from err
         self._report_warnings(step, caught)
         timings = {**info.timings, "total": time.perf_counter() - start}
         point = _Point(xs, info.outer_value, grads, info)
@@ -415,6 +415,23 @@ class _Evaluator:
         h.timings.append(timings)
         self.best = min(self.best, point.f)
         return point
+
+    def _at_step(self, err: Exception, step: int, xs: list[torch.Tensor]) -> Exception:
+        """``err`` (same type and attributes) with the step, x and advice in its message and the history
+        so far as ``err.history``."""
+        advice = {
+            InnerSolveError: "The outer iterate may have left the region where the inner problem is solvable: add "
+                             "outer_constraints that keep x there, or lower lr.",
+            StrictComplementarityError: "The outer iterate reached a point where y*(x) is not differentiable (a "
+                                        "constraint switching between active and inactive): lower lr, start "
+                                        "elsewhere, or add outer_constraints that keep x on one side.",
+            ConvergenceError: "Pass hypergrad_options={'method': 'direct'} or {'on_nonconvergence': 'warn'}.",
+        }
+        advice = next(text for kind, text in advice.items() if isinstance(err, kind))
+        located = copy.copy(err)
+        located.args = (f"At outer step {step}, x = {_describe(self.problem, xs)}: {err} {advice}",)
+        located.history = self.history
+        return located
 
     def _report_warnings(self, step: int, caught) -> None:
         """Record every warning; show the first of each category only, not one per step."""

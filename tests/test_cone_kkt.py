@@ -208,3 +208,18 @@ def test_polish_on_the_reduced_system_alone(name, monkeypatch):
             point = program.solve(case.x)
         assert point.polish_steps >= 1
         assert point.residual_after <= 1e-13 * max(1.0, np.abs(point.z).max(), np.abs(point.y).max())
+
+
+@pytest.mark.parametrize("gap", [3e-4, 1e-7])
+def test_nearly_weakly_active_cone_warns_and_differentiates(gap):
+    """Projection of a = (3, 4) onto the disk of radius r < 5: y* = a r / 5, F = sum(y*), dF/dr = 7/5. Near
+    r = 5 the SOC multiplier is ~gap: tiny but positive, so the derivative exists (a warning, not an error);
+    at r = 5 it is zero (an error, naming the constraint)."""
+    a, r, y = np.array([3.0, 4.0]), cp.Parameter(), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - a)), [cp.SOC(r, y)])
+    problem = cbo.BilevelProblem(inner, [r], [y], outer=lambda r, y: y.sum())
+    with pytest.warns(cbo.DegenerateKKTWarning, match="Nearly weakly active cone constraint.*SOC constraint 0"):
+        grad = cbo.hypergrad(problem, torch.tensor(5.0 - gap, dtype=torch.float64))
+    assert float(grad) == pytest.approx(1.4, rel=1e-9)
+    with pytest.raises(cbo.StrictComplementarityError, match="SOC constraint 0.*multiplier has size"):
+        cbo.hypergrad(problem, torch.tensor(5.0, dtype=torch.float64))

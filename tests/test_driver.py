@@ -224,5 +224,19 @@ def test_inner_problem_infeasible_at_an_iterate_names_step_and_x():
     x, y = cp.Parameter(2), cp.Variable(2)
     inner = cp.Problem(cp.Minimize(cp.sum_squares(y)), [y >= x, y <= 1])  # infeasible once x > 1
     problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: -x.sum() + 0.0 * y.sum())
-    with pytest.raises(cbo.InnerSolveError, match=r"outer step 4, x = \{param\d+ = \[1\.2, 1\.2\]\}.*infeasible"):
+    with pytest.raises(cbo.InnerSolveError, match=r"outer step 4, x = \{param\d+ = \[1\.2, 1\.2\]\}.*infeasible") as caught:
         cbo.minimize(problem, torch.zeros(2), optimizer="sgd", lr=0.3, steps=10, progress=False)
+    assert len(caught.value.history) == 4  # the iterates before the failing one
+
+
+def test_non_differentiable_iterate_names_step_and_keeps_the_history():
+    """y* = projection of (3, 4) onto the disk of radius r: at r = 5 the SOC is weakly active. Gradient steps
+    on F = -sum(y*) (dF/dr = -7/5 below 5) from r = 4.3 reach it after sgd steps of 0.5 * 1.4 = 0.7."""
+    r, y = cp.Parameter(), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - np.array([3.0, 4.0]))), [cp.SOC(r, y)])
+    problem = cbo.BilevelProblem(inner, [r], [y], outer=lambda r, y: -y.sum())
+    with pytest.raises(cbo.StrictComplementarityError, match=r"outer step 1, x = \{param\d+ = 5\.0*\}.*SOC constraint 0"
+                       r".*lower lr") as caught:
+        cbo.minimize(problem, torch.tensor(4.3, dtype=torch.float64), optimizer="sgd", lr=0.5, steps=5,
+                     progress=False)
+    assert len(caught.value.history) == 1
