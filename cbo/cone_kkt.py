@@ -92,11 +92,21 @@ class ActivePieces:
         return self.curvature_diagonal * u + F @ (self.curvature_weights * (F.T @ u))
 
     def kkt_blocks(self, A: sp.csr_array) -> tuple[np.ndarray, np.ndarray]:
-        """(H, J) = (A^T C A, -G A), dense; H = A^T diag(c) A + B diag(f) B^T with B = A^T F, in sparse
-        products."""
-        B = sp.csr_array(A.T @ self.curvature_factor)
-        H = A.T @ (self.curvature_diagonal[:, None] * A) + B @ (self.curvature_weights[:, None] * B.T)
-        return (H.toarray() if sp.issparse(H) else np.asarray(H)), -(self.G @ A).toarray()
+        """(H, J) = (A^T C A, -G A), dense; H = A^T diag(c) A + B diag(f) B^T with B = A^T F, the first
+        term over the rows with c != 0 only, each product sparse or, for dense operands, dense."""
+        curved = np.flatnonzero(self.curvature_diagonal)
+        H = _gram(A[curved], self.curvature_diagonal[curved])
+        B = sp.csr_array(self.curvature_factor.T @ A)
+        return H + _gram(B, self.curvature_weights), -(self.G @ A).toarray()
+
+
+def _gram(M: sp.csr_array, weights: np.ndarray) -> np.ndarray:
+    """M^T diag(weights) M as a dense array: a sparse product, or a dense one where M is over 10 % full."""
+    if M.nnz > 0.1 * M.shape[0] * M.shape[1]:
+        dense = M.toarray()
+        return dense.T @ (weights[:, None] * dense)
+    product = M.T @ (weights[:, None] * M)
+    return product.toarray() if sp.issparse(product) else np.asarray(product)
 
 
 @dataclass
