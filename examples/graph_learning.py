@@ -55,8 +55,7 @@ def run(size: str = "large", seed: int = 0):
           f"({graph.within.mean():.0%} within communities); {len(graph.train)} training, {len(graph.val)} "
           f"validation, {len(graph.test)} test nodes; settings {instance.settings}")
     start = time.perf_counter()
-    result = cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                          progress=True, **instance.settings)
+    result = instance.minimize(progress=True)
     return instance, result, time.perf_counter() - start
 
 

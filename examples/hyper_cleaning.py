@@ -44,8 +44,7 @@ def run(size: str = "large", seed: int = 0):
     """Build the task and run cbo.minimize with its recommended settings; also return its wall time."""
     instance = hyper_cleaning.build(size, seed)
     start = time.perf_counter()
-    result = cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                          progress=True, **instance.settings)
+    result = instance.minimize(progress=True)
     return instance, result, time.perf_counter() - start
 
 

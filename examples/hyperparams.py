@@ -44,8 +44,7 @@ def run(instance, label: str, x0: torch.Tensor | None = None):
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", cbo.DegenerateKKTWarning)
-        result = cbo.minimize(instance.problem, instance.x0 if x0 is None else x0,
-                              outer_constraints=instance.outer_constraints, progress=True, **instance.settings)
+        result = instance.minimize(x0, progress=True)
     degenerate = sum(issubclass(w.category, cbo.DegenerateKKTWarning) for w in caught)
     print(f"{label}: {result.message}; {time.perf_counter() - start:.1f} s; "
           f"{degenerate} degenerate-KKT warning(s) (weakly active constraints)")

@@ -43,8 +43,7 @@ def run(instance) -> cbo.MinimizeResult:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", cbo.DegenerateKKTWarning)
-        result = cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                              progress=True, **instance.settings)
+        result = instance.minimize(progress=True)
     degenerate = sum(issubclass(w.category, cbo.DegenerateKKTWarning) for w in caught)
     print(f"cbo.minimize: {result.message}; {time.perf_counter() - start:.1f} s; "
           f"{degenerate} degenerate-KKT warning(s) (an asset's w_i >= 0 weakly active)")

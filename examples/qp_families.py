@@ -53,8 +53,7 @@ def run(spec: dict) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)   # weakly active rows crossed on the way
-        result = cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                              callback=record, progress=True, **instance.settings)
+        result = instance.minimize(callback=record, progress=True)
     seconds = time.perf_counter() - start
     distance = [float(np.abs(x[0].numpy() - ref["x_star"]).max()) for x in result.history.x]
     return dict(spec=spec, result=result, optimizer=instance.settings["optimizer"], seconds=seconds,

@@ -57,8 +57,7 @@ def run(variant: str, size: str = "large", seed: int = 0):
     instance = reweight.build(size, seed, variant)
     print(f"\n{variant}: n = {instance.data['dataset'].n_train} training points, settings {instance.settings}")
     start = time.perf_counter()
-    result = cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                          progress=True, **instance.settings)
+    result = instance.minimize(progress=True)
     return instance, result, time.perf_counter() - start
 
 

@@ -51,8 +51,7 @@ def minimize(instance, x0: np.ndarray):
         # Links without flow through nodes without flow make the active constraints dependent
         # (LICQ fails); cbo warns and solves the adjoint system in the least-squares sense.
         warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)
-        result = cbo.minimize(instance.problem, torch.as_tensor(x0), outer_constraints=instance.outer_constraints,
-                              progress=True, **instance.settings)
+        result = instance.minimize(torch.as_tensor(x0), progress=True)
     return result, time.perf_counter() - start
 
 

@@ -52,6 +52,12 @@ class Instance:
     evaluate: Callable[..., dict] | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
+    def minimize(self, x0=None, **options) -> cbo.driver.MinimizeResult:
+        """``cbo.minimize`` on this task from ``x0`` (default ``self.x0``) with its outer constraints and
+        settings; ``options`` add to or override the settings (``progress``, ``callback``, ``steps``, ...)."""
+        return cbo.minimize(self.problem, self.x0 if x0 is None else x0, outer_constraints=self.outer_constraints,
+                            **{**self.settings, **options})
+
 
 def logistic_loss(A: np.ndarray, b: np.ndarray, theta: np.ndarray) -> float:
     """1/m sum_j log(1 + exp(-b_j a_j^T theta)), labels b in {-1, +1}: the data tasks' validation and test loss."""

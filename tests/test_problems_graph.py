@@ -30,8 +30,7 @@ def _instance():
 @cache
 def _solved():
     instance = _instance()
-    return cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                        progress=False, **instance.settings)
+    return instance.minimize(progress=False)
 
 
 # ---------------------------------------------------------------- numpy reference of the inner problem

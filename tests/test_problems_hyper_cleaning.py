@@ -130,8 +130,7 @@ def test_driver_cleans_the_labels(instance):
     (F1 = r = 0.35) and flagging everything (F1 = 2r/(1+r) = 0.52); test
     accuracy at least 0.1 above uniform weights [gain 0.23..0.30].
     """
-    result = cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                          progress=False, **instance.settings)
+    result = instance.minimize(progress=False)
     ref = instance.reference
     assert result.history.f[0] == pytest.approx(ref["corrupted"]["val_loss"], rel=1e-6)
     assert result.fun < 0.5 * ref["corrupted"]["val_loss"]

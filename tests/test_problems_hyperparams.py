@@ -186,8 +186,7 @@ def test_hinge_svm_without_eps_is_flagged_as_non_unique():
 def _run(instance):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)
-        return cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                            progress=False, **instance.settings)
+        return instance.minimize(progress=False)
 
 
 def test_driver_beats_grid_and_random_search_on_per_feature_ridge(ridge):

@@ -106,8 +106,7 @@ def test_minimize_reaches_the_closed_form_optimum(member):
     data, instance = member
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)  # weakly active rows on the way
-        result = cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                              progress=False, **instance.settings)
+        result = instance.minimize(progress=False)
     assert result.converged, result.message
     assert instance.evaluate(result.x)["distance_inf"] <= 1e-5
     assert abs(result.fun - instance.reference["F_star"]) <= 1e-8

@@ -33,8 +33,7 @@ def _instance(variant: str):
 @cache
 def _solved(variant: str):
     instance = _instance(variant)
-    return cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                        progress=False, **instance.settings)
+    return instance.minimize(progress=False)
 
 
 def _interior_point(n: int, seed: int) -> np.ndarray:

@@ -36,8 +36,7 @@ def small():
 def minimize(instance, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)
-        return cbo.minimize(instance.problem, instance.x0, outer_constraints=instance.outer_constraints,
-                            progress=False, **{**instance.settings, **overrides})
+        return instance.minimize(progress=False, **overrides)
 
 
 @pytest.mark.parametrize("spec, saturated", [(toll.SMALL, toll.SMALL_SATURATED), (INTERIOR, ())],
