@@ -56,7 +56,7 @@ from .errors import (ConvergenceError, DegenerateKKTWarning, InaccurateSolutionW
                      ProblemDefinitionError, StrictComplementarityError, external_stacklevel)
 from .inner import DEFAULT_SOLVER_OPTIONS
 from .kkt import curvature_check, licq_check
-from .linsolve import SolveInfo, adjoint_solve
+from .linsolve import SolveInfo, _relative_residual, adjoint_solve
 
 __all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityError", "ConicArgminFunction"]
 
@@ -227,15 +227,14 @@ class ConicProgram:
             z, v, after, steps = self._polish(c, A, b, z, v, exp_guess, before)
         y = project_dual(v, self.blocks, exp_guess)
         s = y - v
-        scale = max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0)))
+        scale = _point_scale(z, v)
         cones = self._check_cones(y, s, where, polished=after <= 1e-12 * scale)
         if after > 1e-6 * scale:
             warnings.warn(
                 f"{where}The cone program's optimality residual at the inner solution is {after:.2e} "
                 f"(Clarabel status '{status}'): the hypergradient will be inaccurate. Tighten the solver "
                 "tolerances.", InaccurateSolutionWarning, stacklevel=external_stacklevel())
-        pieces = active_pieces(self.blocks, y, s, _TIGHT_TOL * max(1.0, float(np.abs(np.concatenate([y, s])).max())))
-        return ConicPoint(z, y, s, A, pieces, status, before, after, steps, cones, elapsed,
+        return ConicPoint(z, y, s, A, self._active_pieces(y, s), status, before, after, steps, cones, elapsed,
                           x=[np.array(value, dtype=float) for value in x])
 
     def _polish(self, c, A, b, z, v, exp_guess, before):
@@ -286,7 +285,7 @@ class ConicProgram:
         dv = dy + A dz + r_p.
         """
         s = y - v
-        pieces = active_pieces(self.blocks, y, s, _TIGHT_TOL * max(1.0, float(np.abs(np.concatenate([y, s])).max())))
+        pieces = self._active_pieces(y, s)
         H, J = pieces.kkt_blocks(sp.csr_array(A))
         r_d, r_p = c + A.T @ y, A @ z + s - b
         K = np.block([[H, J.T], [J, np.zeros((J.shape[0], J.shape[0]))]])
@@ -294,6 +293,10 @@ class ConicProgram:
         dz, dmu = step[: z.size], step[z.size:]
         dy = -pieces.G.T @ dmu + pieces.curvature_times(A @ dz + r_p)
         return dz, dy + A @ dz + r_p
+
+    def _active_pieces(self, y: np.ndarray, s: np.ndarray) -> ActivePieces:
+        """The active pieces of every cone at (s, y), what is zero judged relative to the solution's scale."""
+        return active_pieces(self.blocks, y, s, _TIGHT_TOL * _solution_scale(y, s))
 
     # ------------------------------------------------------------ variables
 
@@ -339,7 +342,7 @@ class ConicProgram:
         suspects = self._degenerate_items(op, info, failed is not None)
         if suspects:
             v = self._minimum_norm_adjoint(points, op, rhs, v, suspects, failed)
-            info.residual = _relative_residual(op, rhs, v)
+            info.residual = _relative_residual(op.matvec, rhs, v)
             info.converged, info.extra["minimum_norm_items"] = True, suspects
         info.extra["active_pieces"] = [p.pieces.sizes for p in points]
         v = v.detach().cpu().double().numpy()
@@ -496,7 +499,7 @@ class ConicProgram:
         nearly does (``_WEAK_TOL``) or where nonnegative entries are weakly active.
         """
         statuses, weak, nearly = [], [], []
-        scale = max(1.0, float(np.abs(y).max(initial=0.0)), float(np.abs(s).max(initial=0.0)))
+        scale = _solution_scale(y, s)
         tol, weak_tol = _TIGHT_TOL * scale, _WEAK_TOL * scale
         zero_tol = (_ZERO_TOL if polished else _WEAK_TOL) * scale
         for block in self.blocks:
@@ -608,11 +611,9 @@ def _cone_data(data: dict) -> tuple[np.ndarray, sp.csc_array, np.ndarray]:
     return np.asarray(data["c"], dtype=float), sp.csc_array(data["A"]), np.asarray(data["b"], dtype=float)
 
 
-def _relative_residual(op: ConeKKT, rhs: torch.Tensor, v: torch.Tensor) -> float:
-    """max over items of ||K v - rhs|| / ||rhs|| (inf if v is not finite)."""
-    if not bool(torch.isfinite(v).all()):
-        return float("inf")
-    return float(((op.matvec(v) - rhs).norm(dim=-1) / rhs.norm(dim=-1).clamp_min(1e-300)).max())
+def _solution_scale(y: np.ndarray, s: np.ndarray) -> float:
+    """max(1, |y|_inf, |s|_inf): the unit of the relative thresholds on slacks and multipliers."""
+    return max(1.0, float(np.abs(y).max(initial=0.0)), float(np.abs(s).max(initial=0.0)))
 
 
 def _residual(c, A, b, z, v, y) -> np.ndarray:
@@ -620,9 +621,14 @@ def _residual(c, A, b, z, v, y) -> np.ndarray:
     return np.concatenate([c + A.T @ y, A @ z + y - v - b])
 
 
+def _point_scale(z: np.ndarray, v: np.ndarray) -> float:
+    """max(1, |(z, v)|_inf): the unit of the residual thresholds on N."""
+    return max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0)))
+
+
 def _polish_target(z: np.ndarray, v: np.ndarray) -> float:
     """||N||_inf at which the polish stops: 1e-14 relative to the size of the point."""
-    return 1e-14 * max(1.0, float(np.abs(np.concatenate([z, v])).max(initial=0.0)))
+    return 1e-14 * _point_scale(z, v)
 
 
 def _residual_norm(c, A, b, z, v, blocks, exp_guess) -> float:
