@@ -102,3 +102,23 @@ class InaccurateSolutionWarning(CboWarning):
 
 class ConvergenceWarning(CboWarning):
     """An iterative linear solve did not converge and ``on_nonconvergence='warn'``."""
+
+
+def check_status(status: str, solver: str) -> None:
+    """Raise for statuses without a solution. 'optimal_inaccurate' passes: the Newton polish
+    usually repairs it, and cbo.kkt warns if the KKT residual stays large."""
+    if status in ("optimal", "optimal_inaccurate"):
+        return
+    if status in ("infeasible", "infeasible_inaccurate"):
+        raise InnerSolveError(
+            f"The inner problem is infeasible for this x (solver status '{status}'): no y satisfies "
+            "the constraints, so y*(x) does not exist. Check the constraints, or keep x in the region "
+            "where the inner problem is feasible (e.g. with outer constraints)."
+        )
+    if status in ("unbounded", "unbounded_inaccurate"):
+        raise InnerSolveError(
+            f"The inner problem is unbounded for this x (solver status '{status}'): the objective "
+            "decreases without limit, so y*(x) does not exist. Add bounds on y or a strongly convex "
+            "term (e.g. a small ridge penalty) to the inner objective."
+        )
+    raise InnerSolveError(f"The inner solver {solver} stopped with status '{status}'. Try another solver.")

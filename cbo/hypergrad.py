@@ -26,6 +26,8 @@ from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_soluti
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .routes import ITERATIVE_ROUTES, PENALTY_ROUTES, iterative_hypergrad, penalty_hypergrad
 from .problem import BilevelProblem
+from .qp import GeneralPathNeeded, QPPoint
+from .qp_solvers import QP_SOLVERS
 
 __all__ = ["hypergrad", "HypergradInfo", "as_parameter_tensors", "METHODS", "ROUTES"]
 
@@ -79,6 +81,12 @@ class HypergradInfo:
         Conic route: each cone constraint's activity at the solution (which
         SOC constraints are tight, the rank of a PSD solution, active
         nonnegative entries).
+    path : str
+        "compiled QP": the fast path of :mod:`cbo.qp` (then ``solver`` is the
+        QP solver called, or "active set reused" when the previous call's
+        active set was optimal and no solver ran; ``reduced_hessian_extremes``
+        is None: the nonsingular factorization of K_S certifies the curvature);
+        "general": the route of :mod:`cbo.kkt` or :mod:`cbo.conic`.
     """
 
     method: str
@@ -97,12 +105,13 @@ class HypergradInfo:
     timings: dict[str, float] = field(default_factory=dict)
     route: str = "smooth Lagrangian"
     cones: list[ConeStatus] | None = None
+    path: str = "general"
 
 
 def hypergrad(
     problem: BilevelProblem,
     x: TensorLike | Sequence[TensorLike],
-    method: str = "cg",
+    method: str | None = None,
     *,
     tol: float = 1e-10,
     maxiter: int | None = None,
@@ -131,10 +140,13 @@ def hypergrad(
         Values of ``problem.parameters``: one tensor if there is one parameter,
         else a list in the same order. numpy arrays and floats are accepted.
         Computation runs in float64 on the device of the first tensor.
-    method : str
-        Implicit differentiation with an adjoint solver (see :mod:`cbo.linsolve`):
+    method : str, optional
+        Default: on an inner QP (DPP, affine constraints, quadratic objective;
+        ``problem.qp_program``) the compiled fast path of :mod:`cbo.qp`, which
+        factors the active-set KKT matrix once and solves it directly; elsewhere
+        "cg". Implicit differentiation with an adjoint solver (see :mod:`cbo.linsolve`):
         "cg" (CG on the null space of the active constraints), "minres" (on the
-        indefinite K), "direct" (dense K), "fixed_point", "neumann". Or a route
+        indefinite K), "direct" (dense K; on a QP, the fast path), "fixed_point", "neumann". Or a route
         of :mod:`cbo.routes`: "reverse", "truncated", "forward" (differentiate
         ``steps`` descent-ascent steps of the Lagrangian from the solution; the
         last ``truncate`` of them for "truncated"), "penalty",
@@ -145,7 +157,10 @@ def hypergrad(
     maxiter : int, optional
         Iteration cap of the adjoint solve (default: a multiple of its size).
     solver : str, optional
-        cvxpy solver for the inner problem (default Clarabel with tight tolerances).
+        Solver of the inner problem. On the QP fast path "DAQP" (default for
+        small problems), "PIQP" or "CLARABEL" (default for large ones), called
+        directly; another name takes the general path, where it is a cvxpy
+        solver (default Clarabel with tight tolerances).
     solver_options : dict, optional
         Options passed to that solver.
     active_tol : float
@@ -179,7 +194,7 @@ def hypergrad(
         Shaped, typed and placed like ``x``.
     info : HypergradInfo, if ``return_info``.
     """
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -195,6 +210,13 @@ def hypergrad(
         )
 
     route, reason = select_route(problem, route)
+    if route == "smooth" and uses_qp_path(problem, method, solver, polish_solution):
+        try:
+            return _qp_hypergrad(problem, x, xs, like, solver, solver_options, active_tol, warm_start,
+                                 reason, return_info, timings, start)
+        except GeneralPathNeeded:  # a degenerate point: the general route diagnoses it
+            timings.clear()
+    method = method or "cg"
     if route == "conic":
         if method not in ADJOINT_SOLVERS:
             raise ValueError(
@@ -232,6 +254,62 @@ def hypergrad(
         linear_solve=solve_info, timings=timings, route=reason,
     )
     return result, info
+
+
+def uses_qp_path(problem: BilevelProblem, method: str | None, solver: str | None, polish_solution: bool) -> bool:
+    """Whether a call takes the compiled QP fast path of :mod:`cbo.qp`: the problem compiles to a QP,
+    the method is the default or "direct", the solver is one that path calls, and the polish is on."""
+    return (problem.qp_program is not None and method in (None, "direct") and polish_solution
+            and (solver is None or solver.upper() in QP_SOLVERS))
+
+
+def _qp_hypergrad(problem, x, xs, like, solver, solver_options, active_tol, warm_start, reason, return_info,
+                  timings, start):
+    """dF/dx = d_x F + (dy*/dx)^T d_y F on the compiled QP: one factorization of K_S (:mod:`cbo.qp`)."""
+    program = problem.qp_program
+    values = [t.detach().cpu().numpy() for t in xs]
+    point = program.solve(values, solver=solver, solver_options=solver_options, active_tol=active_tol,
+                          warm_start=warm_start)
+    timings.update(point.timings)
+    y_flat = torch.as_tensor(point.y, device=xs[0].device)
+    outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
+    with _timed(timings, "adjoint_solve"):
+        implicit = program.vjp(point, dF_dy.cpu().numpy())
+    grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
+    timings["total"] = time.perf_counter() - start
+    result = like_input(grads, x, like)
+    if not return_info:
+        return result
+    device = xs[0].device
+    info = HypergradInfo(
+        method="direct", solver=point.how, solver_status=point.status, outer_value=outer_value,
+        y=problem.user_y(y_flat), mu=torch.as_tensor(point.mu, device=device),
+        nu=torch.as_tensor(point.nu, device=device), active_set=qp_active_set(program, point),
+        licq=qp_licq(point), reduced_hessian_extremes=None, kkt_residual=point.kkt_residual,
+        polish=PolishInfo(1, float("nan"), point.kkt_residual, True, "one solve on the active set"),
+        linear_solve=qp_solve_info(program, point, dF_dy.cpu().numpy()), timings=timings,
+        route=reason, path="compiled QP",
+    )
+    return result, info
+
+
+def qp_active_set(program, point: QPPoint) -> ActiveSet:
+    """The fast path's active set as the entries of the problem's stacked inequalities."""
+    active_rows = program.n_eq + np.flatnonzero(point.active)
+    return ActiveSet(torch.as_tensor(np.flatnonzero(np.isin(program.mu_index, active_rows)), dtype=torch.long))
+
+
+def qp_licq(point: QPPoint) -> LICQInfo:
+    """LICQ from the factorization: K_S is nonsingular (the fast path checked it), so the active rows are
+    independent; ``conditioning`` is K_S's reciprocal condition number."""
+    n_rows = point.factor.size - point.z.size
+    return LICQInfo(n_rows, n_rows, point.factor.rcond)
+
+
+def qp_solve_info(program, point: QPPoint, dF_dy: np.ndarray) -> SolveInfo:
+    """The adjoint solve's true relative residual on K_S."""
+    residual = program.adjoint_residual(point, dF_dy)
+    return SolveInfo("direct", True, 1, residual, 0.0, {"factorization": point.factor.kind, "rcond": point.factor.rcond})
 
 
 def select_route(problem: BilevelProblem, route: str | None) -> tuple[str, str]:

@@ -27,7 +27,7 @@ import cvxpy as cp
 import numpy as np
 from cvxpy.lin_ops import lin_utils
 
-from .errors import InnerSolveError
+from .errors import InnerSolveError, check_status
 from .problem import BilevelProblem
 
 __all__ = ["InnerSolution", "solve_inner", "BatchSolver", "DEFAULT_SOLVER", "DEFAULT_SOLVER_OPTIONS"]
@@ -117,7 +117,7 @@ def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options, item_s
             "(solver='SCS', 'ECOS' or 'OSQP') or looser solver_options."
         ) from err
     elapsed = time.perf_counter() - start
-    _check_status(inner.status, solver)
+    check_status(inner.status, solver)
     return InnerSolution(
         y=np.concatenate([np.asarray(v.value, dtype=float).reshape(-1) for v in layout.variables]),
         mu=_stacked_duals(layout.inequalities),
@@ -126,26 +126,6 @@ def _solve(inner: cp.Problem, layout: _Layout, x, solver, solver_options, item_s
         solver=solver,
         solve_time=elapsed,
     )
-
-
-def _check_status(status: str, solver: str) -> None:
-    """Raise for statuses without a solution. 'optimal_inaccurate' passes: the Newton polish
-    usually repairs it, and cbo.kkt warns if the KKT residual stays large."""
-    if status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
-        return
-    if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
-        raise InnerSolveError(
-            f"The inner problem is infeasible for this x (solver status '{status}'): no y satisfies "
-            "the constraints, so y*(x) does not exist. Check the constraints, or keep x in the region "
-            "where the inner problem is feasible (e.g. with outer constraints)."
-        )
-    if status in (cp.UNBOUNDED, cp.UNBOUNDED_INACCURATE):
-        raise InnerSolveError(
-            f"The inner problem is unbounded for this x (solver status '{status}'): the objective "
-            "decreases without limit, so y*(x) does not exist. Add bounds on y or a strongly convex "
-            "term (e.g. a small ridge penalty) to the inner objective."
-        )
-    raise InnerSolveError(f"The inner solver {solver} stopped with status '{status}'. Try another solver.")
 
 
 def _stacked_duals(constraints) -> np.ndarray:

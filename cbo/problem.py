@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import ProblemDefinitionError
+from .qp import compile_qp
 from .reformulate import epigraph_reformulation
 from .translate import Env, TorchFn, to_torch
 
@@ -133,6 +134,8 @@ class BilevelProblem:
         self.is_linear = bool(self.inner.objective.expr.is_affine()) and all(
             _constraint_is_affine(c) for c in self.inner.constraints)
         self._conic = None
+        # The compiled QP of the fast path (cbo.qp), or None and why not.
+        self.qp_program, self.qp_reason = compile_qp(self)
         # Last adjoint vector of each method, to warm-start the next solve.
         self.adjoint_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 

@@ -1,0 +1,438 @@
+r"""The QP fast path: an inner QP compiled once, so that one hypergradient costs about one solve.
+
+cvxpy compiles a DPP inner problem whose cone program has only zero and
+nonnegative cones into the QP
+
+    min_z 1/2 z^T P z + q^T z   s.t.  A z + b in {0}^p x R_+^(m - p)
+
+with (P, q, A, b) affine in the parameter vector theta (the parameters'
+values, then a 1) by fixed sparse maps (``param_prob``'s tensors; cvxpylayers
+and CVXPYgen use the same maps). The Lagrangian is
+1/2 z'Pz + q'z - lam^T (A z + b), and lam on the rows of a user's constraint
+is that constraint's ``dual_value``. Per call only numbers move:
+
+1. **Data**: P, q, A, b = maps @ theta (P and A computed once when constant).
+2. **Active set**: the previous call's active set S (equality rows and the
+   active inequality rows) is tried first: with omega = -lam_S,
+
+       K_S [z; omega] = [-q; -b_S],   K_S = [[P, A_S^T], [A_S, 0]],
+
+   and accepted when lam_S > 0 and the other rows are strictly feasible: these
+   are the KKT conditions of a convex QP, so (z, lam) *is* the solution.
+   Otherwise the QP solver (:mod:`cbo.qp_solvers`) runs and the solve above,
+   on the solver's active set, polishes its answer to machine precision.
+3. **One factorization** of K_S serves the polish, the checks and the adjoint.
+   Since P is positive semidefinite, K_S is nonsingular exactly when the active
+   rows are independent (LICQ) and P is positive definite on their null space
+   (a unique y*): its reciprocal condition number is the check. Where it fails,
+   or where a constraint is weakly active, :class:`GeneralPathNeeded` hands
+   the call to the general route of :mod:`cbo.kkt`, which says which of the two
+   failed and what to do.
+4. **Adjoint**: K_S [v_z; v_omega] = [dF/dz; 0], and differentiating the KKT
+   conditions gives the gradient in the data
+
+       dF/dq = -v_z,   dF/db_S = -v_omega,   dF/dA_S = lam_S v_z^T - v_omega z^T,   dF/dP = -v_z z^T,
+
+   which the transposed maps carry to theta: no autograd graph, no dense
+   parameter Jacobian.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import cvxpy as cp
+import numpy as np
+import scipy.linalg as la
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from .errors import check_status
+from .qp_solvers import solve_qp
+
+__all__ = ["QPProgram", "QPPoint", "GeneralPathNeeded", "compile_qp"]
+
+# K_S is factored densely (LAPACK LU) up to this many rows, sparsely (SuperLU) above
+# (benchmarks/qp_solvers.py).
+DENSE_LIMIT = 600
+# Default QP solver by size of the QP (n + m): a dense active-set method for small problems, an
+# interior-point method for large sparse ones (benchmarks/qp_solvers.py).
+SMALL_QP = 400
+# The solver that decides where the default one does not return "optimal" (Clarabel equilibrates its data).
+FALLBACK_SOLVER = "CLARABEL"
+# Parameter maps with at most this many entries (rows x parameters) are stored dense.
+DENSE_MAP_LIMIT = 200_000
+# K_S counts as singular below this reciprocal condition number (of its equilibrated form).
+SINGULAR_RCOND = 1e-13
+
+
+class GeneralPathNeeded(Exception):
+    """The fast path cannot certify this point (weakly active constraint, singular or ill-conditioned
+    K_S, an active set the polish contradicts): the general route of :mod:`cbo.kkt` takes the call."""
+
+
+class _AffineMap:
+    """entries = matrix @ theta for a fixed set of positions; ``value`` when it does not depend on theta.
+
+    Small maps are kept dense (a dense product is faster than scipy's sparse one below ~10^5 entries);
+    the transpose is formed once, for the vector-Jacobian products."""
+
+    def __init__(self, matrix):
+        matrix = sp.csr_array(matrix)
+        constant = matrix[:, :-1].nnz == 0
+        self.value = np.asarray(matrix[:, -1].toarray()).ravel() if constant else None
+        if np.prod(matrix.shape) <= DENSE_MAP_LIMIT:
+            self.matrix, self.matrix_T = matrix.toarray(), np.ascontiguousarray(matrix.toarray().T)
+        else:
+            self.matrix, self.matrix_T = matrix, sp.csr_array(matrix.T)
+
+    def __call__(self, theta: np.ndarray) -> np.ndarray:
+        return self.value if self.value is not None else self.matrix @ theta
+
+    def transpose(self, cotangent: np.ndarray) -> np.ndarray:
+        return self.matrix_T @ cotangent
+
+
+@dataclass
+class _Factor:
+    """An LU factorization of the matrix K_S (dense or sparse), its kind and reciprocal condition number."""
+
+    solve: Callable[[np.ndarray], np.ndarray]
+    rcond: float
+    matrix: np.ndarray | sp.csc_array
+    kind: str
+
+    @property
+    def size(self) -> int:
+        return self.matrix.shape[0]
+
+
+def _factor(K) -> _Factor:
+    """Factor K_S with row/column equilibration D K D (D = 1/sqrt(max |row|)), so that the
+    reciprocal condition number does not depend on the scales of the variables and constraints."""
+    if sp.issparse(K):
+        K = sp.csc_array(K)
+        d = 1.0 / np.sqrt(np.maximum(abs(K).max(axis=1).toarray().ravel(), 1e-300))
+        D = sp.diags_array(d)
+        try:
+            lu = spla.splu(sp.csc_array(D @ K @ D), permc_spec="COLAMD")
+        except RuntimeError:  # exactly singular
+            raise GeneralPathNeeded("the active-set KKT matrix is singular") from None
+        diag = np.abs(lu.U.diagonal())
+        rcond = float(diag.min() / diag.max()) if diag.size else 1.0
+        return _Factor(lambda rhs: d * lu.solve(d * rhs), rcond, K, "sparse LU (SuperLU)")
+    d = 1.0 / np.sqrt(np.maximum(np.abs(K).max(axis=1), 1e-300))
+    scaled = d[:, None] * K * d[None, :]
+    lu, piv, info = la.lapack.dgetrf(scaled)
+    if info > 0:
+        raise GeneralPathNeeded("the active-set KKT matrix is singular")
+    rcond, _ = la.lapack.dgecon(lu, np.abs(scaled).sum(axis=0).max(), norm="1")
+    return _Factor(lambda rhs: d * la.lapack.dgetrs(lu, piv, d * rhs)[0], float(rcond), K, "dense LU (LAPACK)")
+
+
+@dataclass
+class QPPoint:
+    """A solution of the compiled QP at one parameter value, with the factorization of its K_S.
+
+    ``z`` and ``lam`` are in the QP's variables and rows; ``y`` stacks the
+    BilevelProblem's variables (C order), ``mu`` and ``nu`` its inequality and
+    equality multipliers as :mod:`cbo.kkt` orders them. ``active`` marks the
+    active inequality rows of the QP; ``how`` is "active set reused" (the
+    previous call's active set was optimal: no solver call) or the solver's name.
+    """
+
+    z: np.ndarray
+    lam: np.ndarray
+    active: np.ndarray
+    factor: _Factor
+    how: str
+    status: str
+    kkt_residual: float
+    timings: dict[str, float] = field(default_factory=dict)
+    y: np.ndarray | None = None
+    mu: np.ndarray | None = None
+    nu: np.ndarray | None = None
+    adjoint: np.ndarray | None = None
+
+
+class QPProgram:
+    r"""The inner problem of a BilevelProblem as a parametric QP, compiled once (see the module docstring).
+
+    Build it with :func:`compile_qp`, which returns None (and why) where the
+    problem is not a DPP QP. ``solve(x)`` returns a :class:`QPPoint`,
+    ``vjp(point, dF_dy)`` the gradient in the parameters.
+    """
+
+    def __init__(self, problem, data: dict, chain):
+        self.problem = problem
+        pp = data["param_prob"]
+        self.n = n = pp.x.size
+        self.m = m = data["A"].shape[0]
+        self.n_eq = pp.cone_dims.zero
+        self.dense = n + m <= DENSE_LIMIT
+        self.default_solver = "DAQP" if n + m <= SMALL_QP else "CLARABEL"
+        self._theta_slices = _parameter_slices(problem.inner, pp, chain)
+        self._listed = {p.id: i for i, p in enumerate(problem.parameters)}
+        # The data maps. Tensor rows are Fortran-ordered entries: P's of the n x n matrix, A's of [A b] (m x n+1).
+        P_tensor = sp.csr_array(pp.P) if pp.P is not None else sp.csr_array((n * n, pp.total_param_size + 1))
+        rows = np.unique(P_tensor.nonzero()[0])
+        self._P_pos = (rows % n, rows // n)
+        self._P = _AffineMap(P_tensor[rows])
+        self._q = _AffineMap(sp.csr_array(pp.q)[:n])
+        A_tensor = sp.csr_array(pp.A)
+        rows = np.unique(A_tensor[: m * n].nonzero()[0])
+        self._A_pos = (rows % m, rows // m)
+        self._A = _AffineMap(A_tensor[rows])
+        self._b = _AffineMap(A_tensor[m * n:])
+        self._constant_matrices = self._P.value is not None and self._A.value is not None
+        self._P_const = self._assemble_P(self._P.value) if self._P.value is not None else None
+        self._A_const = self._assemble_A(self._A.value) if self._A.value is not None else None
+        self.y_index = _variable_index(problem.all_variables, pp, chain)
+        rows_of = _constraint_rows(pp, chain)
+        self.mu_index = np.concatenate([rows_of[b.constraint.id] for b in problem.inequalities] or [np.zeros(0, int)])
+        self.nu_index = np.concatenate([rows_of[b.constraint.id] for b in problem.equalities] or [np.zeros(0, int)])
+        # Warm-start state, per batch item: the last active set and, while P and A are constant, its factorization.
+        self._last_active: dict[int, np.ndarray] = {}
+        self._factor_cache: dict[bytes, _Factor] = {}
+
+    # ------------------------------------------------------------ data
+
+    def theta(self, x: Sequence[np.ndarray]) -> np.ndarray:
+        """The parameter vector: listed parameters from ``x``, the others from their ``.value``, then a 1."""
+        theta = np.empty(self._theta_slices[-1][1] + 1)
+        for param, start, size in self._theta_slices[:-1]:
+            index = self._listed.get(param.id)
+            value = x[index] if index is not None else param.value
+            if value is None:
+                raise ValueError(f"Parameter {param.name()} of the inner problem has no value. Set "
+                                 f"{param.name()}.value, or list it in `parameters`.")
+            theta[start:start + size] = np.asarray(value, dtype=float).ravel(order="F")
+        theta[-1] = 1.0
+        return theta
+
+    def _assemble_P(self, values):
+        if self.dense:
+            P = np.zeros((self.n, self.n))
+            np.add.at(P, self._P_pos, values)
+            return P
+        return sp.csc_array((values, self._P_pos), shape=(self.n, self.n))
+
+    def _assemble_A(self, values):
+        if self.dense:
+            A = np.zeros((self.m, self.n))
+            np.add.at(A, self._A_pos, values)
+            return A
+        return sp.csr_array((values, self._A_pos), shape=(self.m, self.n))
+
+    def data(self, theta: np.ndarray):
+        """(P, q, A, b) at theta."""
+        P = self._P_const if self._P_const is not None else self._assemble_P(self._P(theta))
+        A = self._A_const if self._A_const is not None else self._assemble_A(self._A(theta))
+        return P, self._q(theta), A, self._b(theta)
+
+    # ------------------------------------------------------------ solve
+
+    def solve(self, x: Sequence[np.ndarray], item: int = 0, solver: str | None = None,
+              solver_options: dict | None = None, active_tol: float = 1e-6, warm_start: bool = True) -> QPPoint:
+        """Solve at parameter values ``x`` (numpy, shaped like the parameters).
+
+        Raises InnerSolveError (infeasible, unbounded, solver failure) and
+        GeneralPathNeeded (a point the fast path cannot certify).
+        """
+        start = time.perf_counter()
+        P, q, A, b = self.data(self.theta(x))
+        point = None
+        last = self._last_active.get(item) if warm_start else None
+        if last is not None:
+            point = self._try_active_set(P, q, A, b, last, active_tol)
+        solved = time.perf_counter()
+        if point is None:
+            name = (solver or self.default_solver).upper()
+            z, lam, status = solve_qp(name, P, q, A, b, self.n_eq, solver_options)
+            if status != cp.OPTIMAL and solver is None and name != FALLBACK_SOLVER:
+                # The fast default solver stopped short (badly scaled data, ...): the robust one decides.
+                name = FALLBACK_SOLVER
+                z, lam, status = solve_qp(name, P, q, A, b, self.n_eq)
+            check_status(status, name)
+            solved = time.perf_counter()
+            point = self._polished(P, q, A, b, self._classify(z, lam, A, b, active_tol), name, status)
+            if point is None:
+                raise GeneralPathNeeded("the polish on the solver's active set left a sign violated")
+            if _weak_rows(point, A, b, self.n_eq, active_tol).any():
+                raise GeneralPathNeeded("a constraint is weakly active")
+        self._last_active[item] = point.active
+        point.y = point.z[self.y_index]
+        point.mu, point.nu = point.lam[self.mu_index], point.lam[self.nu_index]
+        # A reused active set is tried, polished and checked in one solve: all of it counts as polish.
+        point.timings = {"inner_solve": solved - start if point.how != "active set reused" else 0.0,
+                         "polish": time.perf_counter() - (solved if point.how != "active set reused" else start)}
+        return point
+
+    def _classify(self, z, lam, A, b, tol) -> np.ndarray:
+        """Active inequality rows from a solver's answer: the multiplier is relatively larger than the
+        slack (complementarity: one of the two is zero), as :func:`cbo.kkt.active_set` reads it."""
+        slack = np.abs(A[self.n_eq:] @ z + b[self.n_eq:])
+        mu = lam[self.n_eq:]
+        scale_mu, scale_s = max(1.0, float(np.abs(mu).max(initial=0))), max(1.0, float(slack.max(initial=0)))
+        return (mu / scale_mu > slack / scale_s) & (mu > tol * scale_mu)
+
+    def _rows(self, active: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.arange(self.n_eq), self.n_eq + np.flatnonzero(active)])
+
+    def _kkt_factor(self, P, A, active) -> _Factor:
+        key = active.tobytes()
+        if self._constant_matrices and key in self._factor_cache:
+            return self._factor_cache[key]
+        A_S = A[self._rows(active)]
+        if self.dense:
+            k = A_S.shape[0]
+            K = np.zeros((self.n + k, self.n + k))
+            K[: self.n, : self.n], K[self.n:, : self.n], K[: self.n, self.n:] = P, A_S, A_S.T
+        else:
+            K = sp.block_array([[P, A_S.T], [A_S, None]], format="csc")
+        factor = _factor(K)
+        if factor.rcond < SINGULAR_RCOND:
+            raise GeneralPathNeeded(f"the active-set KKT matrix is singular (rcond {factor.rcond:.1e})")
+        if self._constant_matrices:
+            if len(self._factor_cache) > 64:
+                self._factor_cache.clear()
+            self._factor_cache[key] = factor
+        return factor
+
+    def _polished(self, P, q, A, b, active, how, status) -> QPPoint | None:
+        """The exact solution of the KKT system on ``active``, or None where it violates a sign
+        (a multiplier < 0 or an inactive row infeasible, beyond rounding)."""
+        rows = self._rows(active)
+        factor = self._kkt_factor(P, A, active)
+        solution = factor.solve(np.concatenate([-q, -b[rows]]))
+        z = solution[: self.n]
+        lam = np.zeros(self.m)
+        lam[rows] = -solution[self.n:]
+        slack = A @ z + b
+        stationarity = P @ z + q - A.T @ lam
+        scale = max(1.0, float(np.abs(q).max(initial=0)), float(np.abs(b).max(initial=0)))
+        residual = float(max(np.abs(stationarity).max(initial=0), np.abs(slack[rows]).max(initial=0)))
+        inequality = slice(self.n_eq, None)
+        if (lam[inequality] < -1e-9 * scale).any() or (slack[inequality] < -1e-9 * scale).any():
+            return None
+        return QPPoint(z, lam, active, factor, how, status, residual)
+
+    def _try_active_set(self, P, q, A, b, active, tol) -> QPPoint | None:
+        """The previous call's active set, if it is optimal at this x with a margin (else None)."""
+        try:
+            point = self._polished(P, q, A, b, active, "active set reused", cp.OPTIMAL)
+        except GeneralPathNeeded:
+            return None
+        if point is None or _weak_rows(point, A, b, self.n_eq, tol).any():
+            return None
+        return point
+
+    # ------------------------------------------------------------ derivative
+
+    def vjp(self, point: QPPoint, dF_dy: np.ndarray) -> list[np.ndarray]:
+        """dF/dx for each listed parameter (shaped like it) from dF/dy (stacked like ``point.y``)."""
+        dF_dz = np.zeros(self.n)
+        dF_dz[self.y_index] = dF_dy
+        rows = self._rows(point.active)
+        v = point.adjoint = point.factor.solve(np.concatenate([dF_dz, np.zeros(rows.size)]))
+        v_z, v_omega = v[: self.n], v[self.n:]
+        d_theta = self._q.transpose(-v_z)
+        d_b = np.zeros(self.m)
+        d_b[rows] = -v_omega
+        d_theta += self._b.transpose(d_b)
+        v_rows = np.zeros(self.m)
+        v_rows[rows] = v_omega
+        i, j = self._A_pos
+        d_theta += self._A.transpose(point.lam[i] * v_z[j] - v_rows[i] * point.z[j])
+        i, j = self._P_pos
+        d_theta += self._P.transpose(-v_z[i] * point.z[j])
+        return self._split(d_theta)
+
+    def adjoint_residual(self, point: QPPoint, dF_dy: np.ndarray) -> float:
+        """||K_S v - (dF/dz, 0)|| / ||(dF/dz, 0)|| for the adjoint v of the last :meth:`vjp` at ``point``."""
+        rhs = np.zeros(point.factor.size)
+        rhs[self.y_index] = dF_dy
+        norm = float(np.linalg.norm(rhs))
+        return float(np.linalg.norm(point.factor.matrix @ point.adjoint - rhs)) / norm if norm else 0.0
+
+    def _split(self, d_theta: np.ndarray) -> list[np.ndarray]:
+        grads = [None] * len(self.problem.parameters)
+        for param, start, size in self._theta_slices[:-1]:
+            index = self._listed.get(param.id)
+            if index is not None:
+                grads[index] = d_theta[start:start + size].reshape(param.shape, order="F")
+        return grads
+
+
+# ---------------------------------------------------------------- compile
+
+def compile_qp(problem) -> tuple[QPProgram | None, str]:
+    """The problem's :class:`QPProgram`, or (None, why not): the fast path needs a DPP problem whose
+    cone program is a QP (affine constraints, a convex quadratic or linear objective)."""
+    inner = problem.inner
+    if problem.smooth_error is not None:
+        return None, "not on the smooth route"
+    if not inner.is_dpp():
+        return None, "not DPP"
+    if not inner.objective.expr.is_quadratic() and not inner.objective.expr.is_affine():
+        return None, "the objective is not quadratic"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data, chain, _ = inner.get_problem_data(cp.CLARABEL)
+    except Exception as err:  # noqa: BLE001 - any canonicalization failure: the general path handles it
+        return None, f"cvxpy could not compile it for a QP solver ({err})"
+    dims = data["param_prob"].cone_dims
+    if dims.soc or dims.psd or dims.exp or dims.p3d or getattr(dims, "pnd", None):
+        return None, "its cone program has cones other than zero and nonnegative"
+    if data.get("lower_bounds") is not None or data.get("upper_bounds") is not None:
+        return None, "variable bounds"
+    try:
+        return QPProgram(problem, data, chain), "QP"
+    except KeyError as err:
+        return None, f"a variable or constraint is not in cvxpy's QP ({err})"
+
+
+def _parameter_slices(inner: cp.Problem, pp, chain) -> list[tuple]:
+    """[(parameter of ``inner``, start, size)] in theta's order, then (None, total size, 1) for the constant."""
+    original = {p.id: p for p in inner.parameters()}
+    original.update({ids[0]: original[o] for o, ids in chain.compose_param_id_map().items() if o in original})
+    slices = [(original[param_id], start, pp.param_id_to_size[param_id])
+              for param_id, start in sorted(pp.param_id_to_col.items(), key=lambda item: item[1]) if param_id != -1]
+    return slices + [(None, pp.total_param_size, 1)]
+
+
+def _fortran_to_c(shape) -> np.ndarray:
+    """Positions in a Fortran-flattened array of the entries in C order."""
+    return np.arange(int(np.prod(shape, dtype=int))).reshape(shape, order="F").ravel()
+
+
+def _variable_index(variables, pp, chain) -> np.ndarray:
+    """z[index] stacks ``variables`` in C order."""
+    final = {original: ids[0] for original, ids in chain.compose_var_id_map().items()}
+    return np.concatenate([pp.var_id_to_col[final.get(v.id, v.id)] + _fortran_to_c(v.shape) for v in variables]
+                          or [np.zeros(0, int)])
+
+
+def _constraint_rows(pp, chain) -> dict[int, np.ndarray]:
+    """Rows of each (original) constraint in the QP, its entries in C order."""
+    final = chain.compose_constr_id_map()
+    rows, start = {}, 0
+    for kind in (cp.constraints.Zero, cp.constraints.NonNeg):
+        for constraint in pp.constr_map.get(kind, []):
+            rows[constraint.id] = start + _fortran_to_c(constraint.shape)
+            start += constraint.size
+    return {original: rows[final_id] for original, final_id in final.items() if final_id in rows} | rows
+
+
+def _weak_rows(point: QPPoint, A, b, n_eq: int, tol: float) -> np.ndarray:
+    """Inequality rows where both the multiplier and the slack are (nearly) zero, in the units of
+    :func:`cbo.kkt.active_set` (tol_w = sqrt(tol) / 10 relative to the largest of each)."""
+    slack = np.abs(A[n_eq:] @ point.z + b[n_eq:])
+    mu = point.lam[n_eq:]
+    tol_w = np.sqrt(tol) / 10
+    return (mu <= tol_w * max(1.0, float(mu.max(initial=0)))) & (slack <= tol_w * max(1.0, float(slack.max(initial=0))))
+
+
