@@ -16,14 +16,17 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import cvxpy as cp
+import numpy as np
 import torch
 
 from .conic import ConeStatus, ConicArgminFunction
-from .hypergrad import _timed, check_finite, select_route
+from .hypergrad import _timed, check_finite, qp_active_set, qp_licq, select_route, uses_qp_path
 from .inner import BatchSolver, InnerSolution
+from .errors import InnerSolveError
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .problem import BilevelProblem
+from .qp import GeneralPathNeeded
 
 __all__ = ["ArgminLayer", "LayerInfo"]
 
@@ -49,6 +52,8 @@ class LayerInfo:
     timings: dict[str, float] = field(default_factory=dict)
     route: str = "smooth Lagrangian"
     cones: list[list[ConeStatus]] | None = None
+    path: str = "general"
+    solvers: list[str] | None = None
 
 
 class ArgminLayer(torch.nn.Module):
@@ -62,8 +67,10 @@ class ArgminLayer(torch.nn.Module):
         Inputs, in call order.
     variables : sequence of cvxpy.Variable, optional
         Outputs, in order (default: all variables of ``inner``).
-    method : str
-        Adjoint solver of the backward pass: one of ``cbo.METHODS`` (default "cg").
+    method : str, optional
+        Adjoint solver of the backward pass: one of ``cbo.METHODS``. Default:
+        on an inner QP the compiled fast path of :mod:`cbo.qp` (one
+        factorization per item serves forward and backward), elsewhere "cg".
     tol : float
         Relative residual tolerance of the backward adjoint solve.
     maxiter : int, optional
@@ -71,7 +78,10 @@ class ArgminLayer(torch.nn.Module):
     on_nonconvergence : {"raise", "warn"}
         What a non-converged adjoint solve does.
     solver : str, optional
-        cvxpy solver of the forward pass (default Clarabel with tight tolerances).
+        Solver of the forward pass: on the QP fast path "DAQP", "PIQP" or
+        "CLARABEL" called directly (default: by size, :mod:`cbo.qp`); another
+        name takes the general path, as a cvxpy solver (default Clarabel with
+        tight tolerances).
     solver_options : dict, optional
         Options passed to that solver.
     active_tol : float
@@ -80,7 +90,9 @@ class ArgminLayer(torch.nn.Module):
         Newton-polish the solutions on their KKT systems, as in :func:`cbo.hypergrad`.
     executor : concurrent.futures.Executor, optional
         Runs the forward solves (e.g. ``distributed.Client(...).get_executor()``);
-        default: a pool of ``n_workers`` local processes.
+        default: a pool of ``n_workers`` local processes. Not used on the QP fast
+        path, which solves in this process unless an executor or ``n_workers > 1``
+        is given.
     n_workers : int, optional
         Size of the default pool (default: the number of CPUs; 1 solves in this process).
     timeout : float, optional
@@ -99,19 +111,22 @@ class ArgminLayer(torch.nn.Module):
     """
 
     def __init__(self, inner: cp.Problem, parameters: Sequence[cp.Parameter],
-                 variables: Sequence[cp.Variable] | None = None, method: str = "cg", *, tol: float = 1e-10,
+                 variables: Sequence[cp.Variable] | None = None, method: str | None = None, *, tol: float = 1e-10,
                  maxiter: int | None = None, on_nonconvergence: str = "raise", solver: str | None = None,
                  solver_options: dict | None = None, active_tol: float = 1e-6, polish_solution: bool = True,
                  executor=None, n_workers: int | None = None, timeout: float | None = None,
                  route: str | None = None):
         super().__init__()
-        if method not in ADJOINT_SOLVERS:
+        if method is not None and method not in ADJOINT_SOLVERS:
             raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(ADJOINT_SOLVERS)}.")
         self.problem = BilevelProblem(inner, parameters, variables)
-        self.method, self.tol, self.maxiter, self.on_nonconvergence = method, tol, maxiter, on_nonconvergence
-        self.active_tol, self.polish_solution = active_tol, polish_solution
-        self.solver_options = solver_options
         self.route, self.route_reason = select_route(self.problem, route)
+        # The QP fast path solves in this process; an executor or a pool asked for takes the general path.
+        self.fast = (self.route == "smooth" and uses_qp_path(self.problem, method, solver, polish_solution)
+                     and executor is None and (n_workers or 1) == 1)
+        self.method, self.tol, self.maxiter, self.on_nonconvergence = method or "cg", tol, maxiter, on_nonconvergence
+        self.active_tol, self.polish_solution = active_tol, polish_solution
+        self.solver, self.solver_options = solver, solver_options
         self.batch_solver = BatchSolver(self.problem, solver, solver_options, executor, n_workers, timeout)
 
     def forward(self, *inputs: torch.Tensor, return_info: bool = False):
@@ -136,8 +151,15 @@ class ArgminLayer(torch.nn.Module):
             )
         info_box: list[LayerInfo] = []
         inputs = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64) for t in inputs]
-        function = ConicArgminFunction if self.route == "conic" else _ArgminFunction
-        outputs = function.apply(self, info_box, *inputs)
+        outputs = None
+        if self.fast:
+            try:
+                outputs = _QPArgminFunction.apply(self, info_box, *inputs)
+            except GeneralPathNeeded:  # a degenerate item: the general route diagnoses the batch
+                info_box.clear()
+        if outputs is None:
+            function = ConicArgminFunction if self.route == "conic" else _ArgminFunction
+            outputs = function.apply(self, info_box, *inputs)
         return (outputs, info_box[0]) if return_info else outputs
 
     def close(self) -> None:
@@ -203,12 +225,7 @@ class _ArgminFunction(torch.autograd.Function):
         layer, op, problem = ctx.layer, ctx.op, ctx.layer.problem
         start = time.perf_counter()
         batch = op.batch_size
-        by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
-        dy = torch.cat([
-            torch.zeros(batch, v.size, dtype=op.w.dtype, device=op.w.device) if by_id.get(v.id) is None
-            else by_id[v.id].reshape(batch, v.size).to(op.w)
-            for v in problem.all_variables
-        ], -1)
+        dy = _stacked_output_gradients(problem, grad_outputs, batch, op.w.dtype, op.w.device)
         b = torch.cat([dy, torch.zeros(batch, op.n_dual, dtype=dy.dtype, device=dy.device)], -1)
         v, solve_info = adjoint_solve(op, b, layer.method, tol=layer.tol, maxiter=layer.maxiter,
                                       on_nonconvergence=layer.on_nonconvergence)
@@ -219,6 +236,64 @@ class _ArgminFunction(torch.autograd.Function):
         ctx.info.linear_solve = solve_info
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
         return (None, None, *grads)
+
+
+class _QPArgminFunction(torch.autograd.Function):
+    """The batch on the compiled QP (:mod:`cbo.qp`): each item solved (or its previous active set reused)
+    and factored once in the forward pass; the backward pass is one solve with each item's factorization."""
+
+    @staticmethod
+    def forward(ctx, layer: ArgminLayer, info_box: list, *inputs):
+        problem, program = layer.problem, layer.problem.qp_program
+        x, batch_shape = broadcast_inputs(problem, inputs)
+        values = [[t[b].cpu().numpy() for t in x] for b in range(x[0].shape[0])]
+        points = []
+        for b, item in enumerate(values):
+            try:
+                points.append(program.solve(item, item=b, solver=layer.solver, solver_options=layer.solver_options,
+                                            active_tol=layer.active_tol))
+            except InnerSolveError as err:
+                raise type(err)(f"{_item_names(batch_shape)(b)}{err}") from err
+        timings = {phase: sum(p.timings[phase] for p in points) for phase in ("inner_solve", "polish")}
+        info = LayerInfo(batch_shape, [p.status for p in points], [qp_active_set(program, p) for p in points],
+                         [PolishInfo(1, float("nan"), p.kkt_residual, True, "one solve on the active set")
+                          for p in points], [qp_licq(p) for p in points], [], [p.kkt_residual for p in points],
+                         timings=timings, route=layer.route_reason, path="compiled QP",
+                         solvers=[p.how for p in points])
+        info_box.append(info)
+        ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
+        ctx.input_shapes = [tuple(t.shape) for t in inputs]
+        ctx.input_meta = [(t.dtype, t.device) for t in inputs]
+        y = torch.as_tensor(np.stack([p.y for p in points]), device=x[0].device)
+        return problem.variable_outputs(y, batch_shape, inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        problem, program = ctx.layer.problem, ctx.layer.problem.qp_program
+        start = time.perf_counter()
+        dy = _stacked_output_gradients(problem, grad_outputs, len(ctx.points), torch.float64, "cpu").numpy()
+        per_item = [program.vjp(point, dy[b]) for b, point in enumerate(ctx.points)]
+        grads = []
+        for k, (shape, (dtype, device)) in enumerate(zip(ctx.input_shapes, ctx.input_meta)):
+            g = torch.as_tensor(np.stack([item[k] for item in per_item]))
+            g = g.reshape(torch.Size([*ctx.batch_shape, *g.shape[1:]])).sum_to_size(shape)
+            grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
+        residual = max(program.adjoint_residual(p, dy[b]) for b, p in enumerate(ctx.points))
+        ctx.info.linear_solve = SolveInfo("direct", True, 1, residual, 0.0,
+                                          {"factorization": ctx.points[0].factor.kind})
+        ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
+        return (None, None, *grads)
+
+
+def _stacked_output_gradients(problem: BilevelProblem, grad_outputs, batch: int, dtype, device) -> torch.Tensor:
+    """dL/dy stacked over all variables of the inner problem, (batch, n_y); zero for variables not returned."""
+    by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
+    return torch.cat([
+        torch.zeros(batch, v.size, dtype=dtype, device=device) if by_id.get(v.id) is None
+        else by_id[v.id].reshape(batch, v.size).to(dtype=dtype, device=device)
+        for v in problem.all_variables
+    ], -1)
 
 
 def _item_names(batch_shape: tuple):

@@ -49,7 +49,11 @@ import scipy.linalg as la
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+import torch
+
+from .dpp import DPPForm, dpp_form
 from .errors import check_status
+from .translate import Env
 from .qp_solvers import solve_qp
 
 __all__ = ["QPProgram", "QPPoint", "GeneralPathNeeded", "compile_qp"]
@@ -117,7 +121,7 @@ def _factor(K) -> _Factor:
         d = 1.0 / np.sqrt(np.maximum(abs(K).max(axis=1).toarray().ravel(), 1e-300))
         D = sp.diags_array(d)
         try:
-            lu = spla.splu(sp.csc_array(D @ K @ D), permc_spec="COLAMD")
+            lu = spla.splu(sp.csc_array(D @ K @ D), permc_spec="MMD_AT_PLUS_A")
         except RuntimeError:  # exactly singular
             raise GeneralPathNeeded("the active-set KKT matrix is singular") from None
         diag = np.abs(lu.U.diagonal())
@@ -155,6 +159,7 @@ class QPPoint:
     mu: np.ndarray | None = None
     nu: np.ndarray | None = None
     adjoint: np.ndarray | None = None
+    lifted: "_LiftedGraph | None" = None
 
 
 class QPProgram:
@@ -165,15 +170,15 @@ class QPProgram:
     ``vjp(point, dF_dy)`` the gradient in the parameters.
     """
 
-    def __init__(self, problem, data: dict, chain):
-        self.problem = problem
+    def __init__(self, problem, form: DPPForm, data: dict, chain):
+        self.problem, self.lifted = problem, form.lifted
         pp = data["param_prob"]
         self.n = n = pp.x.size
         self.m = m = data["A"].shape[0]
         self.n_eq = pp.cone_dims.zero
         self.dense = n + m <= DENSE_LIMIT
         self.default_solver = "DAQP" if n + m <= SMALL_QP else "CLARABEL"
-        self._theta_slices = _parameter_slices(problem.inner, pp, chain)
+        self._theta_slices = _parameter_slices(form.problem, pp, chain)
         self._listed = {p.id: i for i, p in enumerate(problem.parameters)}
         # The data maps. Tensor rows are Fortran-ordered entries: P's of the n x n matrix, A's of [A b] (m x n+1).
         P_tensor = sp.csr_array(pp.P) if pp.P is not None else sp.csr_array((n * n, pp.total_param_size + 1))
@@ -191,26 +196,30 @@ class QPProgram:
         self._A_const = self._assemble_A(self._A.value) if self._A.value is not None else None
         self.y_index = _variable_index(problem.all_variables, pp, chain)
         rows_of = _constraint_rows(pp, chain)
-        self.mu_index = np.concatenate([rows_of[b.constraint.id] for b in problem.inequalities] or [np.zeros(0, int)])
-        self.nu_index = np.concatenate([rows_of[b.constraint.id] for b in problem.equalities] or [np.zeros(0, int)])
+        rows = lambda blocks: np.concatenate([rows_of[form.constraint_ids[b.constraint.id]] for b in blocks]  # noqa: E731
+                                             or [np.zeros(0, int)])
+        self.mu_index, self.nu_index = rows(problem.inequalities), rows(problem.equalities)
         # Warm-start state, per batch item: the last active set and, while P and A are constant, its factorization.
         self._last_active: dict[int, np.ndarray] = {}
         self._factor_cache: dict[bytes, _Factor] = {}
 
     # ------------------------------------------------------------ data
 
-    def theta(self, x: Sequence[np.ndarray]) -> np.ndarray:
-        """The parameter vector: listed parameters from ``x``, the others from their ``.value``, then a 1."""
+    def theta(self, x: Sequence[np.ndarray]) -> tuple[np.ndarray, "_LiftedGraph | None"]:
+        """The parameter vector: listed parameters from ``x``, lifted ones (:mod:`cbo.dpp`) evaluated at ``x``
+        (with their torch graph, for :meth:`vjp`), the others from their ``.value``; then a 1."""
+        graph = _LiftedGraph.at(self.problem.parameters, self.lifted, x) if self.lifted else None
         theta = np.empty(self._theta_slices[-1][1] + 1)
         for param, start, size in self._theta_slices[:-1]:
             index = self._listed.get(param.id)
-            value = x[index] if index is not None else param.value
+            value = x[index] if index is not None else graph.values[param.id] if graph and param.id in graph.values \
+                else param.value
             if value is None:
                 raise ValueError(f"Parameter {param.name()} of the inner problem has no value. Set "
                                  f"{param.name()}.value, or list it in `parameters`.")
             theta[start:start + size] = np.asarray(value, dtype=float).ravel(order="F")
         theta[-1] = 1.0
-        return theta
+        return theta, graph
 
     def _assemble_P(self, values):
         if self.dense:
@@ -242,7 +251,8 @@ class QPProgram:
         GeneralPathNeeded (a point the fast path cannot certify).
         """
         start = time.perf_counter()
-        P, q, A, b = self.data(self.theta(x))
+        theta, graph = self.theta(x)
+        P, q, A, b = self.data(theta)
         point = None
         last = self._last_active.get(item) if warm_start else None
         if last is not None:
@@ -263,6 +273,7 @@ class QPProgram:
             if _weak_rows(point, A, b, self.n_eq, active_tol).any():
                 raise GeneralPathNeeded("a constraint is weakly active")
         self._last_active[item] = point.active
+        point.lifted = graph
         point.y = point.z[self.y_index]
         point.mu, point.nu = point.lam[self.mu_index], point.lam[self.nu_index]
         # A reused active set is tried, polished and checked in one solve: all of it counts as polish.
@@ -348,7 +359,7 @@ class QPProgram:
         d_theta += self._A.transpose(point.lam[i] * v_z[j] - v_rows[i] * point.z[j])
         i, j = self._P_pos
         d_theta += self._P.transpose(-v_z[i] * point.z[j])
-        return self._split(d_theta)
+        return self._split(d_theta, point.lifted)
 
     def adjoint_residual(self, point: QPPoint, dF_dy: np.ndarray) -> float:
         """||K_S v - (dF/dz, 0)|| / ||(dF/dz, 0)|| for the adjoint v of the last :meth:`vjp` at ``point``."""
@@ -357,13 +368,46 @@ class QPProgram:
         norm = float(np.linalg.norm(rhs))
         return float(np.linalg.norm(point.factor.matrix @ point.adjoint - rhs)) / norm if norm else 0.0
 
-    def _split(self, d_theta: np.ndarray) -> list[np.ndarray]:
-        grads = [None] * len(self.problem.parameters)
+    def _split(self, d_theta: np.ndarray, graph: "_LiftedGraph | None") -> list[np.ndarray]:
+        """dF/dtheta as dF/dx per listed parameter; lifted parameters by the chain rule through their graph."""
+        grads = [np.zeros(p.shape) for p in self.problem.parameters]
+        lifted = {}
         for param, start, size in self._theta_slices[:-1]:
             index = self._listed.get(param.id)
             if index is not None:
-                grads[index] = d_theta[start:start + size].reshape(param.shape, order="F")
+                grads[index] = grads[index] + d_theta[start:start + size].reshape(param.shape, order="F")
+            elif graph is not None and param.id in graph.values:
+                lifted[param.id] = d_theta[start:start + size].reshape(param.shape, order="F")
+        if lifted:
+            for index, g in enumerate(graph.vjp(lifted)):
+                grads[index] = grads[index] + g
         return grads
+
+
+@dataclass
+class _LiftedGraph:
+    """The lifted parameters' values theta_k = e_k(x) at one x, with the torch graph from x."""
+
+    x: list[torch.Tensor]
+    tensors: dict[int, torch.Tensor]
+    values: dict[int, np.ndarray]
+
+    @classmethod
+    def at(cls, parameters, lifted, x) -> "_LiftedGraph":
+        xs = [torch.as_tensor(np.asarray(v, dtype=float)).requires_grad_(True) for v in x]
+        env = Env({p.id: t for p, t in zip(parameters, xs)})
+        with torch.enable_grad():
+            tensors = {k.parameter.id: k.function(env).reshape(k.parameter.shape) for k in lifted}
+        return cls(xs, tensors, {i: t.detach().numpy() for i, t in tensors.items()})
+
+    def vjp(self, cotangents: dict[int, np.ndarray]) -> list[np.ndarray]:
+        """(de/dx)^T dF/dtheta for each x."""
+        ids = list(cotangents)
+        with torch.enable_grad():
+            grads = torch.autograd.grad([self.tensors[i] for i in ids], self.x,
+                                        [torch.as_tensor(cotangents[i]) for i in ids], allow_unused=True,
+                                        retain_graph=True)
+        return [np.zeros(t.shape) if g is None else g.numpy() for t, g in zip(self.x, grads)]
 
 
 # ---------------------------------------------------------------- compile
@@ -374,14 +418,15 @@ def compile_qp(problem) -> tuple[QPProgram | None, str]:
     inner = problem.inner
     if problem.smooth_error is not None:
         return None, "not on the smooth route"
-    if not inner.is_dpp():
-        return None, "not DPP"
     if not inner.objective.expr.is_quadratic() and not inner.objective.expr.is_affine():
         return None, "the objective is not quadratic"
+    form = dpp_form(inner)
+    if form is None:
+        return None, "not DPP, even with its parameter expressions as parameters of their own"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data, chain, _ = inner.get_problem_data(cp.CLARABEL)
+            data, chain, _ = form.problem.get_problem_data(cp.CLARABEL)
     except Exception as err:  # noqa: BLE001 - any canonicalization failure: the general path handles it
         return None, f"cvxpy could not compile it for a QP solver ({err})"
     dims = data["param_prob"].cone_dims
@@ -390,7 +435,7 @@ def compile_qp(problem) -> tuple[QPProgram | None, str]:
     if data.get("lower_bounds") is not None or data.get("upper_bounds") is not None:
         return None, "variable bounds"
     try:
-        return QPProgram(problem, data, chain), "QP"
+        return QPProgram(problem, form, data, chain), "QP" + (" with lifted parameter expressions" if form.lifted else "")
     except KeyError as err:
         return None, f"a variable or constraint is not in cvxpy's QP ({err})"
 
