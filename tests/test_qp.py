@@ -1,0 +1,167 @@
+"""The QP fast path (cbo/qp.py): compiled once, the previous active set reused, one factorization.
+
+References never call cbo: the dense numpy KKT solve of builders.dense_kkt_hypergrad and central
+finite differences through cvxpy (builders.finite_difference, central_jacobian).
+"""
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import cbo
+import cbo.qp
+from builders import (SOLVER_OPTIONS, Case, central_jacobian, dense_kkt_hypergrad, non_dpp, outer_torch,
+                      qp_matrix_parameter, random_qp, relative_error)
+
+
+def fast(case: Case, **options):
+    grad, info = cbo.hypergrad(case.problem, case.x_tensors, return_info=True, **options)
+    assert info.path == "compiled QP", info.path
+    return [g.numpy() for g in grad], info
+
+
+@pytest.mark.parametrize("build", [lambda: random_qp(12), lambda: random_qp(40, seed=3), qp_matrix_parameter,
+                                   non_dpp], ids=["qp12", "qp40", "matrix_parameter", "lifted_exp"])
+def test_matches_dense_kkt_reference(build):
+    case = build()
+    grad, info = fast(case)
+    assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
+    assert info.kkt_residual < 1e-10 and info.linear_solve.residual < 1e-10
+
+
+@pytest.mark.parametrize("solver", ["DAQP", "PIQP", "CLARABEL"])
+def test_every_qp_solver_gives_the_same_gradient(solver):
+    case = random_qp(20, seed=5)
+    grad, info = fast(case, solver=solver, warm_start=False)
+    assert info.solver == solver
+    assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
+
+
+def test_sparse_factorization(monkeypatch):
+    monkeypatch.setattr(cbo.qp, "DENSE_LIMIT", 0)
+    case = random_qp(30, seed=6)
+    problem = cbo.BilevelProblem(case.problem.inner, case.problem.parameters, case.problem.variables,
+                                 outer=case.problem.outer)
+    assert not problem.qp_program.dense
+    case.problem = problem
+    grad, info = fast(case)
+    assert info.linear_solve.extra["factorization"].startswith("sparse")
+    assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
+
+
+def test_reused_active_set_is_exact_and_a_changed_one_is_solved():
+    case = random_qp(16, seed=7)
+    fast(case)
+    case.x = [case.x[0] + 1e-4, case.x[1]]  # a small step keeps the active set
+    grad, info = fast(case)
+    assert info.solver == "active set reused"
+    assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
+    case.x = [case.x[0] + 3.0 * np.sign(case.x[0]), case.x[1]]  # a large one changes it
+    grad, info = fast(case)
+    assert info.solver != "active set reused"
+    assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
+
+
+def test_matrix_shaped_variable_and_constraint_orders():
+    """A 3 x 4 variable and a 3 x 4 constraint: cvxpy's QP rows are Fortran-ordered, cbo's C-ordered."""
+    rng = np.random.default_rng(8)
+    C = rng.standard_normal((3, 4))
+    X, Y, U = cp.Parameter((3, 4)), cp.Variable((3, 4)), cp.Parameter((3, 4))
+    inner = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Y - C) + cp.sum(cp.multiply(X, Y))), [Y <= U, cp.sum(Y) == -3])
+    target = torch.as_tensor(rng.standard_normal((3, 4)))
+    problem = cbo.BilevelProblem(inner, [X, U], [Y], outer=lambda X, U, Y: ((Y - target) ** 2 * torch.arange(1.0, 13.0).reshape(3, 4)).sum())
+    x0 = [0.3 * rng.standard_normal((3, 4)), C + np.where(rng.random((3, 4)) < 0.5, -0.5, 0.7)]
+    grad, info = cbo.hypergrad(problem, [torch.tensor(v) for v in x0], return_info=True)
+    assert info.path == "compiled QP"
+    weights = np.arange(1.0, 13.0).reshape(3, 4)
+
+    def F(flat):
+        X.value, U.value = flat[:12].reshape(3, 4), flat[12:].reshape(3, 4)
+        inner.solve(**SOLVER_OPTIONS)
+        return np.array([((Y.value - target.numpy()) ** 2 * weights).sum()])
+
+    reference = central_jacobian(F, np.concatenate([v.ravel() for v in x0]), h=1e-6)[0]
+    assert relative_error([g.numpy() for g in grad], [reference]) < 1e-6
+    # mu in cbo's order is the constraint's dual_value, C-ordered
+    X.value, U.value = x0
+    inner.solve(**SOLVER_OPTIONS)
+    assert np.allclose(info.mu.numpy(), inner.constraints[0].dual_value.ravel(), atol=1e-7)
+
+
+def test_parameter_in_the_quadratic_term():
+    """min 1/2 sum(c * y^2) - a^T y s.t. y <= 1 with c a (DPP, nonneg) parameter: dF/dc through P."""
+    rng = np.random.default_rng(9)
+    n = 6
+    c, y = cp.Parameter(n, nonneg=True), cp.Variable(n)
+    a = rng.random(n) * 3
+    inner = cp.Problem(cp.Minimize(0.5 * cp.sum(cp.multiply(c, cp.square(y))) - a @ y), [y <= 1])
+    problem = cbo.BilevelProblem(inner, [c], [y], outer=lambda c, y: (y ** 3).sum())
+    c0 = 1.0 + 2 * rng.random(n)
+    grad, info = cbo.hypergrad(problem, torch.tensor(c0), return_info=True)
+    assert info.path == "compiled QP"
+    y_star = np.minimum(a / c0, 1.0)  # closed form
+    reference = np.where(a / c0 < 1, -3 * y_star ** 2 * a / c0 ** 2, 0.0)
+    assert np.allclose(grad.numpy(), reference, rtol=1e-8, atol=1e-10)
+
+
+def test_weakly_active_point_takes_the_general_route():
+    """y* = clip(x, -1, 1) at x = 1: the bound holds with a zero multiplier."""
+    x, y = cp.Parameter(3), cp.Variable(3)
+    problem = cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y <= 1]), [x], [y],
+                                 outer=lambda x, y: y.sum())
+    with pytest.warns(cbo.DegenerateKKTWarning, match="weakly active"):
+        grad, info = cbo.hypergrad(problem, torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), return_info=True)
+    assert info.path == "general"
+    assert torch.allclose(grad, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), atol=1e-8)
+
+
+def test_dependent_active_constraints_take_the_general_route():
+    """The same bound written twice: K_S is singular, the general route reports the LICQ failure."""
+    x, y = cp.Parameter(2), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y[0] <= 0, 2 * y[0] <= 0])
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: y.sum())
+    with pytest.warns(cbo.DegenerateKKTWarning):
+        grad, info = cbo.hypergrad(problem, torch.tensor([1.0, 0.5], dtype=torch.float64), return_info=True)
+    assert info.path == "general"
+    assert torch.allclose(grad, torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-7)
+
+
+def test_infeasible_inner_problem_raises_on_the_fast_path():
+    x, y = cp.Parameter(2), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y)), [y >= x, y <= 0])
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: y.sum())
+    assert problem.qp_program is not None
+    with pytest.raises(cbo.InnerSolveError, match="infeasible"):
+        cbo.hypergrad(problem, torch.tensor([1.0, 1.0]))
+
+
+def test_iterative_methods_keep_the_general_route():
+    case = random_qp(12, seed=10)
+    grad, info = cbo.hypergrad(case.problem, case.x_tensors, method="minres", return_info=True)
+    assert info.path == "general" and info.method == "minres"
+    assert relative_error([g.numpy() for g in grad], dense_kkt_hypergrad(case)) < 1e-7
+
+
+def test_non_qp_problems_are_not_compiled():
+    x, y = cp.Parameter(3), cp.Variable(3)
+    logistic = cp.Problem(cp.Minimize(cp.sum(cp.logistic(y)) + cp.sum_squares(y - x)))
+    problem = cbo.BilevelProblem(logistic, [x], [y])
+    assert problem.qp_program is None and "quadratic" in problem.qp_reason
+
+
+def test_layer_on_the_fast_path_passes_gradcheck():
+    rng = np.random.default_rng(11)
+    n, m = 5, 3
+    M = rng.standard_normal((n, n))
+    P, G = M @ M.T / n + np.eye(n), rng.standard_normal((m, n))
+    q, h, y = cp.Parameter(n), cp.Parameter(m), cp.Variable(n)
+    layer = cbo.ArgminLayer(cp.Problem(cp.Minimize(0.5 * cp.quad_form(y, P) + q @ y), [G @ y <= h, cp.sum(y) == 1]),
+                            [q, h], [y])
+    assert layer.fast
+    qs = torch.tensor(rng.standard_normal((3, n)), requires_grad=True)
+    hs = torch.tensor(0.2 * rng.random(m), requires_grad=True)  # broadcast over the batch
+    (out,), info = layer(qs, hs, return_info=True)
+    assert info.path == "compiled QP" and len(info.solvers) == 3
+    assert torch.autograd.gradcheck(lambda a, b: layer(a, b)[0], (qs, hs), eps=1e-6, atol=1e-6)
