@@ -41,7 +41,7 @@ at n = 400 one is at every lam tried, hence the DegenerateKKTWarning), L1-regula
 regression, soft-margin SVM, an SOCP with cp.SOC, an SDP (min tr(CX) + 0.1 ||X||_F^2,
 X >> 0, tr X = 1, C a symmetric k x k parameter) and maximum entropy with cp.ExpCone.
 The smooth-route problems (lasso, logistic, SVM) are forced onto the conic route with
-``problem.conic_program()``.
+``cbo.conic.conic_program(problem)``.
 
 Run:  python benchmarks/conic_adjoint.py [--quick] [--repeats 5]
 Writes benchmarks/output/conic_adjoint.md (the command that made it in its last line).
@@ -208,7 +208,7 @@ def solve_times(program: ConicProgram, x: list[np.ndarray], repeats: int) -> dic
 
 def measure(case: Case, repeats: int) -> Result:
     built = case.build()
-    program = built.problem.conic_program()
+    program = cbo.conic.conic_program(built.problem)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", cbo.CboWarning)
         point = program.solve(built.x)

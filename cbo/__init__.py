@@ -21,7 +21,7 @@ from .errors import (
 from .conic import ConeStatus
 from .driver import OPTIMIZERS, History, MinimizeResult, minimize, plot_history
 from .hypergrad import METHODS as ALL_METHODS
-from .hypergrad import ROUTES, HypergradInfo, hypergrad
+from .hypergrad import ROUTES, HypergradInfo, forget_warm_starts, hypergrad
 from .layer import ArgminLayer, LayerInfo
 from .linsolve import ADJOINT_SOLVERS, SolveInfo
 from .problem import BilevelProblem
@@ -32,7 +32,7 @@ METHODS = tuple(ADJOINT_SOLVERS)
 __version__ = "0.1.0"
 
 __all__ = [
-    "BilevelProblem", "hypergrad", "HypergradInfo", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS", "ALL_METHODS",
+    "BilevelProblem", "hypergrad", "HypergradInfo", "forget_warm_starts", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS", "ALL_METHODS",
     "fixed_point_hypergrad", "UnrollInfo", "minimize", "MinimizeResult", "History", "plot_history", "OPTIMIZERS", "ROUTES",
     "ConeStatus",
     "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning", "DivergenceError",

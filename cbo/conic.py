@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -58,7 +59,7 @@ from .inner import DEFAULT_SOLVER_OPTIONS
 from .kkt import curvature_check, licq_check
 from .linsolve import SolveInfo, _relative_residual, adjoint_solve
 
-__all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityError", "ConicArgminFunction"]
+__all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityError", "conic_program"]
 
 _SOLVED = ("Solved", "AlmostSolved")
 _KINDS = {"Zero": "zero", "NonNeg": "nonneg", "SOC": "soc", "SvecPSD": "psd", "PSD": "psd", "ExpCone": "exp",
@@ -73,6 +74,16 @@ _TIGHT_TOL, _WEAK_TOL, _ZERO_TOL = 1e-7, 1e-4, 1e-9
 # The reduced K counts as singular where its equilibrated form has a singular value below _SINGULAR of its
 # largest; systems up to _DENSE_CHECK_SIZE are checked densely (an SVD), larger ones by Lanczos.
 _SINGULAR, _DENSE_CHECK_SIZE = 1e-9, 300
+
+
+_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def conic_program(problem) -> "ConicProgram":
+    """The compiled cone program of ``problem`` for the conic route, built on first use and kept."""
+    if problem not in _PROGRAMS:
+        _PROGRAMS[problem] = ConicProgram(problem)
+    return _PROGRAMS[problem]
 
 
 @dataclass
@@ -691,56 +702,3 @@ _CONE_STATUS = {"soc": _soc_status, "psd": _psd_status, "exp": _exp_or_pow_statu
 
 
 # ---------------------------------------------------------------- layer
-
-class ConicArgminFunction(torch.autograd.Function):
-    r""":class:`cbo.ArgminLayer` on the conic route: a batch of cone programs forward, their VJPs backward.
-
-    Backward: dL/dx_b = (dy_b/dx_b)^T dL/dy_b for every item b, the items' reduced adjoint systems
-    solved as one batch with the layer's ``method`` (:meth:`ConicProgram.vjp`); gradients of broadcast
-    (unbatched) inputs are summed over the batch.
-    """
-
-    @staticmethod
-    def forward(ctx, layer, info_box: list, *inputs):
-        from .kkt import PolishInfo
-        from .layer import LayerInfo, _item_names, broadcast_inputs  # cbo.layer imports this module
-
-        problem, program = layer.problem, layer.problem.conic_program()
-        start = time.perf_counter()
-        x, batch_shape = broadcast_inputs(problem, inputs)
-        where = _item_names(batch_shape)
-        points = [program.solve([t[b].cpu().numpy() for t in x], layer.solver_options, layer.polish_solution,
-                                where(b)) for b in range(x[0].shape[0])]
-        y = torch.as_tensor(np.stack([np.concatenate(program.variable_values(p)) for p in points]),
-                            dtype=torch.float64, device=x[0].device)
-        polish = [PolishInfo(p.polish_steps, p.residual_before, p.residual_after, True) for p in points]
-        info = LayerInfo(batch_shape, [p.status for p in points], [], polish, [], [],
-                         [p.residual_after for p in points], timings={"inner_solve": time.perf_counter() - start},
-                         route=layer.route_reason, cones=[p.cones for p in points])
-        info_box.append(info)
-        ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
-        ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
-        return problem.variable_outputs(y, batch_shape, inputs[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grad_outputs):
-        layer = ctx.layer
-        problem, program = layer.problem, layer.problem.conic_program()
-        start = time.perf_counter()
-        batch = len(ctx.points)
-        by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
-        grads_y = [[np.zeros(v.size) if by_id.get(v.id) is None
-                    else by_id[v.id].detach().reshape(batch, v.size)[b].cpu().double().numpy()
-                    for v in problem.all_variables] for b in range(batch)]
-        like = next(g for g in grad_outputs if g is not None)
-        per_item, ctx.info.linear_solve = program.vjp(
-            ctx.points, grads_y, layer.method, tol=layer.tol, maxiter=layer.maxiter,
-            on_nonconvergence=layer.on_nonconvergence, like=like.to(torch.float64))
-        grads = []
-        for k, (shape, dtype, device) in enumerate(ctx.input_meta):
-            g = torch.as_tensor(np.stack([item[k] for item in per_item]))
-            g = g.reshape(torch.Size([*ctx.batch_shape, *g.shape[1:]])).sum_to_size(shape)
-            grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
-        ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
-        return (None, None, *grads)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,19 +21,22 @@ import torch
 
 from .errors import DegenerateKKTWarning, external_stacklevel
 from .inner import solve_inner
-from .conic import ConeStatus
+from .conic import ConeStatus, conic_program
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .routes import ITERATIVE_ROUTES, PENALTY_ROUTES, iterative_hypergrad, penalty_hypergrad
+from .inputs import as_parameter_tensors, like_input, timed
 from .problem import BilevelProblem
 from .qp import GeneralPathNeeded, QPPoint
 from .qp_solvers import QP_SOLVERS
 
-__all__ = ["hypergrad", "HypergradInfo", "as_parameter_tensors", "METHODS", "ROUTES"]
+__all__ = ["hypergrad", "HypergradInfo", "forget_warm_starts", "METHODS", "ROUTES"]
 
 TensorLike = torch.Tensor | np.ndarray | float | Sequence[float]
 METHODS = (*ADJOINT_SOLVERS, *ITERATIVE_ROUTES, *PENALTY_ROUTES)
 ROUTES = ("smooth", "conic")
+# The last adjoint vector of each method per problem, to warm-start the next iterative solve.
+_ADJOINT_CACHE: "weakref.WeakKeyDictionary[BilevelProblem, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -225,15 +228,15 @@ def hypergrad(
         return _conic_hypergrad(problem, x, xs, like, method, tol, maxiter, on_nonconvergence, solver_options,
                                 polish_solution, reason, return_info, timings, start)
 
-    with _timed(timings, "inner_solve"):
+    with timed(timings, "inner_solve"):
         sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], solver, solver_options)
     batch = [t.unsqueeze(0) for t in xs]  # the KKT machinery is batched: a batch of one
-    with _timed(timings, "polish"):
+    with timed(timings, "polish"):
         op, (active,), (polish_info,) = kkt_at_solutions(problem, batch, [sol], method, active_tol, polish_solution)
-    with _timed(timings, "kkt_checks"):
+    with timed(timings, "kkt_checks"):
         (licq,) = licq_check(op)
         ((curvature_min, curvature_max),) = curvature_check(op)
-    with _timed(timings, "adjoint_solve"):
+    with timed(timings, "adjoint_solve"):
         if method in ADJOINT_SOLVERS:
             grads, solve_info, outer_value = _implicit_gradients(problem, xs, op, active, method, tol, maxiter,
                                                                  warm_start, on_nonconvergence)
@@ -273,7 +276,7 @@ def _qp_hypergrad(problem, x, xs, like, solver, solver_options, active_tol, warm
     timings.update(point.timings)
     y_flat = torch.as_tensor(point.y, device=xs[0].device)
     outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
-    with _timed(timings, "adjoint_solve"):
+    with timed(timings, "adjoint_solve"):
         implicit = program.vjp(point, dF_dy.cpu().numpy())
     grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
     timings["total"] = time.perf_counter() - start
@@ -329,13 +332,13 @@ def select_route(problem: BilevelProblem, route: str | None) -> tuple[str, str]:
 def _conic_hypergrad(problem, x, xs, like, method, tol, maxiter, on_nonconvergence, solver_options,
                      polish_solution, reason, return_info, timings, start):
     """dF/dx = d_x F + (dy*/dx)^T d_y F with the reduced conic adjoint of :mod:`cbo.conic`."""
-    program = problem.conic_program()
-    with _timed(timings, "inner_solve"):
+    program = conic_program(problem)
+    with timed(timings, "inner_solve"):
         point = program.solve([t.detach().cpu().numpy() for t in xs], solver_options, polish_solution)
     y_flat = torch.as_tensor(np.concatenate(program.variable_values(point)), dtype=torch.float64,
                              device=xs[0].device)
     outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
-    with _timed(timings, "adjoint_solve"):
+    with timed(timings, "adjoint_solve"):
         (implicit,), solve_info = program.vjp([point], [[g.cpu().numpy() for g in problem.split_y(dF_dy)]], method,
                                               tol=tol, maxiter=maxiter, on_nonconvergence=on_nonconvergence,
                                               like=xs[0])
@@ -355,40 +358,7 @@ def _conic_hypergrad(problem, x, xs, like, method, tol, maxiter, on_nonconvergen
     return result, info
 
 
-def like_input(tensors, x, like):
-    """``tensors`` (one per parameter) typed and placed like the inputs ``like``; one tensor if ``x`` was one."""
-    tensors = [t.detach().to(dtype=o.dtype, device=o.device) for t, o in zip(tensors, like)]
-    return tensors[0] if len(like) == 1 and not isinstance(x, (list, tuple)) else tensors
-
-
 # ---------------------------------------------------------------- steps
-
-def as_parameter_tensors(problem: BilevelProblem, x) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Validate x against ``problem.parameters``; return float64 copies and the originals.
-
-    Raises ValueError for a wrong count, a wrong shape, or non-finite values.
-    """
-    values = list(x) if isinstance(x, (list, tuple)) else [x]
-    if len(values) != len(problem.parameters):
-        raise ValueError(
-            f"Got {len(values)} parameter value(s) for {len(problem.parameters)} parameter(s) "
-            f"{[p.name() for p in problem.parameters]}: pass one tensor per parameter, in that order."
-        )
-    originals = [v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, dtype=float)) for v in values]
-    device = originals[0].device
-    xs = []
-    for param, value in zip(problem.parameters, originals):
-        if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(
-                f"Parameter {param.name()} has shape {tuple(param.shape)}, but the value given has shape "
-                f"{tuple(value.shape)}. Pass a tensor of shape {tuple(param.shape)}."
-            )
-        if not value.is_floating_point() and value.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"Parameter {param.name()}: expected a real tensor, got dtype {value.dtype}.")
-        check_finite(param, value)
-        xs.append(value.detach().to(device=device, dtype=torch.float64))
-    return xs, originals
-
 
 def _implicit_gradients(problem, xs, op, active, method, tol, maxiter, warm_start, on_nonconvergence):
     """dF/dx = d_x F - (dR/dx)^T v with K v = (d_y F, 0) solved by ``method``."""
@@ -397,7 +367,7 @@ def _implicit_gradients(problem, xs, op, active, method, tol, maxiter, warm_star
     b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)]).unsqueeze(0)
     x0 = _warm_start(problem, method, active) if warm_start else None
     v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=tol, maxiter=maxiter, on_nonconvergence=on_nonconvergence)
-    problem.adjoint_cache[method] = (active.signature, v.detach())
+    _ADJOINT_CACHE.setdefault(problem, {})[method] = (active.signature, v.detach())
     return [gx - gr[0] for gx, gr in zip(dF_dx, op.vjp_x(v))], solve_info, outer_value
 
 
@@ -413,15 +383,6 @@ def _route_gradients(problem, xs, op, method, steps, truncate, penalty, tol, max
     return grads, SolveInfo(method, True, info.iterations, info.residual, tol, info.extra), outer_value
 
 
-def check_finite(param, value: torch.Tensor) -> None:
-    """Raise ValueError naming ``param`` if ``value`` has NaN or infinite entries."""
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(
-            f"Parameter {param.name()} contains NaN or infinite entries; the inner problem is not "
-            "defined there. Check the outer iterate (a diverging outer step size is a common cause)."
-        )
-
-
 def _outer_gradients(problem, xs, y_flat):
     """F(x, y), d_x F (list), d_y F (flat)."""
     x_req = [t.detach().requires_grad_(True) for t in xs]
@@ -433,18 +394,15 @@ def _outer_gradients(problem, xs, y_flat):
     return float(F.detach()), grads[:-1], grads[-1]
 
 
+def forget_warm_starts(problem: BilevelProblem) -> None:
+    """Drop the adjoint vectors and active sets kept from earlier calls on ``problem`` (the next call starts cold)."""
+    _ADJOINT_CACHE.pop(problem, None)
+    if problem.qp_program is not None:
+        problem.qp_program.forget_warm_starts()
+
+
 def _warm_start(problem, method, active: ActiveSet):
-    cached = problem.adjoint_cache.get(method)
+    cached = _ADJOINT_CACHE.get(problem, {}).get(method)
     if cached is not None and cached[0] == active.signature:
         return cached[1]
     return None
-
-
-@contextmanager
-def _timed(timings: dict, phase: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
-

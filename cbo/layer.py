@@ -19,8 +19,9 @@ import cvxpy as cp
 import numpy as np
 import torch
 
-from .conic import ConeStatus, ConicArgminFunction
-from .hypergrad import _timed, check_finite, qp_active_set, qp_licq, select_route, uses_qp_path
+from .conic import ConeStatus, conic_program
+from .hypergrad import qp_active_set, qp_licq, select_route, uses_qp_path
+from .inputs import broadcast_inputs, item_names, timed
 from .inner import BatchSolver, InnerSolution
 from .errors import InnerSolveError
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
@@ -158,7 +159,7 @@ class ArgminLayer(torch.nn.Module):
             except GeneralPathNeeded:  # a degenerate item: the general route diagnoses the batch
                 info_box.clear()
         if outputs is None:
-            function = ConicArgminFunction if self.route == "conic" else _ArgminFunction
+            function = _ConicArgminFunction if self.route == "conic" else _ArgminFunction
             outputs = function.apply(self, info_box, *inputs)
         return (outputs, info_box[0]) if return_info else outputs
 
@@ -167,56 +168,27 @@ class ArgminLayer(torch.nn.Module):
         self.batch_solver.close()
 
 
-def broadcast_inputs(problem: BilevelProblem, inputs: Sequence[torch.Tensor]):
-    """Inputs as float64 (B, *shape) tensors, and the common batch shape.
-
-    Each input is shaped like its parameter or has leading batch dimensions;
-    the batch dimensions of all inputs broadcast to one batch shape.
-    """
-    tensors = [torch.as_tensor(t) for t in inputs]
-    device = tensors[0].device
-    batch_shapes = []
-    for param, t in zip(problem.parameters, tensors):
-        if t.dim() < param.ndim or tuple(t.shape[t.dim() - param.ndim:]) != tuple(param.shape):
-            raise ValueError(
-                f"Input for parameter {param.name()} has shape {tuple(t.shape)}; expected {tuple(param.shape)} "
-                f"or (*batch, {', '.join(map(str, param.shape))})."
-            )
-        batch_shapes.append(tuple(t.shape[: t.dim() - param.ndim]))
-        check_finite(param, t)
-    try:
-        batch_shape = torch.broadcast_shapes(*batch_shapes)
-    except RuntimeError as err:
-        described = ", ".join(f"{p.name()}: {s}" for p, s in zip(problem.parameters, batch_shapes))
-        raise ValueError(f"The inputs' batch shapes do not broadcast ({described}).") from err
-    batch = int(torch.Size(batch_shape).numel())
-    flat = [t.detach().to(device=device, dtype=torch.float64).expand(torch.Size([*batch_shape, *p.shape]))
-            .reshape(batch, *p.shape) for p, t in zip(problem.parameters, tensors)]
-    return flat, tuple(batch_shape)
-
-
 class _ArgminFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: ArgminLayer, info_box: list, *inputs):
         problem = layer.problem
         timings: dict[str, float] = {}
         x, batch_shape = broadcast_inputs(problem, inputs)
-        with _timed(timings, "inner_solve"):
+        with timed(timings, "inner_solve"):
             values = [[t[b].cpu().numpy() for t in x] for b in range(x[0].shape[0])]
             solutions: list[InnerSolution] = layer.batch_solver.solve(values)
-        where = _item_names(batch_shape)
-        with _timed(timings, "polish"):
+        where = item_names(batch_shape)
+        with timed(timings, "polish"):
             op, actives, polish_infos = kkt_at_solutions(problem, x, solutions, layer.method, layer.active_tol,
                                                          layer.polish_solution, where)
-        with _timed(timings, "kkt_checks"):
+        with timed(timings, "kkt_checks"):
             licq = licq_check(op, where=where)
             curvature = curvature_check(op, where=where)
         info = LayerInfo(batch_shape, [s.status for s in solutions], actives, polish_infos, licq, curvature,
                          [p.residual_after for p in polish_infos], timings=timings, route=layer.route_reason)
         info_box.append(info)
         ctx.layer, ctx.op, ctx.info, ctx.batch_shape = layer, op, info, batch_shape
-        ctx.input_shapes = [tuple(t.shape) for t in inputs]
-        ctx.input_meta = [(t.dtype, t.device) for t in inputs]
+        ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
         return problem.variable_outputs(op.w.detach()[:, : problem.n_y], batch_shape, inputs[0])
 
     @staticmethod
@@ -229,10 +201,7 @@ class _ArgminFunction(torch.autograd.Function):
         b = torch.cat([dy, torch.zeros(batch, op.n_dual, dtype=dy.dtype, device=dy.device)], -1)
         v, solve_info = adjoint_solve(op, b, layer.method, tol=layer.tol, maxiter=layer.maxiter,
                                       on_nonconvergence=layer.on_nonconvergence)
-        grads = []
-        for g, shape, (dtype, device) in zip(op.vjp_x(v), ctx.input_shapes, ctx.input_meta):
-            g = (-g).reshape(torch.Size([*ctx.batch_shape, *g.shape[1:]])).sum_to_size(shape)
-            grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
+        grads = _input_gradients([-g for g in op.vjp_x(v)], ctx)
         ctx.info.linear_solve = solve_info
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
         return (None, None, *grads)
@@ -253,7 +222,7 @@ class _QPArgminFunction(torch.autograd.Function):
                 points.append(program.solve(item, item=b, solver=layer.solver, solver_options=layer.solver_options,
                                             active_tol=layer.active_tol))
             except InnerSolveError as err:
-                raise type(err)(f"{_item_names(batch_shape)(b)}{err}") from err
+                raise type(err)(f"{item_names(batch_shape)(b)}{err}") from err
         timings = {phase: sum(p.timings[phase] for p in points) for phase in ("inner_solve", "polish")}
         info = LayerInfo(batch_shape, [p.status for p in points], [qp_active_set(program, p) for p in points],
                          [PolishInfo(1, float("nan"), p.kkt_residual, True, "one solve on the active set")
@@ -262,8 +231,7 @@ class _QPArgminFunction(torch.autograd.Function):
                          solvers=[p.how for p in points])
         info_box.append(info)
         ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
-        ctx.input_shapes = [tuple(t.shape) for t in inputs]
-        ctx.input_meta = [(t.dtype, t.device) for t in inputs]
+        ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
         y = torch.as_tensor(np.stack([p.y for p in points]), device=x[0].device)
         return problem.variable_outputs(y, batch_shape, inputs[0])
 
@@ -274,16 +242,73 @@ class _QPArgminFunction(torch.autograd.Function):
         start = time.perf_counter()
         dy = _stacked_output_gradients(problem, grad_outputs, len(ctx.points), torch.float64, "cpu").numpy()
         per_item = [program.vjp(point, dy[b]) for b, point in enumerate(ctx.points)]
-        grads = []
-        for k, (shape, (dtype, device)) in enumerate(zip(ctx.input_shapes, ctx.input_meta)):
-            g = torch.as_tensor(np.stack([item[k] for item in per_item]))
-            g = g.reshape(torch.Size([*ctx.batch_shape, *g.shape[1:]])).sum_to_size(shape)
-            grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
+        grads = _input_gradients(_stacked_items(per_item), ctx)
         residual = max(program.adjoint_residual(p, dy[b]) for b, p in enumerate(ctx.points))
         ctx.info.linear_solve = SolveInfo("direct", True, 1, residual, 0.0,
                                           {"factorization": ctx.points[0].factor.kind})
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
         return (None, None, *grads)
+
+
+class _ConicArgminFunction(torch.autograd.Function):
+    r""":class:`cbo.ArgminLayer` on the conic route: a batch of cone programs forward, their VJPs backward.
+
+    Backward: dL/dx_b = (dy_b/dx_b)^T dL/dy_b for every item b, the items' reduced adjoint systems
+    solved as one batch with the layer's ``method`` (:meth:`ConicProgram.vjp`); gradients of broadcast
+    (unbatched) inputs are summed over the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, info_box: list, *inputs):
+        problem, program = layer.problem, conic_program(layer.problem)
+        start = time.perf_counter()
+        x, batch_shape = broadcast_inputs(problem, inputs)
+        where = item_names(batch_shape)
+        points = [program.solve([t[b].cpu().numpy() for t in x], layer.solver_options, layer.polish_solution,
+                                where(b)) for b in range(x[0].shape[0])]
+        y = torch.as_tensor(np.stack([np.concatenate(program.variable_values(p)) for p in points]),
+                            dtype=torch.float64, device=x[0].device)
+        polish = [PolishInfo(p.polish_steps, p.residual_before, p.residual_after, True) for p in points]
+        info = LayerInfo(batch_shape, [p.status for p in points], [], polish, [], [],
+                         [p.residual_after for p in points], timings={"inner_solve": time.perf_counter() - start},
+                         route=layer.route_reason, cones=[p.cones for p in points])
+        info_box.append(info)
+        ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
+        ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
+        return problem.variable_outputs(y, batch_shape, inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        layer = ctx.layer
+        problem, program = layer.problem, conic_program(layer.problem)
+        start = time.perf_counter()
+        batch = len(ctx.points)
+        by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
+        grads_y = [[np.zeros(v.size) if by_id.get(v.id) is None
+                    else by_id[v.id].detach().reshape(batch, v.size)[b].cpu().double().numpy()
+                    for v in problem.all_variables] for b in range(batch)]
+        like = next(g for g in grad_outputs if g is not None)
+        per_item, ctx.info.linear_solve = program.vjp(
+            ctx.points, grads_y, layer.method, tol=layer.tol, maxiter=layer.maxiter,
+            on_nonconvergence=layer.on_nonconvergence, like=like.to(torch.float64))
+        ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
+        return (None, None, *_input_gradients(_stacked_items(per_item), ctx))
+
+
+def _input_gradients(batched: Sequence[torch.Tensor], ctx) -> list[torch.Tensor]:
+    """Gradients stacked over the flat batch, (B, *parameter shape) per input, as tensors shaped, typed
+    and placed like the inputs; a broadcast (unbatched) input gets the sum over the batch."""
+    grads = []
+    for g, (shape, dtype, device) in zip(batched, ctx.input_meta):
+        g = g.reshape(torch.Size([*ctx.batch_shape, *g.shape[1:]])).sum_to_size(shape)
+        grads.append(g.to(dtype=dtype if dtype.is_floating_point else torch.float64, device=device))
+    return grads
+
+
+def _stacked_items(per_item: list[list[np.ndarray]]) -> list[torch.Tensor]:
+    """Per-item gradients (one numpy array per input) stacked over the batch, one tensor per input."""
+    return [torch.as_tensor(np.stack(items)) for items in zip(*per_item)]
 
 
 def _stacked_output_gradients(problem: BilevelProblem, grad_outputs, batch: int, dtype, device) -> torch.Tensor:
@@ -294,12 +319,3 @@ def _stacked_output_gradients(problem: BilevelProblem, grad_outputs, batch: int,
         else by_id[v.id].reshape(batch, v.size).to(dtype=dtype, device=device)
         for v in problem.all_variables
     ], -1)
-
-
-def _item_names(batch_shape: tuple):
-    """batch item b -> 'batch item (i, j): ' in the caller's batch shape."""
-    def where(b: int) -> str:
-        if len(batch_shape) <= 1:
-            return f"batch item {b}: "
-        return f"batch item {tuple(int(i) for i in torch.unravel_index(torch.tensor(b), batch_shape))}: "
-    return where

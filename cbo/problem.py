@@ -133,11 +133,8 @@ class BilevelProblem:
         self.smooth_error = _smooth_setup(self)
         self.is_linear = bool(self.inner.objective.expr.is_affine()) and all(
             _constraint_is_affine(c) for c in self.inner.constraints)
-        self._conic = None
         # The compiled QP of the fast path (cbo.qp), or None and why not.
         self.qp_program, self.qp_reason = compile_qp(self)
-        # Last adjoint vector of each method, to warm-start the next solve.
-        self.adjoint_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     @property
     def route(self) -> str:
@@ -156,13 +153,6 @@ class BilevelProblem:
         if self.reformulation.substitutes:
             return "smooth Lagrangian, with variable sign attributes as constraints"
         return "smooth Lagrangian"
-
-    def conic_program(self):
-        """The compiled cone program of the conic route (:class:`cbo.conic.ConicProgram`), built once."""
-        if self._conic is None:
-            from .conic import ConicProgram  # cbo.conic imports this module
-            self._conic = ConicProgram(self)
-        return self._conic
 
     def __repr__(self) -> str:
         return (

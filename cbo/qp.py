@@ -340,6 +340,11 @@ class QPProgram:
             return None
         return point
 
+    def forget_warm_starts(self) -> None:
+        """Drop the kept active sets and factorizations: the next :meth:`solve` calls the QP solver."""
+        self._last_active.clear()
+        self._factor_cache.clear()
+
     # ------------------------------------------------------------ derivative
 
     def vjp(self, point: QPPoint, dF_dy: np.ndarray) -> list[np.ndarray]:
