@@ -24,6 +24,7 @@ from .hypergrad import METHODS as ALL_METHODS
 from .hypergrad import ROUTES, HypergradInfo, forget_warm_starts, hypergrad
 from .layer import ArgminLayer, LayerInfo
 from .linsolve import ADJOINT_SOLVERS, SolveInfo
+from .options import OptionIgnoredWarning, Options
 from .problem import BilevelProblem
 from .unroll import UnrollInfo, fixed_point_hypergrad
 
@@ -32,7 +33,7 @@ METHODS = tuple(ADJOINT_SOLVERS)
 __version__ = "0.1.0"
 
 __all__ = [
-    "BilevelProblem", "hypergrad", "HypergradInfo", "forget_warm_starts", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS", "ALL_METHODS",
+    "BilevelProblem", "hypergrad", "HypergradInfo", "Options", "OptionIgnoredWarning", "forget_warm_starts", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS", "ALL_METHODS",
     "fixed_point_hypergrad", "UnrollInfo", "minimize", "MinimizeResult", "History", "plot_history", "OPTIMIZERS", "ROUTES",
     "ConeStatus",
     "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning", "DivergenceError",

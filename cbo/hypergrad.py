@@ -14,7 +14,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,11 +26,12 @@ from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_soluti
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .routes import ITERATIVE_ROUTES, PENALTY_ROUTES, iterative_hypergrad, penalty_hypergrad
 from .inputs import as_parameter_tensors, like_input, timed
+from .options import Options, resolve_options
 from .problem import BilevelProblem
 from .qp import GeneralPathNeeded, QPPoint
 from .qp_solvers import QP_SOLVERS
 
-__all__ = ["hypergrad", "HypergradInfo", "forget_warm_starts", "METHODS", "ROUTES"]
+__all__ = ["hypergrad", "HypergradInfo", "Solved", "solve_at", "forget_warm_starts", "METHODS", "ROUTES"]
 
 TensorLike = torch.Tensor | np.ndarray | float | Sequence[float]
 METHODS = (*ADJOINT_SOLVERS, *ITERATIVE_ROUTES, *PENALTY_ROUTES)
@@ -116,25 +117,18 @@ def hypergrad(
     x: TensorLike | Sequence[TensorLike],
     method: str | None = None,
     *,
-    tol: float = 1e-10,
-    maxiter: int | None = None,
-    solver: str | None = None,
-    solver_options: dict | None = None,
-    active_tol: float = 1e-6,
-    polish_solution: bool = True,
-    warm_start: bool = True,
-    on_nonconvergence: str = "raise",
-    steps: int = 100,
-    truncate: int | None = None,
-    penalty: float = 1e3,
-    route: str | None = None,
+    options: Options | None = None,
     return_info: bool = False,
+    **settings,
 ):
     r"""Hypergradient dF/dx of F(x, y*(x)) for a :class:`BilevelProblem`.
 
-    Solves the inner problem with cvxpy at x, polishes (y*, mu_A, nu) by Newton
-    on the active-set KKT system, then solves the adjoint system
-    K v = (d_y F, 0, 0) and returns dF/dx = d_x F - (dR/dx)^T v.
+    Solves the inner problem at x, polishes (y*, mu_A, nu) on the KKT system of
+    the active set, then solves the adjoint system K v = (d_y F, 0, 0) and
+    returns dF/dx = d_x F - (dR/dx)^T v. On an inner QP (``problem.qp_program``)
+    one factorization of K serves the polish, the checks and the adjoint
+    (:mod:`cbo.qp`); elsewhere the KKT operator of :mod:`cbo.kkt` (smooth
+    route) or the reduced cone program of :mod:`cbo.conic` (conic route).
 
     Parameters
     ----------
@@ -144,52 +138,16 @@ def hypergrad(
         else a list in the same order. numpy arrays and floats are accepted.
         Computation runs in float64 on the device of the first tensor.
     method : str, optional
-        Default: on an inner QP (DPP, affine constraints, quadratic objective;
-        ``problem.qp_program``) the compiled fast path of :mod:`cbo.qp`, which
-        factors the active-set KKT matrix once and solves it directly; elsewhere
-        "cg". Implicit differentiation with an adjoint solver (see :mod:`cbo.linsolve`):
-        "cg" (CG on the null space of the active constraints), "minres" (on the
-        indefinite K), "direct" (dense K; on a QP, the fast path), "fixed_point", "neumann". Or a route
-        of :mod:`cbo.routes`: "reverse", "truncated", "forward" (differentiate
-        ``steps`` descent-ascent steps of the Lagrangian from the solution; the
-        last ``truncate`` of them for "truncated"), "penalty",
-        "augmented_lagrangian" (quadratic penalty / augmented Lagrangian with
-        weight ``penalty`` instead of the constraints).
-    tol : float
-        Relative residual tolerance of the adjoint solve.
-    maxiter : int, optional
-        Iteration cap of the adjoint solve (default: a multiple of its size).
-    solver : str, optional
-        Solver of the inner problem. On the QP fast path "DAQP" (default for
-        small problems), "PIQP" or "CLARABEL" (default for large ones), called
-        directly; another name takes the general path, where it is a cvxpy
-        solver (default Clarabel with tight tolerances).
-    solver_options : dict, optional
-        Options passed to that solver.
-    active_tol : float
-        Threshold of the active-set classification (see :func:`cbo.kkt.active_set`).
-    polish_solution : bool
-        Newton-polish the cvxpy solution on the KKT system (recommended).
-    warm_start : bool
-        Start the adjoint solve from the previous call's solution on this problem
-        (when the active set is the same).
-    on_nonconvergence : {"raise", "warn"}
-        What a non-converged adjoint solve does.
-    steps : int
-        Steps T of the iterative routes.
-    truncate : int, optional
-        K for "truncated": differentiate through the last K of the T steps.
-    penalty : float
-        Weight rho of the penalty routes.
-    route : {"smooth", "conic"}, optional
-        Default: "smooth" (the KKT system of the inner problem, after the
-        epigraph reformulation of piecewise-linear atoms) when it applies, else
-        "conic" (cvxpy's cone program, :mod:`cbo.conic`, for problems with cone
-        constraints): its KKT system, reduced to the active part of each cone, is
-        solved by the same adjoint solvers. The routes "reverse", "truncated",
-        "forward" and the penalty methods are the smooth route's only.
+        As :attr:`Options.method`: default the QP fast path on QPs, "cg" elsewhere.
+    options : Options, optional
+        Settings (:class:`cbo.Options`); keyword ``settings`` override its fields.
     return_info : bool
         Also return a :class:`HypergradInfo`.
+    **settings
+        Any field of :class:`cbo.Options`: ``tol``, ``maxiter``,
+        ``on_nonconvergence``, ``solver``, ``solver_options``, ``active_tol``,
+        ``polish_solution``, ``warm_start``, ``route``, ``steps``, ``truncate``,
+        ``penalty``.
 
     Returns
     -------
@@ -197,11 +155,56 @@ def hypergrad(
         Shaped, typed and placed like ``x``.
     info : HypergradInfo, if ``return_info``.
     """
-    if method is not None and method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(METHODS)}.")
+    options = resolve_options(options, method=method, **settings)
+    if options.method is not None and options.method not in METHODS:
+        raise ValueError(f"Unknown method {options.method!r}. Known methods: {', '.join(METHODS)}.")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     xs, like = as_parameter_tensors(problem, x)
+    _warn_if_linear(problem)
+    route, reason = select_route(problem, options.route)
+    solved = solve_at(problem, xs, route, reason, options, timings)
+    outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, solved.y)
+    with timed(timings, "adjoint_solve"):
+        grads, solve_info = solved.gradient(dF_dx, dF_dy)
+    timings["total"] = time.perf_counter() - start
+    result = like_input(grads, x, like)
+    if not return_info:
+        return result
+    info = HypergradInfo(outer_value=outer_value, y=problem.user_y(solved.y), linear_solve=solve_info,
+                         timings=timings, route=reason, **solved.info)
+    return result, info
+
+
+@dataclass
+class Solved:
+    """The inner solution at x on one route, and how the gradient follows from it.
+
+    ``y`` stacks all variables (flat); ``gradient(dF_dx, dF_dy)`` returns
+    dF/dx (a list, one per parameter) and the :class:`SolveInfo` of its linear
+    solve; ``info`` holds the route's fields of :class:`HypergradInfo`.
+    """
+
+    y: torch.Tensor
+    gradient: Callable[[list[torch.Tensor], torch.Tensor], tuple[list[torch.Tensor], SolveInfo]]
+    info: dict
+
+
+def solve_at(problem: BilevelProblem, xs: list[torch.Tensor], route: str, reason: str, options: Options,
+             timings: dict) -> Solved:
+    """Solve the inner problem at ``xs`` on ``route``: the compiled QP where it applies (a degenerate point
+    there hands over to the general smooth route, which diagnoses it), else the smooth or conic route."""
+    if route == "conic":
+        return _solve_conic(problem, xs, reason, options, timings)
+    if uses_qp_path(problem, options.method, options.solver, options.polish_solution):
+        try:
+            return _solve_compiled_qp(problem, xs, options, timings)
+        except GeneralPathNeeded:
+            timings.clear()
+    return _solve_smooth(problem, xs, options, timings)
+
+
+def _warn_if_linear(problem: BilevelProblem) -> None:
     if problem.is_linear:
         warnings.warn(
             "The inner problem is a linear program: y*(x) is piecewise linear in the constraints' "
@@ -212,52 +215,6 @@ def hypergrad(
             stacklevel=external_stacklevel(),
         )
 
-    route, reason = select_route(problem, route)
-    if route == "smooth" and uses_qp_path(problem, method, solver, polish_solution):
-        try:
-            return _qp_hypergrad(problem, x, xs, like, solver, solver_options, active_tol, warm_start,
-                                 reason, return_info, timings, start)
-        except GeneralPathNeeded:  # a degenerate point: the general route diagnoses it
-            timings.clear()
-    method = method or "cg"
-    if route == "conic":
-        if method not in ADJOINT_SOLVERS:
-            raise ValueError(
-                f"method={method!r} differentiates the smooth route's Lagrangian, which this problem does not "
-                f"have ({reason}). The conic route takes the adjoint solvers: {', '.join(ADJOINT_SOLVERS)}.")
-        return _conic_hypergrad(problem, x, xs, like, method, tol, maxiter, on_nonconvergence, solver_options,
-                                polish_solution, reason, return_info, timings, start)
-
-    with timed(timings, "inner_solve"):
-        sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], solver, solver_options)
-    batch = [t.unsqueeze(0) for t in xs]  # the KKT machinery is batched: a batch of one
-    with timed(timings, "polish"):
-        op, (active,), (polish_info,) = kkt_at_solutions(problem, batch, [sol], method, active_tol, polish_solution)
-    with timed(timings, "kkt_checks"):
-        (licq,) = licq_check(op)
-        ((curvature_min, curvature_max),) = curvature_check(op)
-    with timed(timings, "adjoint_solve"):
-        if method in ADJOINT_SOLVERS:
-            grads, solve_info, outer_value = _implicit_gradients(problem, xs, op, active, method, tol, maxiter,
-                                                                 warm_start, on_nonconvergence)
-        else:
-            grads, solve_info, outer_value = _route_gradients(problem, xs, op, method, steps, truncate, penalty,
-                                                              tol, maxiter)
-    timings["total"] = time.perf_counter() - start
-
-    result = like_input(grads, x, like)
-    if not return_info:
-        return result
-    y, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
-    info = HypergradInfo(
-        method=method, solver=sol.solver, solver_status=sol.status, outer_value=outer_value,
-        y=problem.user_y(y), mu=mu, nu=nu, active_set=active,
-        licq=licq, reduced_hessian_extremes=(curvature_min, curvature_max),
-        kkt_residual=polish_info.residual_after, polish=polish_info,
-        linear_solve=solve_info, timings=timings, route=reason,
-    )
-    return result, info
-
 
 def uses_qp_path(problem: BilevelProblem, method: str | None, solver: str | None, polish_solution: bool) -> bool:
     """Whether a call takes the compiled QP fast path of :mod:`cbo.qp`: the problem compiles to a QP,
@@ -266,35 +223,110 @@ def uses_qp_path(problem: BilevelProblem, method: str | None, solver: str | None
             and (solver is None or solver.upper() in QP_SOLVERS))
 
 
-def _qp_hypergrad(problem, x, xs, like, solver, solver_options, active_tol, warm_start, reason, return_info,
-                  timings, start):
-    """dF/dx = d_x F + (dy*/dx)^T d_y F on the compiled QP: one factorization of K_S (:mod:`cbo.qp`)."""
-    program = problem.qp_program
-    values = [t.detach().cpu().numpy() for t in xs]
-    point = program.solve(values, solver=solver, solver_options=solver_options, active_tol=active_tol,
-                          warm_start=warm_start)
-    timings.update(point.timings)
-    y_flat = torch.as_tensor(point.y, device=xs[0].device)
-    outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
-    with timed(timings, "adjoint_solve"):
-        implicit = program.vjp(point, dF_dy.cpu().numpy())
-    grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
-    timings["total"] = time.perf_counter() - start
-    result = like_input(grads, x, like)
-    if not return_info:
-        return result
-    device = xs[0].device
-    info = HypergradInfo(
-        method="direct", solver=point.how, solver_status=point.status, outer_value=outer_value,
-        y=problem.user_y(y_flat), mu=torch.as_tensor(point.mu, device=device),
-        nu=torch.as_tensor(point.nu, device=device), active_set=qp_active_set(program, point),
-        licq=qp_licq(point), reduced_hessian_extremes=None, kkt_residual=point.kkt_residual,
-        polish=PolishInfo(1, float("nan"), point.kkt_residual, True, "one solve on the active set"),
-        linear_solve=qp_solve_info(program, point, dF_dy.cpu().numpy()), timings=timings,
-        route=reason, path="compiled QP",
-    )
-    return result, info
+# ---------------------------------------------------------------- the three routes
 
+def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: dict) -> Solved:
+    """The compiled QP (:mod:`cbo.qp`): dF/dx = d_x F + theta-map^T (dF/d data), one factorization of K_S."""
+    program = problem.qp_program
+    point = program.solve([t.detach().cpu().numpy() for t in xs], solver=options.solver,
+                          solver_options=options.solver_options, active_tol=options.active_tol,
+                          warm_start=options.warm_start)
+    timings.update(point.timings)
+    device = xs[0].device
+
+    def gradient(dF_dx, dF_dy):
+        dF_dy = dF_dy.cpu().numpy()
+        implicit = program.vjp(point, dF_dy)
+        grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
+        return grads, qp_solve_info(program, point, dF_dy)
+
+    info = dict(method="direct", solver=point.how, solver_status=point.status,
+                mu=torch.as_tensor(point.mu, device=device), nu=torch.as_tensor(point.nu, device=device),
+                active_set=qp_active_set(program, point), licq=qp_licq(point), reduced_hessian_extremes=None,
+                kkt_residual=point.kkt_residual, polish=qp_polish_info(point), path="compiled QP")
+    return Solved(torch.as_tensor(point.y, device=device), gradient, info)
+
+
+def _solve_smooth(problem: BilevelProblem, xs, options: Options, timings: dict) -> Solved:
+    """The smooth route (:mod:`cbo.kkt`): the KKT operator of the active set, an adjoint solver of
+    :mod:`cbo.linsolve` for K v = (d_y F, 0), or an unrolled or penalty method of :mod:`cbo.routes`."""
+    method = options.method or "cg"
+    with timed(timings, "inner_solve"):
+        sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], options.solver, options.solver_options)
+    batch = [t.unsqueeze(0) for t in xs]  # the KKT machinery is batched: a batch of one
+    with timed(timings, "polish"):
+        op, (active,), (polish_info,) = kkt_at_solutions(problem, batch, [sol], method, options.active_tol,
+                                                         options.polish_solution)
+    with timed(timings, "kkt_checks"):
+        (licq,) = licq_check(op)
+        (curvature,) = curvature_check(op)
+    if method in PENALTY_ROUTES:
+        options.warn_ignored(("solver", "solver_options"), "the penalized problem is solved with Clarabel")
+
+    def gradient(dF_dx, dF_dy):
+        if method in ADJOINT_SOLVERS:
+            return _adjoint_gradients(problem, op, active, method, options, dF_dx, dF_dy)
+        return _unrolled_or_penalty_gradients(problem, xs, op, method, options)
+
+    y, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
+    info = dict(method=method, solver=sol.solver, solver_status=sol.status, mu=mu, nu=nu, active_set=active,
+                licq=licq, reduced_hessian_extremes=curvature, kkt_residual=polish_info.residual_after,
+                polish=polish_info)
+    return Solved(y, gradient, info)
+
+
+def _solve_conic(problem: BilevelProblem, xs, reason: str, options: Options, timings: dict) -> Solved:
+    """The conic route (:mod:`cbo.conic`): the cone program's KKT system reduced to the active part of each cone."""
+    method = options.method or "cg"
+    if method not in ADJOINT_SOLVERS:
+        raise ValueError(
+            f"method={method!r} differentiates the smooth route's Lagrangian, which this problem does not "
+            f"have ({reason}). The conic route takes the adjoint solvers: {', '.join(ADJOINT_SOLVERS)}.")
+    options.warn_ignored(("solver", "active_tol"), "the conic route solves the cone program with Clarabel and "
+                         "reads each cone's activity at the polished solution")
+    program = conic_program(problem)
+    with timed(timings, "inner_solve"):
+        point = program.solve([t.detach().cpu().numpy() for t in xs], options.solver_options,
+                              options.polish_solution)
+    y = torch.as_tensor(np.concatenate(program.variable_values(point)), dtype=torch.float64, device=xs[0].device)
+
+    def gradient(dF_dx, dF_dy):
+        (implicit,), solve_info = program.vjp(
+            [point], [[g.cpu().numpy() for g in problem.split_y(dF_dy)]], method, tol=options.tol,
+            maxiter=options.maxiter, on_nonconvergence=options.on_nonconvergence, like=xs[0])
+        return [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)], \
+            solve_info
+
+    polish_info = PolishInfo(point.polish_steps, point.residual_before, point.residual_after, True,
+                             "" if options.polish_solution else "disabled")
+    info = dict(method=method, solver="CLARABEL", solver_status=point.status, mu=None, nu=None, active_set=None,
+                licq=None, reduced_hessian_extremes=None, kkt_residual=point.residual_after, polish=polish_info,
+                cones=point.cones)
+    return Solved(y, gradient, info)
+
+
+def _adjoint_gradients(problem, op, active, method, options: Options, dF_dx, dF_dy):
+    """dF/dx = d_x F - (dR/dx)^T v with K v = (d_y F, 0) solved by ``method``."""
+    b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)]).unsqueeze(0)
+    x0 = _warm_start(problem, method, active) if options.warm_start else None
+    v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=options.tol, maxiter=options.maxiter,
+                                  on_nonconvergence=options.on_nonconvergence)
+    _ADJOINT_CACHE.setdefault(problem, {})[method] = (active.signature, v.detach())
+    return [gx - gr[0] for gx, gr in zip(dF_dx, op.vjp_x(v))], solve_info
+
+
+def _unrolled_or_penalty_gradients(problem, xs, op, method, options: Options):
+    """The unrolled and penalty methods of :mod:`cbo.routes` (they differentiate F themselves)."""
+    if method in ITERATIVE_ROUTES:
+        grads, info = iterative_hypergrad(problem, xs, op, method, options.steps, options.truncate)
+    else:
+        _, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
+        grads, info, _ = penalty_hypergrad(problem, xs, method, options.penalty, mu.cpu().numpy(), nu.cpu().numpy(),
+                                           options.tol, options.maxiter or 10000)
+    return grads, SolveInfo(method, True, info.iterations, info.residual, options.tol, info.extra)
+
+
+# ---------------------------------------------------------------- the QP fast path's diagnostics
 
 def qp_active_set(program, point: QPPoint) -> ActiveSet:
     """The fast path's active set as the entries of the problem's stacked inequalities."""
@@ -315,6 +347,13 @@ def qp_solve_info(program, point: QPPoint, dF_dy: np.ndarray) -> SolveInfo:
     return SolveInfo("direct", True, 1, residual, 0.0, {"factorization": point.factor.kind, "rcond": point.factor.rcond})
 
 
+def qp_polish_info(point: QPPoint) -> PolishInfo:
+    """The fast path's polish: one solve of the KKT system on the active set."""
+    return PolishInfo(1, float("nan"), point.kkt_residual, True, "one solve on the active set")
+
+
+# ---------------------------------------------------------------- shared
+
 def select_route(problem: BilevelProblem, route: str | None) -> tuple[str, str]:
     """The route ("smooth" or "conic") for ``route`` (None: the problem's default) and why.
 
@@ -327,60 +366,6 @@ def select_route(problem: BilevelProblem, route: str | None) -> tuple[str, str]:
     if route == "smooth" and problem.smooth_error is not None:
         raise problem.smooth_error
     return route, problem.route_reason if route == problem.route else "conic: requested"
-
-
-def _conic_hypergrad(problem, x, xs, like, method, tol, maxiter, on_nonconvergence, solver_options,
-                     polish_solution, reason, return_info, timings, start):
-    """dF/dx = d_x F + (dy*/dx)^T d_y F with the reduced conic adjoint of :mod:`cbo.conic`."""
-    program = conic_program(problem)
-    with timed(timings, "inner_solve"):
-        point = program.solve([t.detach().cpu().numpy() for t in xs], solver_options, polish_solution)
-    y_flat = torch.as_tensor(np.concatenate(program.variable_values(point)), dtype=torch.float64,
-                             device=xs[0].device)
-    outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
-    with timed(timings, "adjoint_solve"):
-        (implicit,), solve_info = program.vjp([point], [[g.cpu().numpy() for g in problem.split_y(dF_dy)]], method,
-                                              tol=tol, maxiter=maxiter, on_nonconvergence=on_nonconvergence,
-                                              like=xs[0])
-    grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
-    timings["total"] = time.perf_counter() - start
-    result = like_input(grads, x, like)
-    if not return_info:
-        return result
-    polish_info = PolishInfo(point.polish_steps, point.residual_before, point.residual_after, True,
-                             "" if polish_solution else "disabled")
-    info = HypergradInfo(
-        method=method, solver="CLARABEL", solver_status=point.status, outer_value=outer_value,
-        y=problem.user_y(y_flat), mu=None, nu=None, active_set=None, licq=None, reduced_hessian_extremes=None,
-        kkt_residual=point.residual_after, polish=polish_info, linear_solve=solve_info, timings=timings,
-        route=reason, cones=point.cones,
-    )
-    return result, info
-
-
-# ---------------------------------------------------------------- steps
-
-def _implicit_gradients(problem, xs, op, active, method, tol, maxiter, warm_start, on_nonconvergence):
-    """dF/dx = d_x F - (dR/dx)^T v with K v = (d_y F, 0) solved by ``method``."""
-    y_flat = op.w.detach()[0, : problem.n_y]
-    outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, y_flat)
-    b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)]).unsqueeze(0)
-    x0 = _warm_start(problem, method, active) if warm_start else None
-    v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=tol, maxiter=maxiter, on_nonconvergence=on_nonconvergence)
-    _ADJOINT_CACHE.setdefault(problem, {})[method] = (active.signature, v.detach())
-    return [gx - gr[0] for gx, gr in zip(dF_dx, op.vjp_x(v))], solve_info, outer_value
-
-
-def _route_gradients(problem, xs, op, method, steps, truncate, penalty, tol, maxiter):
-    """The iterative and penalty routes of :mod:`cbo.routes`, reported as a SolveInfo."""
-    if method in ITERATIVE_ROUTES:
-        grads, info = iterative_hypergrad(problem, xs, op, method, steps, truncate)
-    else:
-        _, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
-        grads, info, _ = penalty_hypergrad(problem, xs, method, penalty, mu.cpu().numpy(), nu.cpu().numpy(),
-                                           tol, maxiter or 10000)
-    outer_value = _outer_gradients(problem, xs, op.w.detach()[0, : problem.n_y])[0]
-    return grads, SolveInfo(method, True, info.iterations, info.residual, tol, info.extra), outer_value
 
 
 def _outer_gradients(problem, xs, y_flat):

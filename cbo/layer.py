@@ -26,6 +26,7 @@ from .inner import BatchSolver, InnerSolution
 from .errors import InnerSolveError
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
+from .options import Options, resolve_options
 from .problem import BilevelProblem
 from .qp import GeneralPathNeeded
 
@@ -69,26 +70,11 @@ class ArgminLayer(torch.nn.Module):
     variables : sequence of cvxpy.Variable, optional
         Outputs, in order (default: all variables of ``inner``).
     method : str, optional
-        Adjoint solver of the backward pass: one of ``cbo.METHODS``. Default:
+        Adjoint solver of the backward pass, one of ``cbo.METHODS``. Default:
         on an inner QP the compiled fast path of :mod:`cbo.qp` (one
         factorization per item serves forward and backward), elsewhere "cg".
-    tol : float
-        Relative residual tolerance of the backward adjoint solve.
-    maxiter : int, optional
-        Iteration cap of the adjoint solve.
-    on_nonconvergence : {"raise", "warn"}
-        What a non-converged adjoint solve does.
-    solver : str, optional
-        Solver of the forward pass: on the QP fast path "DAQP", "PIQP" or
-        "CLARABEL" called directly (default: by size, :mod:`cbo.qp`); another
-        name takes the general path, as a cvxpy solver (default Clarabel with
-        tight tolerances).
-    solver_options : dict, optional
-        Options passed to that solver.
-    active_tol : float
-        Threshold of the active-set classification, as in :func:`cbo.hypergrad`.
-    polish_solution : bool
-        Newton-polish the solutions on their KKT systems, as in :func:`cbo.hypergrad`.
+    options : Options, optional
+        Settings (:class:`cbo.Options`); keyword ``settings`` override its fields.
     executor : concurrent.futures.Executor, optional
         Runs the forward solves (e.g. ``distributed.Client(...).get_executor()``);
         default: a pool of ``n_workers`` local processes. Not used on the QP fast
@@ -98,9 +84,11 @@ class ArgminLayer(torch.nn.Module):
         Size of the default pool (default: the number of CPUs; 1 solves in this process).
     timeout : float, optional
         Seconds to wait for a batch's forward solves.
-    route : {"smooth", "conic"}, optional
-        As in :func:`cbo.hypergrad` (default: smooth where it applies, else conic).
-        The conic route solves the batch's cone programs in this process.
+    **settings
+        Any field of :class:`cbo.Options` but the unrolled and penalty ones:
+        ``tol``, ``maxiter``, ``on_nonconvergence``, ``solver``,
+        ``solver_options``, ``active_tol``, ``polish_solution``, ``warm_start``,
+        ``route`` (the conic route solves the batch's cone programs in this process).
 
     Notes
     -----
@@ -112,23 +100,25 @@ class ArgminLayer(torch.nn.Module):
     """
 
     def __init__(self, inner: cp.Problem, parameters: Sequence[cp.Parameter],
-                 variables: Sequence[cp.Variable] | None = None, method: str | None = None, *, tol: float = 1e-10,
-                 maxiter: int | None = None, on_nonconvergence: str = "raise", solver: str | None = None,
-                 solver_options: dict | None = None, active_tol: float = 1e-6, polish_solution: bool = True,
-                 executor=None, n_workers: int | None = None, timeout: float | None = None,
-                 route: str | None = None):
+                 variables: Sequence[cp.Variable] | None = None, method: str | None = None, *,
+                 options: Options | None = None, executor=None, n_workers: int | None = None,
+                 timeout: float | None = None, **settings):
         super().__init__()
-        if method is not None and method not in ADJOINT_SOLVERS:
-            raise ValueError(f"Unknown method {method!r}. Known methods: {', '.join(ADJOINT_SOLVERS)}.")
+        self.options = options = resolve_options(options, method=method, **settings)
+        if options.method is not None and options.method not in ADJOINT_SOLVERS:
+            raise ValueError(f"Unknown method {options.method!r}. The layer's methods: {', '.join(ADJOINT_SOLVERS)} "
+                             "(the unrolled and penalty methods are cbo.hypergrad's only).")
         self.problem = BilevelProblem(inner, parameters, variables)
-        self.route, self.route_reason = select_route(self.problem, route)
+        self.route, self.route_reason = select_route(self.problem, options.route)
         # The QP fast path solves in this process; an executor or a pool asked for takes the general path.
-        self.fast = (self.route == "smooth" and uses_qp_path(self.problem, method, solver, polish_solution)
+        self.fast = (self.route == "smooth"
+                     and uses_qp_path(self.problem, options.method, options.solver, options.polish_solution)
                      and executor is None and (n_workers or 1) == 1)
-        self.method, self.tol, self.maxiter, self.on_nonconvergence = method or "cg", tol, maxiter, on_nonconvergence
-        self.active_tol, self.polish_solution = active_tol, polish_solution
-        self.solver, self.solver_options = solver, solver_options
-        self.batch_solver = BatchSolver(self.problem, solver, solver_options, executor, n_workers, timeout)
+        self.method = options.method or "cg"
+        if self.route == "conic":
+            options.warn_ignored(("solver", "active_tol"), "the conic route solves the cone program with Clarabel")
+        self.batch_solver = BatchSolver(self.problem, options.solver, options.solver_options, executor, n_workers,
+                                        timeout)
 
     def forward(self, *inputs: torch.Tensor, return_info: bool = False):
         """Solve the inner problems of a batch: ``y_1, ..., y_k = layer(*inputs)``.
@@ -179,8 +169,9 @@ class _ArgminFunction(torch.autograd.Function):
             solutions: list[InnerSolution] = layer.batch_solver.solve(values)
         where = item_names(batch_shape)
         with timed(timings, "polish"):
-            op, actives, polish_infos = kkt_at_solutions(problem, x, solutions, layer.method, layer.active_tol,
-                                                         layer.polish_solution, where)
+            op, actives, polish_infos = kkt_at_solutions(problem, x, solutions, layer.method,
+                                                         layer.options.active_tol, layer.options.polish_solution,
+                                                         where)
         with timed(timings, "kkt_checks"):
             licq = licq_check(op, where=where)
             curvature = curvature_check(op, where=where)
@@ -199,8 +190,8 @@ class _ArgminFunction(torch.autograd.Function):
         batch = op.batch_size
         dy = _stacked_output_gradients(problem, grad_outputs, batch, op.w.dtype, op.w.device)
         b = torch.cat([dy, torch.zeros(batch, op.n_dual, dtype=dy.dtype, device=dy.device)], -1)
-        v, solve_info = adjoint_solve(op, b, layer.method, tol=layer.tol, maxiter=layer.maxiter,
-                                      on_nonconvergence=layer.on_nonconvergence)
+        v, solve_info = adjoint_solve(op, b, layer.method, tol=layer.options.tol, maxiter=layer.options.maxiter,
+                                      on_nonconvergence=layer.options.on_nonconvergence)
         grads = _input_gradients([-g for g in op.vjp_x(v)], ctx)
         ctx.info.linear_solve = solve_info
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
@@ -219,8 +210,9 @@ class _QPArgminFunction(torch.autograd.Function):
         points = []
         for b, item in enumerate(values):
             try:
-                points.append(program.solve(item, item=b, solver=layer.solver, solver_options=layer.solver_options,
-                                            active_tol=layer.active_tol))
+                points.append(program.solve(item, item=b, solver=layer.options.solver,
+                                            solver_options=layer.options.solver_options,
+                                            active_tol=layer.options.active_tol, warm_start=layer.options.warm_start))
             except InnerSolveError as err:
                 raise type(err)(f"{item_names(batch_shape)(b)}{err}") from err
         timings = {phase: sum(p.timings[phase] for p in points) for phase in ("inner_solve", "polish")}
@@ -264,7 +256,8 @@ class _ConicArgminFunction(torch.autograd.Function):
         start = time.perf_counter()
         x, batch_shape = broadcast_inputs(problem, inputs)
         where = item_names(batch_shape)
-        points = [program.solve([t[b].cpu().numpy() for t in x], layer.solver_options, layer.polish_solution,
+        points = [program.solve([t[b].cpu().numpy() for t in x], layer.options.solver_options,
+                                layer.options.polish_solution,
                                 where(b)) for b in range(x[0].shape[0])]
         y = torch.as_tensor(np.stack([np.concatenate(program.variable_values(p)) for p in points]),
                             dtype=torch.float64, device=x[0].device)
@@ -290,8 +283,8 @@ class _ConicArgminFunction(torch.autograd.Function):
                     for v in problem.all_variables] for b in range(batch)]
         like = next(g for g in grad_outputs if g is not None)
         per_item, ctx.info.linear_solve = program.vjp(
-            ctx.points, grads_y, layer.method, tol=layer.tol, maxiter=layer.maxiter,
-            on_nonconvergence=layer.on_nonconvergence, like=like.to(torch.float64))
+            ctx.points, grads_y, layer.method, tol=layer.options.tol, maxiter=layer.options.maxiter,
+            on_nonconvergence=layer.options.on_nonconvergence, like=like.to(torch.float64))
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
         return (None, None, *_input_gradients(_stacked_items(per_item), ctx))
 

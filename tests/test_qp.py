@@ -165,3 +165,29 @@ def test_layer_on_the_fast_path_passes_gradcheck():
     (out,), info = layer(qs, hs, return_info=True)
     assert info.path == "compiled QP" and len(info.solvers) == 3
     assert torch.autograd.gradcheck(lambda a, b: layer(a, b)[0], (qs, hs), eps=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- options
+
+def test_options_object_and_keywords():
+    case = random_qp(10, seed=12)
+    options = cbo.Options(method="minres", tol=1e-12)
+    _, info = cbo.hypergrad(case.problem, case.x_tensors, options=options, return_info=True)
+    assert info.method == "minres" and info.linear_solve.tol == 1e-12
+    _, info = cbo.hypergrad(case.problem, case.x_tensors, "cg", options=options, tol=1e-9, return_info=True)
+    assert info.method == "cg" and info.linear_solve.tol == 1e-9  # keywords override the object
+    with pytest.raises(TypeError, match="Unknown setting.*tolerance.*Settings are the fields of cbo.Options"):
+        cbo.hypergrad(case.problem, case.x_tensors, tolerance=1e-9)
+    with pytest.raises(ValueError, match="on_nonconvergence"):
+        cbo.Options(on_nonconvergence="ignore")
+
+
+def test_an_option_the_route_cannot_honour_warns():
+    x, y, t = cp.Parameter(3), cp.Variable(3), cp.Variable()
+    socp = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [cp.SOC(t, y), t <= 1])
+    problem = cbo.BilevelProblem(socp, [x], [y], outer=lambda x, y: y.sum())
+    assert problem.route == "conic"
+    with pytest.warns(cbo.OptionIgnoredWarning, match="solver='OSQP' ignored: the conic route"):
+        cbo.hypergrad(problem, torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64), solver="OSQP")
+    with pytest.warns(cbo.OptionIgnoredWarning, match="active_tol"):
+        cbo.ArgminLayer(socp, [x], [y], active_tol=1e-4)
