@@ -394,7 +394,7 @@ def main():
     rows: list[list[str]] = []
     checks: list[str] = []
     fd_lines: list[str] = []
-    progress = tqdm(total=len(args.sizes) * len(cbo.METHODS), desc="hypergrad runs", unit="run")
+    progress = tqdm(total=len(args.sizes) * len(cbo.ADJOINT_METHODS), desc="hypergrad runs", unit="run")
     for n in args.sizes:
         data = make_qp(n, np.random.default_rng([args.seed, n]))
         progress.set_postfix_str(f"n={n}: reference")
@@ -407,7 +407,7 @@ def main():
             fd_lines = describe_fd_check(finite_difference_check(data, reference_inner, reference))
             tqdm.write("\n".join(fd_lines))
         problem = make_bilevel(data)
-        for method in cbo.METHODS:
+        for method in cbo.ADJOINT_METHODS:
             progress.set_postfix_str(f"n={n}: {method}")
             rows.append(format_row(run_method(problem, data, reference, exact, method)))
             progress.update()

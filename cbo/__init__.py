@@ -20,7 +20,8 @@ from .errors import (
 )
 from .conic import ConeStatus
 from .driver import OPTIMIZERS, History, MinimizeResult, minimize, plot_history
-from .hypergrad import METHODS as ALL_METHODS
+from .hypergrad import METHODS
+from .approximate import PENALTY_METHODS, UNROLLED_METHODS
 from .hypergrad import ROUTES, HypergradInfo, forget_warm_starts, hypergrad
 from .layer import ArgminLayer, LayerInfo
 from .linsolve import ADJOINT_SOLVERS, SolveInfo
@@ -28,12 +29,12 @@ from .options import OptionIgnoredWarning, Options
 from .problem import BilevelProblem
 from .unroll import UnrollInfo, fixed_point_hypergrad
 
-METHODS = tuple(ADJOINT_SOLVERS)
+ADJOINT_METHODS = tuple(ADJOINT_SOLVERS)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BilevelProblem", "hypergrad", "HypergradInfo", "Options", "OptionIgnoredWarning", "forget_warm_starts", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS", "ALL_METHODS",
+    "BilevelProblem", "hypergrad", "HypergradInfo", "Options", "OptionIgnoredWarning", "forget_warm_starts", "ArgminLayer", "LayerInfo", "SolveInfo", "METHODS", "ADJOINT_METHODS", "UNROLLED_METHODS", "PENALTY_METHODS",
     "fixed_point_hypergrad", "UnrollInfo", "minimize", "MinimizeResult", "History", "plot_history", "OPTIMIZERS", "ROUTES",
     "ConeStatus",
     "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning", "DivergenceError",

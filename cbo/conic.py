@@ -149,7 +149,7 @@ class ConicProgram:
     Raises
     ------
     ProblemDefinitionError
-        For cones cbo cannot differentiate (power cones), or a non-DPP problem with
+        For cones cbo cannot differentiate (n-dimensional power cones, cp.PowConeND), or a non-DPP problem with
         symmetric matrix parameters.
     """
 

@@ -24,7 +24,7 @@ from .inner import solve_inner
 from .conic import ConeStatus, conic_program
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
-from .routes import ITERATIVE_ROUTES, PENALTY_ROUTES, iterative_hypergrad, penalty_hypergrad
+from .approximate import UNROLLED_METHODS, PENALTY_METHODS, iterative_hypergrad, penalty_hypergrad
 from .inputs import as_parameter_tensors, like_input, timed
 from .options import Options, resolve_options
 from .problem import BilevelProblem
@@ -34,7 +34,7 @@ from .qp_solvers import QP_SOLVERS
 __all__ = ["hypergrad", "HypergradInfo", "Solved", "solve_at", "forget_warm_starts", "METHODS", "ROUTES"]
 
 TensorLike = torch.Tensor | np.ndarray | float | Sequence[float]
-METHODS = (*ADJOINT_SOLVERS, *ITERATIVE_ROUTES, *PENALTY_ROUTES)
+METHODS = (*ADJOINT_SOLVERS, *UNROLLED_METHODS, *PENALTY_METHODS)
 ROUTES = ("smooth", "conic")
 # The last adjoint vector of each method per problem, to warm-start the next iterative solve.
 _ADJOINT_CACHE: "weakref.WeakKeyDictionary[BilevelProblem, dict]" = weakref.WeakKeyDictionary()
@@ -223,7 +223,7 @@ def uses_qp_path(problem: BilevelProblem, method: str | None, solver: str | None
             and (solver is None or solver.upper() in QP_SOLVERS))
 
 
-# ---------------------------------------------------------------- the three routes
+# ---------------------------------------------------------------- the compiled QP, the smooth and the conic route
 
 def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: dict) -> Solved:
     """The compiled QP (:mod:`cbo.qp`): dF/dx = d_x F + theta-map^T (dF/d data), one factorization of K_S."""
@@ -249,7 +249,7 @@ def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: d
 
 def _solve_smooth(problem: BilevelProblem, xs, options: Options, timings: dict) -> Solved:
     """The smooth route (:mod:`cbo.kkt`): the KKT operator of the active set, an adjoint solver of
-    :mod:`cbo.linsolve` for K v = (d_y F, 0), or an unrolled or penalty method of :mod:`cbo.routes`."""
+    :mod:`cbo.linsolve` for K v = (d_y F, 0), or an unrolled or penalty method of :mod:`cbo.approximate`."""
     method = options.method or "cg"
     with timed(timings, "inner_solve"):
         sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], options.solver, options.solver_options)
@@ -260,7 +260,7 @@ def _solve_smooth(problem: BilevelProblem, xs, options: Options, timings: dict) 
     with timed(timings, "kkt_checks"):
         (licq,) = licq_check(op)
         (curvature,) = curvature_check(op)
-    if method in PENALTY_ROUTES:
+    if method in PENALTY_METHODS:
         options.warn_ignored(("solver", "solver_options"), "the penalized problem is solved with Clarabel")
 
     def gradient(dF_dx, dF_dy):
@@ -316,8 +316,8 @@ def _adjoint_gradients(problem, op, active, method, options: Options, dF_dx, dF_
 
 
 def _unrolled_or_penalty_gradients(problem, xs, op, method, options: Options):
-    """The unrolled and penalty methods of :mod:`cbo.routes` (they differentiate F themselves)."""
-    if method in ITERATIVE_ROUTES:
+    """The unrolled and penalty methods of :mod:`cbo.approximate` (they differentiate F themselves)."""
+    if method in UNROLLED_METHODS:
         grads, info = iterative_hypergrad(problem, xs, op, method, options.steps, options.truncate)
     else:
         _, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])

@@ -104,7 +104,7 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
       Treated as inactive, and named in a :class:`DegenerateKKTWarning`
       (prefixed by ``where``, e.g. a batch item).
     * *active* otherwise when mu~_i / s_mu > p~_i / s_p (and mu~_i > tol s_mu);
-    * *inactive* otherwise (seed 003: entries with mu_i = 0 are dropped).
+    * *inactive* otherwise (entries with mu_i = 0 drop out of the KKT system).
     """
     scale = np.ones_like(mu) if scale is None else scale
     mu, slack = mu / scale, np.abs(slack) * scale

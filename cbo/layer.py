@@ -70,7 +70,7 @@ class ArgminLayer(torch.nn.Module):
     variables : sequence of cvxpy.Variable, optional
         Outputs, in order (default: all variables of ``inner``).
     method : str, optional
-        Adjoint solver of the backward pass, one of ``cbo.METHODS``. Default:
+        Adjoint solver of the backward pass, one of ``cbo.ADJOINT_METHODS``. Default:
         on an inner QP the compiled fast path of :mod:`cbo.qp` (one
         factorization per item serves forward and backward), elsewhere "cg".
     options : Options, optional

@@ -35,7 +35,7 @@ class Options:
         indefinite K), "direct" (dense K; on a QP the fast path), "fixed_point",
         "neumann". :func:`cbo.hypergrad` also takes the unrolled methods
         "reverse", "truncated", "forward" and the penalty methods "penalty",
-        "augmented_lagrangian" (:mod:`cbo.routes`).
+        "augmented_lagrangian" (:mod:`cbo.approximate`).
     tol : float
         Relative residual tolerance of the adjoint solve.
     maxiter : int, optional

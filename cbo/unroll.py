@@ -1,21 +1,21 @@
-r"""Hypergradients through a fixed-point map: implicit and iterative routes.
+r"""Hypergradients through a fixed-point map: implicit and unrolled methods.
 
 The inner problem is given by a torch map Phi (an optimizer step, a layer
 update, ...) with fixed point w*(lam) = Phi(w*(lam), lam), and an outer
 objective E(w, lam). With A = dPhi/dw and B = dPhi/dlam at (w, lam):
 
-* implicit routes (at w*): dE/dlam = d_lam E + B^T v with (I - A^T) v = d_w E,
+* implicit methods (at w*): dE/dlam = d_lam E + B^T v with (I - A^T) v = d_w E,
   solved by fixed-point iteration v <- A^T v + d_w E ("fixed_point"), its
   truncated series ("neumann", ``steps`` terms), or CG when A is symmetric
   ("cg");
-* iterative routes through T = ``steps`` applications w_{t+1} = Phi(w_t, lam)
-  from w_0 (seed 001): reverse mode ("reverse", RMD: h_{t-1} = h_t + B_t^T a_t,
+* unrolled methods through T = ``steps`` applications w_{t+1} = Phi(w_t, lam)
+  from w_0 (Franceschi et al. 2017; Shaban et al. 2018): reverse mode ("reverse", RMD: h_{t-1} = h_t + B_t^T a_t,
   a_{t-1} = A_t^T a_t, memory O(M T)), truncated reverse mode ("truncated",
   K-RMD: back-propagation through the last K = ``truncate`` steps only, memory
   O(M K), bias decaying geometrically in K), and forward mode ("forward", FMD:
   Z_{t+1} = A_{t+1} Z_t + B_{t+1}, no stored trajectory, cost x dim(lam)).
 
-All routes share one operator: products with A^T and B^T by autograd on the
+All methods share one operator: products with A^T and B^T by autograd on the
 graph of Phi; the methods differ only in how they use it.
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ OuterObjective = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 class UnrollInfo:
     """Diagnostics of :func:`fixed_point_hypergrad`.
 
-    ``iterations``: fixed-point/CG iterations or series terms (implicit routes),
-    steps of Phi (iterative routes); ``residual``: ||(I - A^T) v - d_w E|| /
-    ||d_w E|| for the implicit routes, ||Phi(w_T) - w_T|| for the iterative ones.
+    ``iterations``: fixed-point/CG iterations or series terms (implicit methods),
+    steps of Phi (unrolled methods); ``residual``: ||(I - A^T) v - d_w E|| /
+    ||d_w E|| for the implicit methods, ||Phi(w_T) - w_T|| for the unrolled ones.
     """
 
     method: str
@@ -82,7 +82,7 @@ def _outer_gradients(outer: OuterObjective, w: torch.Tensor, params: Sequence[to
     return grads[0], grads[1:]
 
 
-# ---------------------------------------------------------------- implicit routes
+# ---------------------------------------------------------------- implicit methods
 
 def _fixed_point_adjoint(op: FixedPointOperator, b: torch.Tensor, tol: float, maxiter: int):
     """v <- A^T v + b until the update is below tol ||v||; the Neumann partial sums from v = 0."""
@@ -128,7 +128,7 @@ def _implicit(phi, w_star, params, outer, method, steps, tol, maxiter):
     return grads, iterations, residual
 
 
-# ---------------------------------------------------------------- iterative routes
+# ---------------------------------------------------------------- unrolled methods
 
 def _unrolled_reverse(phi, w0, params, outer, steps: int, truncate: int):
     """Reverse mode through the last ``truncate`` of ``steps`` applications of Phi."""
@@ -195,7 +195,7 @@ def fixed_point_hypergrad(
         The fixed-point map, e.g. a gradient step ``w - a * grad_w g(w, params)``.
         Must be written in torch operations (``torch.func`` transforms it for "forward").
     w_star : tensor
-        The fixed point (implicit routes), or where the iterative routes end up.
+        The fixed point (implicit methods), or where the unrolled methods end up.
     params : list of tensors
         The outer variables lam.
     outer : callable ``outer(w, params) -> scalar``
@@ -203,11 +203,11 @@ def fixed_point_hypergrad(
     method : {"fixed_point", "cg", "neumann", "reverse", "truncated", "forward"}
         See the module docstring.
     steps : int
-        Terms of the Neumann series; steps T of Phi for the iterative routes.
+        Terms of the Neumann series; steps T of Phi for the unrolled methods.
     truncate : int, optional
         K for "truncated": back-propagate through the last K of the T steps.
     w0 : tensor, optional
-        Start of the iterative routes (default ``w_star``; it must not depend on lam).
+        Start of the unrolled methods (default ``w_star``; it must not depend on lam).
     tol : float
         Tolerance of "fixed_point" and "cg".
     maxiter : int

@@ -296,7 +296,7 @@ def test_every_method_matches_dense_kkt_reference(spec):
     case = build(spec)
     reference = designed_reference(case)
     note(f"reference: {reference}")
-    for method in cbo.METHODS:
+    for method in cbo.ADJOINT_METHODS:
         grads, info = cbo.hypergrad(case.problem, case.x_tensors, method=method, warm_start=False, return_info=True)
         assert [tuple(g.shape) for g in grads] == [x.shape for x in case.x]
         # cbo's KKT point and active set are the designed ones
@@ -327,7 +327,7 @@ def test_no_degeneracy_warning_on_well_posed_problems(spec):
         cbo.hypergrad(case.problem, case.x_tensors, method="direct", warm_start=False)
 
 
-@given(spec=specs(), method=st.sampled_from(cbo.METHODS), data=st.data())
+@given(spec=specs(), method=st.sampled_from(cbo.ADJOINT_METHODS), data=st.data())
 def test_hypergrad_matches_finite_differences(spec, method, data):
     """Differences of F(x, y*(x)) along a random unit direction, each y* from cvxpy (numpy-polished)."""
     case = build(spec)
@@ -353,7 +353,7 @@ def check_layer_gradcheck(spec: Spec, method: str, batch: bool) -> None:
     assert torch.autograd.gradcheck(lambda *a: layer(*a), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@given(spec=specs(families=("qp",), max_n=5), method=st.sampled_from(cbo.METHODS), batch=st.booleans())
+@given(spec=specs(families=("qp",), max_n=5), method=st.sampled_from(cbo.ADJOINT_METHODS), batch=st.booleans())
 def test_layer_gradcheck(spec, method, batch):
     """torch.autograd.gradcheck on cbo.ArgminLayer (outputs: the cvxpy variables) for a small drawn QP.
 

@@ -33,8 +33,8 @@ profile_memory=True, running sum of its [memory] allocation/free events over the
 whole call): this excludes autograd bookkeeping and is slow (the profiler records
 every op).
 
-Run:  python benchmarks/routes.py [--n 30] [--seed 0] [--quick] [--repeats 3] [--profile-memory]
-Writes benchmarks/output/routes.md and benchmarks/output/routes.png.
+Run:  python benchmarks/methods.py [--n 30] [--seed 0] [--quick] [--repeats 3] [--profile-memory]
+Writes benchmarks/output/methods.md and benchmarks/output/routes.png.
 """
 from __future__ import annotations
 
@@ -445,12 +445,12 @@ def main() -> None:
     print(f"runtime {runtime:.1f} s")
 
     args.output.mkdir(parents=True, exist_ok=True)
-    png = args.output / "routes.png"
+    png = args.output / "methods.png"
     plot(rows, png, args.n, n_params, sweeps)
     md = [
-        "# cbo.hypergrad: error vs cost of every route",
+        "# cbo.hypergrad: error vs cost of every method",
         "",
-        f"`python benchmarks/routes.py --n {args.n} --seed {args.seed}{' --quick' if args.quick else ''}"
+        f"`python benchmarks/methods.py --n {args.n} --seed {args.seed}{' --quick' if args.quick else ''}"
         f"{' --profile-memory' if args.profile_memory else ''}`; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, total runtime {runtime:.1f} s.",
         "",
@@ -471,8 +471,8 @@ def main() -> None:
         f"![error vs time]({png.name})",
         "",
     ]
-    (args.output / "routes.md").write_text("\n".join(md))
-    print(f"wrote {args.output / 'routes.md'} and {png}")
+    (args.output / "methods.md").write_text("\n".join(md))
+    print(f"wrote {args.output / 'methods.md'} and {png}")
 
 
 if __name__ == "__main__":

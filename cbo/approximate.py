@@ -1,7 +1,8 @@
-r"""Iterative and penalty routes to the hypergradient of a :class:`BilevelProblem`.
+r"""Approximate hypergradients of a :class:`BilevelProblem`: the unrolled and the penalty methods.
 
-Iterative routes ("reverse", "truncated", "forward"; seeds 000, 001, 004)
-differentiate T steps of an inner iteration map derived from the Lagrangian of
+Unrolled methods ("reverse", "truncated", "forward": reverse- and forward-mode
+differentiation through the iterations, as in LDS-GNN's derivation, and
+truncated back-propagation, Shaban et al., AISTATS 2018) differentiate T steps of an inner iteration map derived from the Lagrangian of
 the active set, started from the (polished) cvxpy solution w* = (y*, mu, nu):
 the descent-ascent map
 
@@ -12,10 +13,10 @@ padded inactive multipliers descend to 0). Its Jacobian at w* is I - alpha S K;
 alpha is the step among 2/rho(S K), 1/rho, 1/(2 rho), ... with the smallest
 power-iteration estimate of the spectral radius of I - alpha S K (below 1),
 which is reported as the contraction factor. As T grows, reverse and forward mode tend to the implicit
-hypergradient; the truncated route's bias decays like the contraction factor
+hypergradient; the truncated method's bias decays like the contraction factor
 to the power K.
 
-Penalty routes ("penalty", "augmented_lagrangian"; seed 002) replace the
+Penalty methods ("penalty", "augmented_lagrangian") replace the
 constraints by the quadratic penalty rho/2 (||max(p, 0)||^2 + ||q||^2), or by
 the augmented Lagrangian with cvxpy's multipliers held fixed, solve that
 smooth unconstrained problem with cvxpy, and differentiate its stationarity
@@ -34,10 +35,10 @@ from .kkt import KKTOperator
 from .problem import BilevelProblem
 from .unroll import fixed_point_hypergrad
 
-__all__ = ["ITERATIVE_ROUTES", "PENALTY_ROUTES", "descent_ascent_map", "iterative_hypergrad", "penalty_hypergrad"]
+__all__ = ["UNROLLED_METHODS", "PENALTY_METHODS", "descent_ascent_map", "iterative_hypergrad", "penalty_hypergrad"]
 
-ITERATIVE_ROUTES = ("reverse", "truncated", "forward")
-PENALTY_ROUTES = ("penalty", "augmented_lagrangian")
+UNROLLED_METHODS = ("reverse", "truncated", "forward")
+PENALTY_METHODS = ("penalty", "augmented_lagrangian")
 
 
 def _ascent_sign(op: KKTOperator) -> torch.Tensor:
@@ -106,7 +107,7 @@ def iterative_hypergrad(problem: BilevelProblem, xs: list[torch.Tensor], op: KKT
     return grads, info
 
 
-# ---------------------------------------------------------------- penalty routes
+# ---------------------------------------------------------------- penalty methods
 
 def _penalized_cvxpy(problem: BilevelProblem, rho: float, mu: np.ndarray | None, nu: np.ndarray | None):
     """The inner objective plus the quadratic penalty (mu is None) or the augmented Lagrangian terms."""
@@ -189,7 +190,7 @@ def penalty_hypergrad(problem: BilevelProblem, xs: list[torch.Tensor], method: s
 
 
 def _newton_polish(g, xs, y, steps: int = 3):
-    """A few Newton steps on grad_y g(x, y) = 0 (dense Hessian: the penalty routes are for studies)."""
+    """A few Newton steps on grad_y g(x, y) = 0 (dense Hessian: the penalty methods are for studies)."""
     for _ in range(steps):
         gradient = torch.func.grad(g, argnums=1)(xs, y)
         if float(gradient.abs().max()) < 1e-13:

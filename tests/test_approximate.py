@@ -1,5 +1,5 @@
-"""Iterative and penalty routes (cbo.unroll, cbo.routes) against the implicit hypergradient,
-closed forms, and an explicit implementation of the LDS-GNN recursion (seed 000)."""
+"""Unrolled and penalty methods (cbo.unroll, cbo.approximate) against the implicit hypergradient,
+closed forms, and an explicit implementation of the LDS-GNN recursion (Franceschi et al. 2019, appendix)."""
 import numpy as np
 import pytest
 import torch
