@@ -5,6 +5,7 @@ and what to try next.
 """
 import os
 import sys
+import warnings
 
 _INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)),)
 
@@ -122,3 +123,14 @@ def check_status(status: str, solver: str) -> None:
             "term (e.g. a small ridge penalty) to the inner objective."
         )
     raise InnerSolveError(f"The inner solver {solver} stopped with status '{status}'. Try another solver.")
+
+
+def warn_weakly_active(where: str, description: str) -> None:
+    """Warn (:class:`DegenerateKKTWarning`) that the constraints ``description`` are weakly active."""
+    warnings.warn(
+        f"{where}Strict complementarity fails at the inner solution: {description} touch(es) the bound with "
+        "a zero multiplier (weakly active). y*(x) is not differentiable there; cbo returns the one-sided "
+        "derivative that keeps these constraints inactive. Move x slightly, or check info.active_set.",
+        DegenerateKKTWarning,
+        stacklevel=external_stacklevel(),
+    )

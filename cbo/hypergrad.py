@@ -329,9 +329,11 @@ def _unrolled_or_penalty_gradients(problem, xs, op, method, options: Options):
 # ---------------------------------------------------------------- the QP fast path's diagnostics
 
 def qp_active_set(program, point: QPPoint) -> ActiveSet:
-    """The fast path's active set as the entries of the problem's stacked inequalities."""
-    active_rows = program.n_eq + np.flatnonzero(point.active)
-    return ActiveSet(torch.as_tensor(np.flatnonzero(np.isin(program.mu_index, active_rows)), dtype=torch.long))
+    """The fast path's active and weakly active rows as entries of the problem's stacked inequalities."""
+    entries = lambda rows: np.flatnonzero(np.isin(program.mu_index, program.n_eq + np.flatnonzero(rows)))  # noqa: E731
+    weak = [int(i) for i in entries(point.weak)] if point.weak is not None else []
+    return ActiveSet(torch.as_tensor(entries(point.active), dtype=torch.long), weak,
+                     {i: program.problem.constraint_label(i) for i in weak})
 
 
 def qp_licq(point: QPPoint) -> LICQInfo:

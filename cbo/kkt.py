@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from .errors import DegenerateKKTWarning, InaccurateSolutionWarning, external_stacklevel
+from .errors import DegenerateKKTWarning, InaccurateSolutionWarning, external_stacklevel, warn_weakly_active
 from .linsolve import NullSpaceSystem, equilibrated_solve
 from .problem import BilevelProblem
 
@@ -117,15 +117,7 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
     weak = np.flatnonzero(weak_mask)
     labels = {int(i): problem.constraint_label(int(i)) for i in weak}
     if labels:
-        warnings.warn(
-            f"{where}Strict complementarity fails at the inner solution: "
-            + problem.describe_entries(weak)
-            + " touch(es) the bound with a zero multiplier (weakly active). y*(x) is not "
-            "differentiable there; cbo returns the one-sided derivative that keeps these "
-            "constraints inactive. Move x slightly, or check info.active_set.",
-            DegenerateKKTWarning,
-            stacklevel=external_stacklevel(),
-        )
+        warn_weakly_active(where, problem.describe_entries(weak))
     return ActiveSet(torch.as_tensor(np.flatnonzero(is_active), dtype=torch.long), list(map(int, weak)), labels,
                      tol * scale_mu, tol_w * scale_p)
 

@@ -212,7 +212,8 @@ class _QPArgminFunction(torch.autograd.Function):
             try:
                 points.append(program.solve(item, item=b, solver=layer.options.solver,
                                             solver_options=layer.options.solver_options,
-                                            active_tol=layer.options.active_tol, warm_start=layer.options.warm_start))
+                                            active_tol=layer.options.active_tol, warm_start=layer.options.warm_start,
+                                            where=item_names(batch_shape)(b)))
             except InnerSolveError as err:
                 raise type(err)(f"{item_names(batch_shape)(b)}{err}") from err
         timings = {phase: sum(p.timings[phase] for p in points) for phase in ("inner_solve", "polish")}

@@ -52,7 +52,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from .dpp import DPPForm, dpp_form
-from .errors import check_status
+from .errors import check_status, warn_weakly_active
 from .translate import Env
 from .qp_solvers import solve_qp
 
@@ -159,6 +159,7 @@ class QPPoint:
     mu: np.ndarray | None = None
     nu: np.ndarray | None = None
     adjoint: np.ndarray | None = None
+    weak: np.ndarray | None = None
     lifted: "_LiftedGraph | None" = None
 
 
@@ -202,6 +203,7 @@ class QPProgram:
         # Warm-start state, per batch item: the last active set and, while P and A are constant, its factorization.
         self._last_active: dict[int, np.ndarray] = {}
         self._factor_cache: dict[bytes, _Factor] = {}
+        self._constant_scales: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------ data
 
@@ -244,11 +246,15 @@ class QPProgram:
     # ------------------------------------------------------------ solve
 
     def solve(self, x: Sequence[np.ndarray], item: int = 0, solver: str | None = None,
-              solver_options: dict | None = None, active_tol: float = 1e-6, warm_start: bool = True) -> QPPoint:
-        """Solve at parameter values ``x`` (numpy, shaped like the parameters).
+              solver_options: dict | None = None, active_tol: float = 1e-6, warm_start: bool = True,
+              where: str = "") -> QPPoint:
+        """Solve at parameter values ``x`` (numpy, shaped like the parameters); ``item`` keys the warm start
+        (a batch item), ``where`` prefixes warnings ("batch item 3: ").
 
-        Raises InnerSolveError (infeasible, unbounded, solver failure) and
-        GeneralPathNeeded (a point the fast path cannot certify).
+        Weakly active rows (zero multiplier on a tight constraint: no derivative) are kept inactive, as
+        :func:`cbo.kkt.active_set` does, with a :class:`DegenerateKKTWarning`. Raises InnerSolveError
+        (infeasible, unbounded, solver failure) and GeneralPathNeeded (a point the fast path cannot
+        certify: K_S singular, a sign the polish contradicts).
         """
         start = time.perf_counter()
         theta, graph = self.theta(x)
@@ -267,11 +273,13 @@ class QPProgram:
                 z, lam, status = solve_qp(name, P, q, A, b, self.n_eq)
             check_status(status, name)
             solved = time.perf_counter()
-            point = self._polished(P, q, A, b, self._classify(z, lam, A, b, active_tol), name, status)
+            active, weak = classify_rows(z, lam, q, A, b, self.n_eq, self._scales(P, A), active_tol)
+            point = self._polished(P, q, A, b, active, name, status)
             if point is None:
                 raise GeneralPathNeeded("the polish on the solver's active set left a sign violated")
-            if _weak_rows(point, A, b, self.n_eq, active_tol).any():
-                raise GeneralPathNeeded("a constraint is weakly active")
+            point.weak = weak
+            if weak.any():
+                warn_weakly_active(where, self._describe_rows(np.flatnonzero(weak)))
         self._last_active[item] = point.active
         point.lifted = graph
         point.y = point.z[self.y_index]
@@ -281,13 +289,22 @@ class QPProgram:
                          "polish": time.perf_counter() - (solved if point.how != "active set reused" else start)}
         return point
 
-    def _classify(self, z, lam, A, b, tol) -> np.ndarray:
-        """Active inequality rows from a solver's answer: the multiplier is relatively larger than the
-        slack (complementarity: one of the two is zero), as :func:`cbo.kkt.active_set` reads it."""
-        slack = np.abs(A[self.n_eq:] @ z + b[self.n_eq:])
-        mu = lam[self.n_eq:]
-        scale_mu, scale_s = max(1.0, float(np.abs(mu).max(initial=0))), max(1.0, float(slack.max(initial=0)))
-        return (mu / scale_mu > slack / scale_s) & (mu > tol * scale_mu)
+    def _scales(self, P, A) -> tuple[np.ndarray, np.ndarray]:
+        """The equilibration of K at (P, A): computed once while P and A do not depend on the parameters."""
+        if not self._constant_matrices:
+            return equilibration(P, A)
+        if self._constant_scales is None:
+            self._constant_scales = equilibration(P, A)
+        return self._constant_scales
+
+    def _describe_rows(self, rows: np.ndarray) -> str:
+        """Names of inequality rows of the QP: the problem's constraint entries, or rows cvxpy added."""
+        entries = np.flatnonzero(np.isin(self.mu_index, self.n_eq + rows))
+        internal = rows.size - entries.size
+        parts = [self.problem.describe_entries(entries)] if entries.size else []
+        if internal:
+            parts.append(f"{internal} row(s) cvxpy added in canonicalizing the problem")
+        return "; ".join(parts)
 
     def _rows(self, active: np.ndarray) -> np.ndarray:
         return np.concatenate([np.arange(self.n_eq), self.n_eq + np.flatnonzero(active)])
@@ -336,7 +353,7 @@ class QPProgram:
             point = self._polished(P, q, A, b, active, "active set reused", cp.OPTIMAL)
         except GeneralPathNeeded:
             return None
-        if point is None or _weak_rows(point, A, b, self.n_eq, tol).any():
+        if point is None or classify_rows(point.z, point.lam, q, A, b, self.n_eq, self._scales(P, A), tol)[1].any():
             return None
         return point
 
@@ -477,12 +494,42 @@ def _constraint_rows(pp, chain) -> dict[int, np.ndarray]:
     return {original: rows[final_id] for original, final_id in final.items() if final_id in rows} | rows
 
 
-def _weak_rows(point: QPPoint, A, b, n_eq: int, tol: float) -> np.ndarray:
-    """Inequality rows where both the multiplier and the slack are (nearly) zero, in the units of
-    :func:`cbo.kkt.active_set` (tol_w = sqrt(tol) / 10 relative to the largest of each)."""
-    slack = np.abs(A[n_eq:] @ point.z + b[n_eq:])
-    mu = point.lam[n_eq:]
+def equilibration(P, A, rounds: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Ruiz scales (d_z, d_rows) of K = [[P, A^T], [A, 0]] over all rows of A: D K D has rows of max-norm ~1,
+    so that the scales of the variables, of the rows and of the objective drop out."""
+    n, m = P.shape[0], A.shape[0]
+    if sp.issparse(P) or sp.issparse(A):
+        K = abs(sp.block_array([[sp.csr_array(P), sp.csr_array(A).T], [sp.csr_array(A), None]], format="csr"))
+        row_max = lambda d: np.asarray(K.multiply(d[None, :]).max(axis=1).toarray()).ravel() * d  # noqa: E731
+    else:
+        K = np.abs(np.block([[P, A.T], [A, np.zeros((m, m))]]))
+        row_max = lambda d: (K * d[None, :]).max(axis=1) * d  # noqa: E731
+    d = np.ones(n + m)
+    for _ in range(rounds):
+        r = row_max(d)
+        d = np.where(r > 0, d / np.sqrt(np.where(r > 0, r, 1.0)), d)
+    return d[:n], d[n:]
+
+
+def classify_rows(z: np.ndarray, lam: np.ndarray, q, A, b, n_eq: int, scales, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    r"""(active, weakly active) inequality rows at a solver's (z, lam), as :func:`cbo.kkt.active_set` reads them.
+
+    Complementarity says lam_i s_i = 0 (s = A z + b); which of the two is *relatively* larger tells an
+    active row from an inactive one. Both are compared in the units of the equilibrated KKT matrix
+    (``scales`` = (d_z, d_rows) of :func:`equilibration`): s~_i = d_i |s_i| relative to the size of the
+    equilibrated point max(|z / d_z|, |s~|), and mu~_i = lam_i / d_i relative to max(|d_z q|, |mu~|).
+    With tol_w = sqrt(tol) / 10, a row is *weakly active* where both are below tol_w (strict
+    complementarity fails: no derivative), *active* where mu~ > s~ and mu~ > tol.
+    """
+    d_z, d_rows = scales
+    d = d_rows[n_eq:]
+    tiny = np.finfo(float).tiny
+    slack = d * np.abs(A[n_eq:] @ z + b[n_eq:])
+    force = lam[n_eq:] / d
+    slack = slack / max(float(np.abs(z / d_z).max(initial=0)), float(slack.max(initial=0)), tiny)
+    force = force / max(float(np.abs(d_z * q).max(initial=0)), float(np.abs(force).max(initial=0)), tiny)
     tol_w = np.sqrt(tol) / 10
-    return (mu <= tol_w * max(1.0, float(mu.max(initial=0)))) & (slack <= tol_w * max(1.0, float(slack.max(initial=0))))
+    weak = (force <= tol_w) & (slack <= tol_w)
+    return (force > slack) & (force > tol) & ~weak, weak
 
 

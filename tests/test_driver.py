@@ -1,4 +1,6 @@
 """cbo.minimize: reaches independently computed optima, projects onto outer constraints, reports failures."""
+import subprocess
+import sys
 import warnings
 
 import cvxpy as cp
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 import cbo
-from cbo.driver import OuterProjection
+from cbo.projection import OuterProjection
 
 N, RIDGE = 6, 0.5
 
@@ -171,6 +173,24 @@ def test_callback_history_plot_and_progress(tmp_path, capsys):
     path = tmp_path / "history.png"
     cbo.plot_history(history, path=str(path), title="test")
     assert path.stat().st_size > 10_000
+
+
+def test_matplotlib_is_imported_only_to_plot():
+    """``import cbo`` and a run leave matplotlib unimported; without matplotlib plot_history says what to install."""
+    script = (
+        "import sys, torch, cbo\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        "assert cbo.driver.plot_history is cbo.plot_history and cbo.driver.OuterProjection is not None\n"
+        "sys.modules['matplotlib'] = None  # as if it were not installed\n"
+        "try:\n"
+        "    cbo.plot_history(cbo.History())\n"
+        "except ImportError as err:\n"
+        "    assert 'pip install matplotlib' in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('plot_history ran without matplotlib')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 def test_repeated_warnings_are_shown_once_and_recorded():

@@ -106,26 +106,37 @@ def test_parameter_in_the_quadratic_term():
     assert np.allclose(grad.numpy(), reference, rtol=1e-8, atol=1e-10)
 
 
-def test_weakly_active_point_takes_the_general_route():
-    """y* = clip(x, -1, 1) at x = 1: the bound holds with a zero multiplier."""
+def test_weakly_active_point_is_kept_inactive_with_a_warning():
+    """y* = clip(x, -1, 1) at x = 1: the bound holds with a zero multiplier; the one-sided derivative
+    that keeps it inactive is dy/dx = 1, as on the general route."""
     x, y = cp.Parameter(3), cp.Variable(3)
     problem = cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y <= 1]), [x], [y],
                                  outer=lambda x, y: y.sum())
-    with pytest.warns(cbo.DegenerateKKTWarning, match="weakly active"):
-        grad, info = cbo.hypergrad(problem, torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), return_info=True)
-    assert info.path == "general"
-    assert torch.allclose(grad, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), atol=1e-8)
+    point = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    with pytest.warns(cbo.DegenerateKKTWarning, match=r"weakly active"):
+        grad, info = cbo.hypergrad(problem, point, return_info=True)
+    assert info.path == "compiled QP" and info.active_set.weakly_active == [0]
+    assert "constraint 0" in info.active_set.labels[0]
+    with pytest.warns(cbo.DegenerateKKTWarning):
+        general = cbo.hypergrad(problem, point, method="cg")
+    for g in (grad, general):
+        assert torch.allclose(g, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), atol=1e-8)
 
 
-def test_dependent_active_constraints_take_the_general_route():
-    """The same bound written twice: K_S is singular, the general route reports the LICQ failure."""
+def test_dependent_active_constraints():
+    """The same bound written twice. Clarabel splits the multiplier over both rows: K_S is singular and the
+    general route reports the LICQ failure. DAQP's active-set answer puts it on one row: the other one is
+    weakly active. Both warn, and both give dy*/dx = diag(0, 1)."""
     x, y = cp.Parameter(2), cp.Variable(2)
     inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y[0] <= 0, 2 * y[0] <= 0])
     problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: y.sum())
-    with pytest.warns(cbo.DegenerateKKTWarning):
-        grad, info = cbo.hypergrad(problem, torch.tensor([1.0, 0.5], dtype=torch.float64), return_info=True)
-    assert info.path == "general"
-    assert torch.allclose(grad, torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-7)
+    point = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    for solver, path in (("CLARABEL", "general"), ("DAQP", "compiled QP")):
+        cbo.forget_warm_starts(problem)
+        with pytest.warns(cbo.DegenerateKKTWarning):
+            grad, info = cbo.hypergrad(problem, point, solver=solver, return_info=True)
+        assert info.path == path
+        assert torch.allclose(grad, torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-7)
 
 
 def test_infeasible_inner_problem_raises_on_the_fast_path():

@@ -7,7 +7,7 @@ Every backend's ``solve(P, q, A, b, n_eq, options)`` solves
 (cvxpy's cone-program convention: the first ``p = n_eq`` rows are
 equalities) and returns ``(z, lam, status)``: the primal solution, the
 multipliers of the Lagrangian 1/2 z'Pz + q'z - lam^T (A z + b) (lam >= 0 on
-the inequality rows: cvxpy's ``dual_value``\ s) and a cvxpy status string.
+the inequality rows: cvxpy's dual values) and a cvxpy status string.
 ``P`` and ``A`` are dense arrays or scipy sparse matrices. Each backend starts
 from tight tolerances (its ``DEFAULT_OPTIONS``): the active set read from the
 solution must be right, and :mod:`cbo.qp` then solves the active-set KKT
