@@ -100,6 +100,7 @@ class Options:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Options))
+DEFAULT_OPTIONS = Options()
 
 
 def resolve_options(options: Options | None, **settings) -> Options:
@@ -113,4 +114,6 @@ def resolve_options(options: Options | None, **settings) -> Options:
         raise TypeError(f"options must be a cbo.Options, got {type(options).__name__}.")
     if settings.get("method", 0) is None:
         settings.pop("method")
-    return dataclasses.replace(options or Options(), **settings)
+    if not settings:
+        return options or DEFAULT_OPTIONS
+    return dataclasses.replace(options or DEFAULT_OPTIONS, **settings)

@@ -68,6 +68,8 @@ SMALL_QP = 400
 FALLBACK_SOLVER = "CLARABEL"
 # Parameter maps with at most this many entries (rows x parameters) are stored dense.
 DENSE_MAP_LIMIT = 200_000
+# A multiplier or slack below -SIGN_TOL (equilibrated, relative units) is a sign the polish contradicts.
+SIGN_TOL = 1e-9
 # K_S counts as singular below this reciprocal condition number (of its equilibrated form).
 SINGULAR_RCOND = 1e-13
 
@@ -75,6 +77,16 @@ SINGULAR_RCOND = 1e-13
 class GeneralPathNeeded(Exception):
     """The fast path cannot certify this point (weakly active constraint, singular or ill-conditioned
     K_S, an active set the polish contradicts): the general route of :mod:`cbo.kkt` takes the call."""
+
+
+def _entry_map(tensor: sp.coo_array, start: int, stop: int, columns: int, keep_all: bool = False):
+    """The rows start..stop-1 of cvxpy's parameter tensor as (entries, map): ``entries`` are the rows (minus
+    ``start``) that any parameter or the constant reaches (all of them with ``keep_all``), built in O(nnz)."""
+    inside = (tensor.row >= start) & (tensor.row < stop)
+    row, col, data = tensor.row[inside] - start, tensor.col[inside], tensor.data[inside]
+    entries = np.arange(stop - start) if keep_all else np.unique(row)
+    matrix = sp.csr_array((data, (np.searchsorted(entries, row), col)), shape=(entries.size, columns))
+    return entries, _AffineMap(matrix)
 
 
 class _AffineMap:
@@ -107,6 +119,7 @@ class _Factor:
     rcond: float
     matrix: np.ndarray | sp.csc_array
     kind: str
+    rows: np.ndarray | None = None  # the rows of A in K_S: the equalities, then the active inequalities
 
     @property
     def size(self) -> int:
@@ -182,16 +195,15 @@ class QPProgram:
         self._theta_slices = _parameter_slices(form.problem, pp, chain)
         self._listed = {p.id: i for i, p in enumerate(problem.parameters)}
         # The data maps. Tensor rows are Fortran-ordered entries: P's of the n x n matrix, A's of [A b] (m x n+1).
-        P_tensor = sp.csr_array(pp.P) if pp.P is not None else sp.csr_array((n * n, pp.total_param_size + 1))
-        rows = np.unique(P_tensor.nonzero()[0])
+        columns = pp.total_param_size + 1
+        P_tensor = sp.coo_array(pp.P) if pp.P is not None else sp.coo_array((n * n, columns))
+        rows, self._P = _entry_map(P_tensor, 0, n * n, columns)
         self._P_pos = (rows % n, rows // n)
-        self._P = _AffineMap(P_tensor[rows])
-        self._q = _AffineMap(sp.csr_array(pp.q)[:n])
-        A_tensor = sp.csr_array(pp.A)
-        rows = np.unique(A_tensor[: m * n].nonzero()[0])
+        self._q = _entry_map(sp.coo_array(pp.q), 0, n, columns, keep_all=True)[1]
+        A_tensor = sp.coo_array(pp.A)
+        rows, self._A = _entry_map(A_tensor, 0, m * n, columns)
         self._A_pos = (rows % m, rows // m)
-        self._A = _AffineMap(A_tensor[rows])
-        self._b = _AffineMap(A_tensor[m * n:])
+        self._b = _entry_map(A_tensor, m * n, m * n + m, columns, keep_all=True)[1]
         self._constant_matrices = self._P.value is not None and self._A.value is not None
         self._P_const = self._assemble_P(self._P.value) if self._P.value is not None else None
         self._A_const = self._assemble_A(self._A.value) if self._A.value is not None else None
@@ -259,10 +271,11 @@ class QPProgram:
         start = time.perf_counter()
         theta, graph = self.theta(x)
         P, q, A, b = self.data(theta)
+        scales = self._scales(P, A)
         point = None
         last = self._last_active.get(item) if warm_start else None
         if last is not None:
-            point = self._try_active_set(P, q, A, b, last, active_tol)
+            point = self._try_active_set(P, q, A, b, last, active_tol, scales)
         solved = time.perf_counter()
         if point is None:
             name = (solver or self.default_solver).upper()
@@ -273,13 +286,7 @@ class QPProgram:
                 z, lam, status = solve_qp(name, P, q, A, b, self.n_eq)
             check_status(status, name)
             solved = time.perf_counter()
-            active, weak = classify_rows(z, lam, q, A, b, self.n_eq, self._scales(P, A), active_tol)
-            point = self._polished(P, q, A, b, active, name, status)
-            if point is None:
-                raise GeneralPathNeeded("the polish on the solver's active set left a sign violated")
-            point.weak = weak
-            if weak.any():
-                warn_weakly_active(where, self._describe_rows(np.flatnonzero(weak)))
+            point = self._solved(P, q, A, b, z, lam, name, status, active_tol, scales, where)
         self._last_active[item] = point.active
         point.lifted = graph
         point.y = point.z[self.y_index]
@@ -306,14 +313,13 @@ class QPProgram:
             parts.append(f"{internal} row(s) cvxpy added in canonicalizing the problem")
         return "; ".join(parts)
 
-    def _rows(self, active: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.arange(self.n_eq), self.n_eq + np.flatnonzero(active)])
-
     def _kkt_factor(self, P, A, active) -> _Factor:
+        """The factorization of K_S for the active rows ``active`` (kept while P and A are constant)."""
         key = active.tobytes()
         if self._constant_matrices and key in self._factor_cache:
             return self._factor_cache[key]
-        A_S = A[self._rows(active)]
+        rows = np.concatenate([np.arange(self.n_eq), self.n_eq + np.flatnonzero(active)])
+        A_S = A[rows]
         if self.dense:
             k = A_S.shape[0]
             K = np.zeros((self.n + k, self.n + k))
@@ -321,6 +327,7 @@ class QPProgram:
         else:
             K = sp.block_array([[P, A_S.T], [A_S, None]], format="csc")
         factor = _factor(K)
+        factor.rows = rows
         if factor.rcond < SINGULAR_RCOND:
             raise GeneralPathNeeded(f"the active-set KKT matrix is singular (rcond {factor.rcond:.1e})")
         if self._constant_matrices:
@@ -329,31 +336,47 @@ class QPProgram:
             self._factor_cache[key] = factor
         return factor
 
-    def _polished(self, P, q, A, b, active, how, status) -> QPPoint | None:
-        """The exact solution of the KKT system on ``active``, or None where it violates a sign
-        (a multiplier < 0 or an inactive row infeasible, beyond rounding)."""
-        rows = self._rows(active)
+    def _polished(self, P, q, A, b, active, how, status, scales) -> tuple[QPPoint, np.ndarray, np.ndarray]:
+        """The exact solution of the KKT system on ``active``, and its inequality rows' multipliers and slacks
+        in the units of :func:`normalized_complementarity` (a sign violation is below -SIGN_TOL there)."""
         factor = self._kkt_factor(P, A, active)
+        rows = factor.rows
         solution = factor.solve(np.concatenate([-q, -b[rows]]))
         z = solution[: self.n]
         lam = np.zeros(self.m)
         lam[rows] = -solution[self.n:]
-        slack = A @ z + b
         stationarity = P @ z + q - A.T @ lam
-        scale = max(1.0, float(np.abs(q).max(initial=0)), float(np.abs(b).max(initial=0)))
-        residual = float(max(np.abs(stationarity).max(initial=0), np.abs(slack[rows]).max(initial=0)))
-        inequality = slice(self.n_eq, None)
-        if (lam[inequality] < -1e-9 * scale).any() or (slack[inequality] < -1e-9 * scale).any():
-            return None
-        return QPPoint(z, lam, active, factor, how, status, residual)
+        slack = A[rows] @ z + b[rows]
+        residual = float(max(np.abs(stationarity).max(initial=0), np.abs(slack).max(initial=0)))
+        force, slack = normalized_complementarity(z, lam, q, A, b, self.n_eq, scales)
+        return QPPoint(z, lam, active, factor, how, status, residual), force, slack
 
-    def _try_active_set(self, P, q, A, b, active, tol) -> QPPoint | None:
-        """The previous call's active set, if it is optimal at this x with a margin (else None)."""
+    def _solved(self, P, q, A, b, z, lam, how, status, tol, scales, where) -> QPPoint:
+        """The solver's answer polished on its active set: weakly active rows kept inactive (with a warning);
+        where the polish contradicts a sign, up to 3 corrections of the active set (a primal-dual active-set
+        step: infeasible rows join, rows with negative multipliers leave)."""
+        active, weak = classify_rows(z, lam, q, A, b, self.n_eq, scales, tol)
+        for _ in range(4):
+            point, force, slack = self._polished(P, q, A, b, active, how, status, scales)
+            negative, infeasible = force < -SIGN_TOL, slack < -SIGN_TOL
+            if not (negative.any() or infeasible.any()):
+                break
+            active = (active | infeasible) & ~negative
+        else:
+            raise GeneralPathNeeded("the polish on the solver's active set keeps contradicting a sign")
+        point.weak = weak & ~point.active
+        if point.weak.any():
+            warn_weakly_active(where, self._describe_rows(np.flatnonzero(point.weak)))
+        return point
+
+    def _try_active_set(self, P, q, A, b, active, tol, scales) -> QPPoint | None:
+        """The previous call's active set, if it is optimal at this x with a margin (else None): every
+        active multiplier and every inactive slack above the weak-activity threshold."""
         try:
-            point = self._polished(P, q, A, b, active, "active set reused", cp.OPTIMAL)
+            point, force, slack = self._polished(P, q, A, b, active, "active set reused", cp.OPTIMAL, scales)
         except GeneralPathNeeded:
             return None
-        if point is None or classify_rows(point.z, point.lam, q, A, b, self.n_eq, self._scales(P, A), tol)[1].any():
+        if (force < -SIGN_TOL).any() or (slack < -SIGN_TOL).any() or weakly_active(force, slack, tol).any():
             return None
         return point
 
@@ -368,7 +391,7 @@ class QPProgram:
         """dF/dx for each listed parameter (shaped like it) from dF/dy (stacked like ``point.y``)."""
         dF_dz = np.zeros(self.n)
         dF_dz[self.y_index] = dF_dy
-        rows = self._rows(point.active)
+        rows = point.factor.rows
         v = point.adjoint = point.factor.solve(np.concatenate([dF_dz, np.zeros(rows.size)]))
         v_z, v_omega = v[: self.n], v[self.n:]
         d_theta = self._q.transpose(-v_z)
@@ -511,25 +534,41 @@ def equilibration(P, A, rounds: int = 10) -> tuple[np.ndarray, np.ndarray]:
     return d[:n], d[n:]
 
 
-def classify_rows(z: np.ndarray, lam: np.ndarray, q, A, b, n_eq: int, scales, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    r"""(active, weakly active) inequality rows at a solver's (z, lam), as :func:`cbo.kkt.active_set` reads them.
+def normalized_complementarity(z: np.ndarray, lam: np.ndarray, q, A, b, n_eq: int, scales) -> tuple[np.ndarray, np.ndarray]:
+    r"""The inequality rows' multipliers and slacks (signed), in the units of the equilibrated KKT matrix.
 
-    Complementarity says lam_i s_i = 0 (s = A z + b); which of the two is *relatively* larger tells an
-    active row from an inactive one. Both are compared in the units of the equilibrated KKT matrix
-    (``scales`` = (d_z, d_rows) of :func:`equilibration`): s~_i = d_i |s_i| relative to the size of the
-    equilibrated point max(|z / d_z|, |s~|), and mu~_i = lam_i / d_i relative to max(|d_z q|, |mu~|).
-    With tol_w = sqrt(tol) / 10, a row is *weakly active* where both are below tol_w (strict
-    complementarity fails: no derivative), *active* where mu~ > s~ and mu~ > tol.
+    With ``scales`` = (d_z, d_rows) of :func:`equilibration`, the slack s = A z + b of row i becomes
+    s~_i = d_i s_i, relative to the size of the equilibrated point max(|z / d_z|, |s~|), and the multiplier
+    mu~_i = lam_i / d_i, relative to max(|d_z q|, |mu~|): the scales of the variables, of the rows and of
+    the objective drop out.
     """
     d_z, d_rows = scales
     d = d_rows[n_eq:]
     tiny = np.finfo(float).tiny
-    slack = d * np.abs(A[n_eq:] @ z + b[n_eq:])
+    slack = d * (A[n_eq:] @ z + b[n_eq:])
     force = lam[n_eq:] / d
-    slack = slack / max(float(np.abs(z / d_z).max(initial=0)), float(slack.max(initial=0)), tiny)
+    slack = slack / max(float(np.abs(z / d_z).max(initial=0)), float(np.abs(slack).max(initial=0)), tiny)
     force = force / max(float(np.abs(d_z * q).max(initial=0)), float(np.abs(force).max(initial=0)), tiny)
+    return force, slack
+
+
+def classify_rows(z: np.ndarray, lam: np.ndarray, q, A, b, n_eq: int, scales, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    r"""(active, weakly active) inequality rows at (z, lam), as :func:`cbo.kkt.active_set` reads them.
+
+    Complementarity says lam_i s_i = 0; which of the two is *relatively* larger (in the units of
+    :func:`normalized_complementarity`) tells an active row from an inactive one. A row is *weakly active*
+    where both are (nearly) zero (:func:`weakly_active`: no derivative there), *active* where
+    mu~ > |s~| and mu~ > tol.
+    """
+    force, slack = normalized_complementarity(z, lam, q, A, b, n_eq, scales)
+    weak = weakly_active(force, slack, tol)
+    return (force > np.abs(slack)) & (force > tol) & ~weak, weak
+
+
+def weakly_active(force: np.ndarray, slack: np.ndarray, tol: float) -> np.ndarray:
+    """Rows whose (normalized) multiplier and slack are both below tol_w = sqrt(tol) / 10: strict
+    complementarity fails there (the tolerance of :func:`cbo.kkt.active_set`)."""
     tol_w = np.sqrt(tol) / 10
-    weak = (force <= tol_w) & (slack <= tol_w)
-    return (force > slack) & (force > tol) & ~weak, weak
+    return (force <= tol_w) & (np.abs(slack) <= tol_w)
 
 

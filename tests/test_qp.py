@@ -64,6 +64,27 @@ def test_reused_active_set_is_exact_and_a_changed_one_is_solved():
     assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
 
 
+def test_a_wrong_active_set_from_the_solver_is_corrected(monkeypatch):
+    """The solver's answer with its largest inequality multiplier dropped: that row looks inactive, the polish
+    without it violates it, and the active-set correction brings it back."""
+    case = random_qp(30, seed=13)
+    real = cbo.qp.solve_qp
+    polishes = []
+
+    def wrong(name, P, q, A, b, n_eq, options=None):
+        z, lam, status = real(name, P, q, A, b, n_eq, options)
+        lam = lam.copy()
+        lam[n_eq + np.argmax(lam[n_eq:])] = 0.0
+        return z, lam, status
+
+    real_polished = cbo.qp.QPProgram._polished
+    monkeypatch.setattr(cbo.qp, "solve_qp", wrong)
+    monkeypatch.setattr(cbo.qp.QPProgram, "_polished", lambda self, *a: polishes.append(1) or real_polished(self, *a))
+    grad, info = fast(case, warm_start=False)
+    assert len(polishes) >= 2 and info.kkt_residual < 1e-10
+    assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
+
+
 def test_matrix_shaped_variable_and_constraint_orders():
     """A 3 x 4 variable and a 3 x 4 constraint: cvxpy's QP rows are Fortran-ordered, cbo's C-ordered."""
     rng = np.random.default_rng(8)
