@@ -58,12 +58,17 @@ from .qp_solvers import solve_qp
 
 __all__ = ["QPProgram", "QPPoint", "GeneralPathNeeded", "compile_qp"]
 
-# K_S is factored densely (LAPACK LU) up to this many rows, sparsely (SuperLU) above
-# (benchmarks/qp_solvers.py).
-DENSE_LIMIT = 600
-# Default QP solver by size of the QP (n + m): a dense active-set method for small problems, an
-# interior-point method for large sparse ones (benchmarks/qp_solvers.py).
-SMALL_QP = 400
+# The data and K_S are dense (LAPACK LU) up to DENSE_LIMIT rows of K, and up to DENSE_FILL_LIMIT rows
+# where K is more than DENSE_FILL_DENSITY full (random sparsity patterns fill a sparse LU in almost
+# completely: at n + m = 2700, 66 % fill, SuperLU 1.3 s against 0.2 s for the dense LU); sparse (SuperLU)
+# otherwise (benchmarks/qp_solvers.py).
+DENSE_LIMIT, DENSE_FILL_LIMIT, DENSE_FILL_DENSITY = 600, 4000, 0.02
+# Default QP solver (benchmarks/qp_solvers.py): DAQP, a dense active-set method, for QPs with n + m up to
+# SMALL_QP, and up to WARM_DAQP_LIMIT where P and A are constant (its model is set up once and restarts
+# from the previous working set: 2.7 ms at n = 1000 against 100-200 ms for the interior-point solvers);
+# PIQP, a proximal interior-point method (dense or sparse, like the data), above (on banded sparse QPs
+# 1.4-2.2x faster than Clarabel at n = 1000-20000).
+SMALL_QP, WARM_DAQP_LIMIT = 400, 2500
 # The solver that decides where the default one does not return "optimal" (Clarabel equilibrates its data).
 FALLBACK_SOLVER = "CLARABEL"
 # Parameter maps with at most this many entries (rows x parameters) are stored dense.
@@ -77,6 +82,18 @@ SINGULAR_RCOND = 1e-13
 class GeneralPathNeeded(Exception):
     """The fast path cannot certify this point (weakly active constraint, singular or ill-conditioned
     K_S, an active set the polish contradicts): the general route of :mod:`cbo.kkt` takes the call."""
+
+
+def _default_solver(size: int, dense: bool, constant_matrices: bool) -> str:
+    """The QP solver called by default for a QP with ``size`` = n + m (see SMALL_QP)."""
+    if size <= SMALL_QP or (dense and constant_matrices and size <= WARM_DAQP_LIMIT):
+        return "DAQP"
+    return "PIQP"
+
+
+def _factor_densely(size: int, nonzeros: int) -> bool:
+    """Dense data and factorization for K of ``size`` rows with ``nonzeros`` entries (see DENSE_LIMIT)."""
+    return size <= DENSE_LIMIT or (size <= DENSE_FILL_LIMIT and nonzeros >= DENSE_FILL_DENSITY * size ** 2)
 
 
 def _entry_map(tensor: sp.coo_array, start: int, stop: int, columns: int, keep_all: bool = False):
@@ -128,7 +145,9 @@ class _Factor:
 
 def _factor(K) -> _Factor:
     """Factor K_S with row/column equilibration D K D (D = 1/sqrt(max |row|)), so that the
-    reciprocal condition number does not depend on the scales of the variables and constraints."""
+    reciprocal condition number does not depend on the scales of the variables and constraints:
+    dense, LAPACK's LU (its symmetric indefinite LDL^T, dsytrf, was 1.4x faster single-threaded in
+    benchmarks/qp_solvers.py but 2-5x slower than LU with two threads on a busy machine); sparse, SuperLU."""
     if sp.issparse(K):
         K = sp.csc_array(K)
         d = 1.0 / np.sqrt(np.maximum(abs(K).max(axis=1).toarray().ravel(), 1e-300))
@@ -190,8 +209,6 @@ class QPProgram:
         self.n = n = pp.x.size
         self.m = m = data["A"].shape[0]
         self.n_eq = pp.cone_dims.zero
-        self.dense = n + m <= DENSE_LIMIT
-        self.default_solver = "DAQP" if n + m <= SMALL_QP else "CLARABEL"
         self._theta_slices = _parameter_slices(form.problem, pp, chain)
         self._listed = {p.id: i for i, p in enumerate(problem.parameters)}
         # The data maps. Tensor rows are Fortran-ordered entries: P's of the n x n matrix, A's of [A b] (m x n+1).
@@ -205,6 +222,8 @@ class QPProgram:
         self._A_pos = (rows % m, rows // m)
         self._b = _entry_map(A_tensor, m * n, m * n + m, columns, keep_all=True)[1]
         self._constant_matrices = self._P.value is not None and self._A.value is not None
+        self.dense = _factor_densely(n + m, self._P_pos[0].size + 2 * self._A_pos[0].size)
+        self.default_solver = _default_solver(n + m, self.dense, self._constant_matrices)
         self._P_const = self._assemble_P(self._P.value) if self._P.value is not None else None
         self._A_const = self._assemble_A(self._A.value) if self._A.value is not None else None
         self.y_index = _variable_index(problem.all_variables, pp, chain)
@@ -216,6 +235,7 @@ class QPProgram:
         self._last_active: dict[int, np.ndarray] = {}
         self._factor_cache: dict[bytes, _Factor] = {}
         self._constant_scales: tuple[np.ndarray, np.ndarray] | None = None
+        self._solver_state: dict[int, dict] = {}
 
     # ------------------------------------------------------------ data
 
@@ -279,7 +299,9 @@ class QPProgram:
         solved = time.perf_counter()
         if point is None:
             name = (solver or self.default_solver).upper()
-            z, lam, status = solve_qp(name, P, q, A, b, self.n_eq, solver_options)
+            # A solver that warm-starts (DAQP's working set) keeps its state per item while P and A are constant.
+            state = self._solver_state.setdefault(item, {}) if self._constant_matrices and warm_start else None
+            z, lam, status = solve_qp(name, P, q, A, b, self.n_eq, solver_options, state)
             if status != cp.OPTIMAL and solver is None and name != FALLBACK_SOLVER:
                 # The fast default solver stopped short (badly scaled data, ...): the robust one decides.
                 name = FALLBACK_SOLVER
@@ -384,6 +406,7 @@ class QPProgram:
         """Drop the kept active sets and factorizations: the next :meth:`solve` calls the QP solver."""
         self._last_active.clear()
         self._factor_cache.clear()
+        self._solver_state.clear()
 
     # ------------------------------------------------------------ derivative
 

@@ -41,6 +41,7 @@ def test_every_qp_solver_gives_the_same_gradient(solver):
 
 def test_sparse_factorization(monkeypatch):
     monkeypatch.setattr(cbo.qp, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(cbo.qp, "DENSE_FILL_LIMIT", 0)
     case = random_qp(30, seed=6)
     problem = cbo.BilevelProblem(case.problem.inner, case.problem.parameters, case.problem.variables,
                                  outer=case.problem.outer)
@@ -71,8 +72,8 @@ def test_a_wrong_active_set_from_the_solver_is_corrected(monkeypatch):
     real = cbo.qp.solve_qp
     polishes = []
 
-    def wrong(name, P, q, A, b, n_eq, options=None):
-        z, lam, status = real(name, P, q, A, b, n_eq, options)
+    def wrong(name, P, q, A, b, n_eq, options=None, state=None):
+        z, lam, status = real(name, P, q, A, b, n_eq, options, state)
         lam = lam.copy()
         lam[n_eq + np.argmax(lam[n_eq:])] = 0.0
         return z, lam, status

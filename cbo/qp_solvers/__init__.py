@@ -1,6 +1,6 @@
 """QP solvers called directly on the compiled data of :mod:`cbo.qp`, one module per backend.
 
-Every backend's ``solve(P, q, A, b, n_eq, options)`` solves
+Every backend's ``solve(P, q, A, b, n_eq, options, state)`` solves
 
     min_z 1/2 z^T P z + q^T z   s.t.  A z + b in {0}^p x R_+^(m - p)
 
@@ -27,7 +27,9 @@ __all__ = ["QP_SOLVERS", "solve_qp"]
 QP_SOLVERS: dict[str, ModuleType] = {"CLARABEL": clarabel, "DAQP": daqp, "PIQP": piqp}
 
 
-def solve_qp(name: str, P, q, A, b, n_eq: int, options: dict | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Solve the QP above with backend ``name`` and ``options`` on top of its tight defaults."""
+def solve_qp(name: str, P, q, A, b, n_eq: int, options: dict | None = None, state: dict | None = None
+             ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Solve the QP above with backend ``name`` and ``options`` on top of its tight defaults. ``state``, a
+    dict the caller keeps while P and A stay the same, lets a backend warm-start (DAQP keeps its model)."""
     backend = QP_SOLVERS[name]
-    return backend.solve(P, q, A, b, n_eq, {**backend.DEFAULT_OPTIONS, **(options or {})})
+    return backend.solve(P, q, A, b, n_eq, {**backend.DEFAULT_OPTIONS, **(options or {})}, state)

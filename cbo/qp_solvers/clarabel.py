@@ -1,6 +1,6 @@
 """Clarabel (interior point, conic; sparse), called directly.
 
-``solve(P, q, A, b, n_eq, options) -> (z, lam, status)`` for
+``solve(P, q, A, b, n_eq, options, state) -> (z, lam, status)`` for
 min 1/2 z'Pz + q'z s.t. A z + b in {0}^n_eq x R_+^(m - n_eq); see :mod:`cbo.qp_solvers`.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ __all__ = ["solve", "DEFAULT_OPTIONS"]
 DEFAULT_OPTIONS = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktratio": 1e-8, "max_iter": 200}
 
 
-def solve(P, q, A, b, n_eq, options):
+def solve(P, q, A, b, n_eq, options, state=None):
     """Clarabel solves min 1/2 z'Pz + q'z s.t. A_c z + s = b_c, s in K with P upper triangular: here
     A_c = -A, b_c = b, K = zero cone x nonnegative cone; its dual z is lam."""
     import clarabel

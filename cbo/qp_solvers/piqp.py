@@ -1,6 +1,6 @@
 """PIQP (proximal interior point; dense or sparse), called directly.
 
-``solve(P, q, A, b, n_eq, options) -> (z, lam, status)`` for
+``solve(P, q, A, b, n_eq, options, state) -> (z, lam, status)`` for
 min 1/2 z'Pz + q'z s.t. A z + b in {0}^n_eq x R_+^(m - n_eq); see :mod:`cbo.qp_solvers`.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ __all__ = ["solve", "DEFAULT_OPTIONS"]
 DEFAULT_OPTIONS = {"eps_abs": 1e-10, "eps_rel": 1e-10}
 
 
-def solve(P, q, A, b, n_eq, options):
+def solve(P, q, A, b, n_eq, options, state=None):
     """PIQP solves min 1/2 z'Pz + c'z s.t. A_eq z = b_eq, h_l <= G z <= h_u: here A_eq z = -b on the
     equality rows and G = -A <= b on the others. Its multipliers y (equalities) and z_u - z_l enter
     P z + c + A_eq^T y + G^T (z_u - z_l) = 0, so lam = (-y, z_u - z_l)."""
