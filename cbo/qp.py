@@ -38,6 +38,7 @@ is that constraint's ``dual_value``. Per call only numbers move:
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -66,13 +67,17 @@ DENSE_LIMIT, DENSE_FILL_LIMIT, DENSE_FILL_DENSITY = 600, 4000, 0.02
 # Default QP solver (benchmarks/qp_solvers.py): DAQP, a dense active-set method, for QPs with n + m up to
 # SMALL_QP, and up to WARM_DAQP_LIMIT where P and A are constant (its model is set up once and restarts
 # from the previous working set: 2.7 ms at n = 1000 against 100-200 ms for the interior-point solvers);
-# PIQP, a proximal interior-point method (dense or sparse, like the data), above (on banded sparse QPs
-# 1.4-2.2x faster than Clarabel at n = 1000-20000).
+# above, PIQP (proximal interior point) on dense data and Clarabel on sparse data. PIQP is 1.4-2.2x
+# faster than Clarabel on banded sparse QPs but 10x slower where the sparse factorization fills in
+# (n = 5000 with a random pattern: 187 s against 17 s), which the size and density do not tell apart.
 SMALL_QP, WARM_DAQP_LIMIT = 400, 2500
 # The solver that decides where the default one does not return "optimal" (Clarabel equilibrates its data).
 FALLBACK_SOLVER = "CLARABEL"
 # Parameter maps with at most this many entries (rows x parameters) are stored dense.
 DENSE_MAP_LIMIT = 200_000
+# Dense factorizations of K_S with this many rows run on one BLAS thread (_blas_threads).
+SINGLE_THREAD_SIZES = (64, 2000)
+_THREADPOOLS = None
 # A multiplier or slack below -SIGN_TOL (equilibrated, relative units) is a sign the polish contradicts.
 SIGN_TOL = 1e-9
 # K_S counts as singular below this reciprocal condition number (of its equilibrated form).
@@ -88,7 +93,7 @@ def _default_solver(size: int, dense: bool, constant_matrices: bool) -> str:
     """The QP solver called by default for a QP with ``size`` = n + m (see SMALL_QP)."""
     if size <= SMALL_QP or (dense and constant_matrices and size <= WARM_DAQP_LIMIT):
         return "DAQP"
-    return "PIQP"
+    return "PIQP" if dense else "CLARABEL"
 
 
 def _factor_densely(size: int, nonzeros: int) -> bool:
@@ -143,6 +148,22 @@ class _Factor:
         return self.matrix.shape[0]
 
 
+@contextlib.contextmanager
+def _blas_threads(size: int):
+    """One BLAS thread for a mid-sized dense factorization: with several threads, OpenBLAS's LU of a
+    140-600-row matrix stalled for ~0.1 s on a busy 2-core machine (no speed-up to lose at these sizes)."""
+    if not SINGLE_THREAD_SIZES[0] <= size <= SINGLE_THREAD_SIZES[1]:
+        yield
+        return
+    global _THREADPOOLS
+    if _THREADPOOLS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _THREADPOOLS = ThreadpoolController()
+    with _THREADPOOLS.limit(limits=1, user_api="blas"):
+        yield
+
+
 def _factor(K) -> _Factor:
     """Factor K_S with row/column equilibration D K D (D = 1/sqrt(max |row|)), so that the
     reciprocal condition number does not depend on the scales of the variables and constraints:
@@ -161,7 +182,8 @@ def _factor(K) -> _Factor:
         return _Factor(lambda rhs: d * lu.solve(d * rhs), rcond, K, "sparse LU (SuperLU)")
     d = 1.0 / np.sqrt(np.maximum(np.abs(K).max(axis=1), 1e-300))
     scaled = d[:, None] * K * d[None, :]
-    lu, piv, info = la.lapack.dgetrf(scaled)
+    with _blas_threads(K.shape[0]):
+        lu, piv, info = la.lapack.dgetrf(scaled)
     if info > 0:
         raise GeneralPathNeeded("the active-set KKT matrix is singular")
     rcond, _ = la.lapack.dgecon(lu, np.abs(scaled).sum(axis=0).max(), norm="1")
@@ -234,8 +256,8 @@ class QPProgram:
         # Warm-start state, per batch item: the last active set and, while P and A are constant, its factorization.
         self._last_active: dict[int, np.ndarray] = {}
         self._factor_cache: dict[bytes, _Factor] = {}
-        self._constant_scales: tuple[np.ndarray, np.ndarray] | None = None
-        self._solver_state: dict[int, dict] = {}
+        self._scales_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._solver_state: dict = {}
 
     # ------------------------------------------------------------ data
 
@@ -291,16 +313,17 @@ class QPProgram:
         start = time.perf_counter()
         theta, graph = self.theta(x)
         P, q, A, b = self.data(theta)
-        scales = self._scales(P, A)
         point = None
         last = self._last_active.get(item) if warm_start else None
         if last is not None:
-            point = self._try_active_set(P, q, A, b, last, active_tol, scales)
+            point = self._try_active_set(P, q, A, b, last, active_tol, self._scales(P, A, fresh=False))
         solved = time.perf_counter()
         if point is None:
+            scales = self._scales(P, A, fresh=True)
             name = (solver or self.default_solver).upper()
-            # A solver that warm-starts (DAQP's working set) keeps its state per item while P and A are constant.
-            state = self._solver_state.setdefault(item, {}) if self._constant_matrices and warm_start else None
+            # A solver that warm-starts (DAQP's working set) keeps its state while P and A are constant: one
+            # state for all items of a batch (the model's set-up is O(n^3); items start from each other's answers).
+            state = self._solver_state if self._constant_matrices and warm_start else None
             z, lam, status = solve_qp(name, P, q, A, b, self.n_eq, solver_options, state)
             if status != cp.OPTIMAL and solver is None and name != FALLBACK_SOLVER:
                 # The fast default solver stopped short (badly scaled data, ...): the robust one decides.
@@ -318,13 +341,13 @@ class QPProgram:
                          "polish": time.perf_counter() - (solved if point.how != "active set reused" else start)}
         return point
 
-    def _scales(self, P, A) -> tuple[np.ndarray, np.ndarray]:
-        """The equilibration of K at (P, A): computed once while P and A do not depend on the parameters."""
-        if not self._constant_matrices:
-            return equilibration(P, A)
-        if self._constant_scales is None:
-            self._constant_scales = equilibration(P, A)
-        return self._constant_scales
+    def _scales(self, P, A, fresh: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The equilibration of K at (P, A), for the thresholds of :func:`classify_rows`: computed once while P
+        and A are constant; else at every solver call (``fresh``), and reused when a previous active set is
+        tried (thresholds need the scales' orders of magnitude, not their last digits)."""
+        if self._scales_cache is None or (fresh and not self._constant_matrices):
+            self._scales_cache = equilibration(P, A)
+        return self._scales_cache
 
     def _describe_rows(self, rows: np.ndarray) -> str:
         """Names of inequality rows of the QP: the problem's constraint entries, or rows cvxpy added."""
