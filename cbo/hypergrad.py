@@ -330,10 +330,11 @@ def _unrolled_or_penalty_gradients(problem, xs, op, method, options: Options):
 
 def qp_active_set(program, point: QPPoint) -> ActiveSet:
     """The fast path's active and weakly active rows as entries of the problem's stacked inequalities."""
-    entries = lambda rows: np.flatnonzero(np.isin(program.mu_index, program.n_eq + np.flatnonzero(rows)))  # noqa: E731
-    weak = [int(i) for i in entries(point.weak)] if point.weak is not None else []
-    return ActiveSet(torch.as_tensor(entries(point.active), dtype=torch.long), weak,
-                     {i: program.problem.constraint_label(i) for i in weak})
+    active = torch.as_tensor(program.entries(np.flatnonzero(point.active)), dtype=torch.long)
+    if point.weak is None or not point.weak.any():
+        return ActiveSet(active)
+    weak = [int(i) for i in program.entries(np.flatnonzero(point.weak))]
+    return ActiveSet(active, weak, {i: program.problem.constraint_label(i) for i in weak})
 
 
 def qp_licq(point: QPPoint) -> LICQInfo:

@@ -253,6 +253,9 @@ class QPProgram:
         rows = lambda blocks: np.concatenate([rows_of[form.constraint_ids[b.constraint.id]] for b in blocks]  # noqa: E731
                                              or [np.zeros(0, int)])
         self.mu_index, self.nu_index = rows(problem.inequalities), rows(problem.equalities)
+        # The problem's stacked inequality entry of each inequality row of the QP (-1: a row cvxpy added).
+        self.row_entry = np.full(self.m - self.n_eq, -1)
+        self.row_entry[self.mu_index - self.n_eq] = np.arange(self.mu_index.size)
         # Warm-start state, per batch item: the last active set and, while P and A are constant, its factorization.
         self._last_active: dict[int, np.ndarray] = {}
         self._factor_cache: dict[bytes, _Factor] = {}
@@ -319,19 +322,18 @@ class QPProgram:
             point = self._try_active_set(P, q, A, b, last, active_tol, self._scales(P, A, fresh=False))
         solved = time.perf_counter()
         if point is None:
-            scales = self._scales(P, A, fresh=True)
             name = (solver or self.default_solver).upper()
-            # A solver that warm-starts (DAQP's working set) keeps its state while P and A are constant: one
-            # state for all items of a batch (the model's set-up is O(n^3); items start from each other's answers).
+            # Solvers keep their set-up (DAQP's model and working set, Clarabel's factorization structure) while
+            # P and A are constant: one state for all items of a batch (items start from each other's answers).
             state = self._solver_state if self._constant_matrices and warm_start else None
             z, lam, status = solve_qp(name, P, q, A, b, self.n_eq, solver_options, state)
             if status != cp.OPTIMAL and solver is None and name != FALLBACK_SOLVER:
                 # The fast default solver stopped short (badly scaled data, ...): the robust one decides.
                 name = FALLBACK_SOLVER
-                z, lam, status = solve_qp(name, P, q, A, b, self.n_eq)
+                z, lam, status = solve_qp(name, P, q, A, b, self.n_eq)  # no state: a fresh set-up, with presolve
             check_status(status, name)
             solved = time.perf_counter()
-            point = self._solved(P, q, A, b, z, lam, name, status, active_tol, scales, where)
+            point = self._solved(P, q, A, b, z, lam, name, status, active_tol, self._scales(P, A, fresh=True), where)
         self._last_active[item] = point.active
         point.lifted = graph
         point.y = point.z[self.y_index]
@@ -349,9 +351,15 @@ class QPProgram:
             self._scales_cache = equilibration(P, A)
         return self._scales_cache
 
+    def entries(self, rows: np.ndarray) -> np.ndarray:
+        """The problem's stacked inequality entries of the QP's inequality rows ``rows`` (rows cvxpy added
+        left out), in increasing order."""
+        entries = self.row_entry[rows]
+        return np.sort(entries[entries >= 0])
+
     def _describe_rows(self, rows: np.ndarray) -> str:
         """Names of inequality rows of the QP: the problem's constraint entries, or rows cvxpy added."""
-        entries = np.flatnonzero(np.isin(self.mu_index, self.n_eq + rows))
+        entries = self.entries(rows)
         internal = rows.size - entries.size
         parts = [self.problem.describe_entries(entries)] if entries.size else []
         if internal:
@@ -567,16 +575,16 @@ def equilibration(P, A, rounds: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Ruiz scales (d_z, d_rows) of K = [[P, A^T], [A, 0]] over all rows of A: D K D has rows of max-norm ~1,
     so that the scales of the variables, of the rows and of the objective drop out."""
     n, m = P.shape[0], A.shape[0]
-    if sp.issparse(P) or sp.issparse(A):
-        K = abs(sp.block_array([[sp.csr_array(P), sp.csr_array(A).T], [sp.csr_array(A), None]], format="csr"))
-        row_max = lambda d: np.asarray(K.multiply(d[None, :]).max(axis=1).toarray()).ravel() * d  # noqa: E731
-    else:
-        K = np.abs(np.block([[P, A.T], [A, np.zeros((m, m))]]))
-        row_max = lambda d: (K * d[None, :]).max(axis=1) * d  # noqa: E731
+    K = sp.csr_array(sp.block_array([[sp.csr_array(P), sp.csr_array(A).T], [sp.csr_array(A), None]]))
+    K.sum_duplicates()
+    magnitudes, columns = np.abs(K.data), K.indices
+    starts = K.indptr[:-1]
+    filled = np.diff(K.indptr) > 0
     d = np.ones(n + m)
     for _ in range(rounds):
-        r = row_max(d)
-        d = np.where(r > 0, d / np.sqrt(np.where(r > 0, r, 1.0)), d)
+        row_max = np.zeros(n + m)
+        row_max[filled] = np.maximum.reduceat(magnitudes * d[columns], starts[filled]) * d[filled]
+        d = np.where(row_max > 0, d / np.sqrt(np.where(row_max > 0, row_max, 1.0)), d)
     return d[:n], d[n:]
 
 
