@@ -117,7 +117,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import cbo  # noqa: E402
 from cvxpylayers.torch import CvxpyLayer  # noqa: E402
-from vs_cvxpylayers import ACTIVE_FRACTION, PERTURBATION, ForeignLoad, QPData, build_inner, make_qp, reference_gradient  # noqa: E402,E501
+from vs_cvxpylayers import ForeignLoad, QPData, build_inner, make_qp, qp_around_optimum, reference_gradient  # noqa: E402,E501
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "benchmarks" / "output" / "fast_path.md"
@@ -383,6 +383,18 @@ def where_worst(errors, peers) -> list[str]:
 
 # ---------------------------------------------------------------- section 1: dense QP, cbo.hypergrad
 
+def sequence_notes(where: str, methods: list[Method], errors, peers: list[Method]) -> list[str]:
+    """The notes of one sequence (warnings, errors, the worst peer disagreements); then the methods'
+    per-sequence records are cleared for the next sequence."""
+    notes = [f"{where}: {m.note()}" for m in methods if m.note()]
+    notes += [f"{where}: {text}" for text in where_worst(errors, peers)]
+    for m in methods:
+        if not m.disabled:
+            m.errors.clear()
+        m.warnings.clear()
+    return notes
+
+
 def dense_qp(n: int, rng: np.random.Generator):
     """The dense QP of the module docstring: (cvxpy problem factory, x0, target)."""
     m, p = n // 2, max(1, n // 10)
@@ -509,12 +521,7 @@ def section_dense(args, bar: tqdm) -> list[str]:
                 grad_rows.append([n, mode, *(f"{sci(med)} / {sci(mx)}" for med, mx, _ in errors),
                                   f"{sci(max(cg_errors))} ({len(cg_errors)} calls)" if cg_errors else "—",
                                   f"{construction * 1e3:.1f} ms"])
-                notes += [f"n={n}, {mode}: {m.note()}" for m in methods if m.note()]
-                notes += [f"n={n}, {mode}: {text}" for text in where_worst(errors, peers)]
-                for m in methods:
-                    if not m.disabled:
-                        m.errors.clear()
-                    m.warnings.clear()
+                notes += sequence_notes(f"n={n}, {mode}", methods, errors, peers)
             except Exception as err:  # noqa: BLE001
                 timing_rows.append([n, mode, error_text(err)] + [""] * 9)
                 traceback.print_exc()
@@ -625,12 +632,7 @@ def section_layer(args, bar: tqdm) -> list[str]:
                 errors = [peer_errors(ours, p) for p in peers]
                 grad_rows.append([n, mode, *(f"{sci(med)} / {sci(mx)}" for med, mx, _ in errors), reference_error,
                                   f"{construction:.2f} s"])
-                notes += [f"n={n}, {mode}: {m.note()}" for m in methods if m.note()]
-                notes += [f"n={n}, {mode}: {text}" for text in where_worst(errors, peers)]
-                for m in methods:
-                    if not m.disabled:
-                        m.errors.clear()
-                    m.warnings.clear()
+                notes += sequence_notes(f"n={n}, {mode}", methods, errors, peers)
             except Exception as err:  # noqa: BLE001
                 timing_rows.append([n, mode, error_text(err)] + [""] * 9)
                 traceback.print_exc()
@@ -785,16 +787,7 @@ def make_banded_qp(n: int, batch: int, rng: np.random.Generator) -> QPData:
     m, p = n // 2, n // 10
     M = sp.diags([rng.standard_normal(n - k) for k in range(3)], offsets=[0, 1, 2])
     P = (M.T @ M + sp.eye(n)).tocsc()
-    G, C = local_rows(m, n, rng), local_rows(p, n, rng)
-    y0 = rng.standard_normal(n)
-    active = rng.choice(m, size=int(round(ACTIVE_FRACTION * m)), replace=False)
-    mu0 = np.zeros(m)
-    mu0[active] = rng.uniform(0.5, 1.5, active.size)
-    slack = rng.uniform(0.5, 1.5, m)
-    slack[active] = 0.0
-    q0 = -(P @ y0 + G.T @ mu0 + C.T @ rng.standard_normal(p))
-    return QPData(P=P, G=G, h=G @ y0 + slack, C=C, d=C @ y0, q=q0 + PERTURBATION * rng.standard_normal((batch, n)),
-                  r=PERTURBATION * rng.standard_normal((batch, m)), W=rng.standard_normal((batch, n)))
+    return qp_around_optimum(P, local_rows(m, n, rng), local_rows(p, n, rng), batch, rng)
 
 
 SCALE_PATTERNS = {"banded": make_banded_qp, "random": make_qp}

@@ -108,7 +108,13 @@ def make_qp(n: int, batch: int, rng: np.random.Generator) -> QPData:
     m, p = n // 2, n // 10
     M = sp.random(n, n, density=NONZEROS_PER_ROW / n, random_state=rng, data_rvs=rng.standard_normal)
     P = (M.T @ M + sp.eye(n)).tocsc()
-    G, C = sparse_rows(m, n, rng), sparse_rows(p, n, rng)
+    return qp_around_optimum(P, sparse_rows(m, n, rng), sparse_rows(p, n, rng), batch, rng)
+
+
+def qp_around_optimum(P, G, C, batch: int, rng: np.random.Generator) -> QPData:
+    """The QP with matrices P, G, C whose optimum at (q0, r = 0) is a random y0 with a random half of the
+    inequalities tight (multipliers U(0.5, 1.5)), the others with slack U(0.5, 1.5); and its batch."""
+    n, m, p = P.shape[0], G.shape[0], C.shape[0]
     y0 = rng.standard_normal(n)
     active = rng.choice(m, size=int(round(ACTIVE_FRACTION * m)), replace=False)
     mu0 = np.zeros(m)
