@@ -20,14 +20,17 @@ is that constraint's ``dual_value``. Per call only numbers move:
    and accepted when lam_S > 0 and the other rows are strictly feasible: these
    are the KKT conditions of a convex QP, so (z, lam) *is* the solution.
    Otherwise the QP solver (:mod:`cbo.qp_solvers`) runs and the solve above,
-   on the solver's active set, polishes its answer to machine precision.
+   on the solver's active set, polishes its answer to machine precision; where
+   the polish contradicts a sign (a row the solver's tolerance left undecided),
+   primal-dual active-set steps correct the set. Weakly active rows (a zero
+   multiplier on a tight constraint) stay inactive, with the general route's
+   :class:`~cbo.errors.DegenerateKKTWarning`.
 3. **One factorization** of K_S serves the polish, the checks and the adjoint.
    Since P is positive semidefinite, K_S is nonsingular exactly when the active
    rows are independent (LICQ) and P is positive definite on their null space
    (a unique y*): its reciprocal condition number is the check. Where it fails,
-   or where a constraint is weakly active, :class:`GeneralPathNeeded` hands
-   the call to the general route of :mod:`cbo.kkt`, which says which of the two
-   failed and what to do.
+   :class:`GeneralPathNeeded` hands the call to the general route of
+   :mod:`cbo.kkt`, which says which of the two failed and what to do.
 4. **Adjoint**: K_S [v_z; v_omega] = [dF/dz; 0], and differentiating the KKT
    conditions gives the gradient in the data
 
@@ -85,8 +88,8 @@ SINGULAR_RCOND = 1e-13
 
 
 class GeneralPathNeeded(Exception):
-    """The fast path cannot certify this point (weakly active constraint, singular or ill-conditioned
-    K_S, an active set the polish contradicts): the general route of :mod:`cbo.kkt` takes the call."""
+    """The fast path cannot certify this point (K_S singular or ill-conditioned, an active set the polish
+    keeps contradicting): the general route of :mod:`cbo.kkt` takes the call and diagnoses it."""
 
 
 def _default_solver(size: int, dense: bool, constant_matrices: bool) -> str:
