@@ -249,8 +249,8 @@ class QPProgram:
         self._constant_matrices = self._P.value is not None and self._A.value is not None
         self.dense = _factor_densely(n + m, self._P_pos[0].size + 2 * self._A_pos[0].size)
         self.default_solver = _default_solver(n + m, self.dense, self._constant_matrices)
-        self._P_const = self._assemble_P(self._P.value) if self._P.value is not None else None
-        self._A_const = self._assemble_A(self._A.value) if self._A.value is not None else None
+        self._P_const = self._assemble(self._P.value, self._P_pos, (n, n)) if self._P.value is not None else None
+        self._A_const = self._assemble(self._A.value, self._A_pos, (m, n)) if self._A.value is not None else None
         self.y_index = _variable_index(problem.all_variables, pp, chain)
         rows_of = _constraint_rows(pp, chain)
         rows = lambda blocks: np.concatenate([rows_of[form.constraint_ids[b.constraint.id]] for b in blocks]  # noqa: E731
@@ -283,24 +283,18 @@ class QPProgram:
         theta[-1] = 1.0
         return theta, graph
 
-    def _assemble_P(self, values):
+    def _assemble(self, values: np.ndarray, positions: tuple, shape: tuple):
+        """The matrix with ``values`` at ``positions``: dense, or sparse (CSR) for sparse programs."""
         if self.dense:
-            P = np.zeros((self.n, self.n))
-            np.add.at(P, self._P_pos, values)
-            return P
-        return sp.csc_array((values, self._P_pos), shape=(self.n, self.n))
-
-    def _assemble_A(self, values):
-        if self.dense:
-            A = np.zeros((self.m, self.n))
-            np.add.at(A, self._A_pos, values)
-            return A
-        return sp.csr_array((values, self._A_pos), shape=(self.m, self.n))
+            matrix = np.zeros(shape)
+            np.add.at(matrix, positions, values)
+            return matrix
+        return sp.csr_array((values, positions), shape=shape)
 
     def data(self, theta: np.ndarray):
         """(P, q, A, b) at theta."""
-        P = self._P_const if self._P_const is not None else self._assemble_P(self._P(theta))
-        A = self._A_const if self._A_const is not None else self._assemble_A(self._A(theta))
+        P = self._P_const if self._P_const is not None else self._assemble(self._P(theta), self._P_pos, (self.n, self.n))
+        A = self._A_const if self._A_const is not None else self._assemble(self._A(theta), self._A_pos, (self.m, self.n))
         return P, self._q(theta), A, self._b(theta)
 
     # ------------------------------------------------------------ solve
