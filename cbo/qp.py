@@ -78,6 +78,10 @@ SMALL_QP, WARM_DAQP_LIMIT = 400, 2500
 FALLBACK_SOLVER = "CLARABEL"
 # Parameter maps with at most this many entries (rows x parameters) are stored dense.
 DENSE_MAP_LIMIT = 200_000
+# Dense programs with at least this many variables, constant P and A and P positive definite solve K_S in
+# range-space form (P factored once, then the Schur complement A_S P^-1 A_S^T per active set: at n = 1000,
+# about 4x cheaper than an LU of K_S); smaller ones factor K_S whole.
+RANGE_SPACE_MIN = 200
 # Dense factorizations of K_S with this many rows run on one BLAS thread (_blas_threads).
 SINGLE_THREAD_SIZES = (64, 2000)
 _THREADPOOLS = None
@@ -138,17 +142,15 @@ class _AffineMap:
 
 @dataclass
 class _Factor:
-    """An LU factorization of the matrix K_S (dense or sparse), its kind and reciprocal condition number."""
+    """A factorization of K_S: its solve, its product (for residuals), its kind and reciprocal condition
+    number, and the rows of A in K_S (the equalities, then the active inequalities)."""
 
     solve: Callable[[np.ndarray], np.ndarray]
     rcond: float
-    matrix: np.ndarray | sp.csc_array
+    matvec: Callable[[np.ndarray], np.ndarray]
+    size: int
     kind: str
-    rows: np.ndarray | None = None  # the rows of A in K_S: the equalities, then the active inequalities
-
-    @property
-    def size(self) -> int:
-        return self.matrix.shape[0]
+    rows: np.ndarray | None = None
 
 
 @contextlib.contextmanager
@@ -182,7 +184,7 @@ def _factor(K) -> _Factor:
             raise GeneralPathNeeded("the active-set KKT matrix is singular") from None
         diag = np.abs(lu.U.diagonal())
         rcond = float(diag.min() / diag.max()) if diag.size else 1.0
-        return _Factor(lambda rhs: d * lu.solve(d * rhs), rcond, K, "sparse LU (SuperLU)")
+        return _Factor(lambda rhs: d * lu.solve(d * rhs), rcond, K.__matmul__, K.shape[0], "sparse LU (SuperLU)")
     d = 1.0 / np.sqrt(np.maximum(np.abs(K).max(axis=1), 1e-300))
     scaled = d[:, None] * K * d[None, :]
     with _blas_threads(K.shape[0]):
@@ -190,7 +192,38 @@ def _factor(K) -> _Factor:
     if info > 0:
         raise GeneralPathNeeded("the active-set KKT matrix is singular")
     rcond, _ = la.lapack.dgecon(lu, np.abs(scaled).sum(axis=0).max(), norm="1")
-    return _Factor(lambda rhs: d * la.lapack.dgetrs(lu, piv, d * rhs)[0], float(rcond), K, "dense LU (LAPACK)")
+    return _Factor(lambda rhs: d * la.lapack.dgetrs(lu, piv, d * rhs)[0], float(rcond), K.__matmul__, K.shape[0],
+                   "dense LU (LAPACK)")
+
+
+def _range_space_factor(L: np.ndarray, W: np.ndarray, P: np.ndarray, A_S: np.ndarray, rows: np.ndarray) -> _Factor:
+    r"""K_S by its range-space (Schur complement) form, for P = L L^T positive definite and W = L^{-1} A^T:
+
+        G omega = W_S^T u - r_2,   u = L^{-1} r_1,   z = L^{-T} (u - W_S omega),   G = W_S^T W_S = A_S P^{-1} A_S^T,
+
+    solves K_S [z; omega] = [r_1; r_2]. G (k x k) is factored by Cholesky after a Jacobi scaling; K_S is
+    nonsingular exactly when G is (LICQ), and G's reciprocal condition number is the check."""
+    W_S = W[:, rows]
+    G = W_S.T @ W_S
+    d = 1.0 / np.sqrt(np.maximum(np.diag(G), 1e-300))
+    scaled = d[:, None] * G * d[None, :]
+    with _blas_threads(G.shape[0]):
+        C, info = la.lapack.dpotrf(scaled, lower=1)
+    if info != 0:
+        raise GeneralPathNeeded("the active constraints are dependent (LICQ fails)")
+    rcond, _ = la.lapack.dpocon(C, np.abs(scaled).sum(axis=0).max(), uplo="L")
+    n = L.shape[0]
+
+    def solve(rhs: np.ndarray) -> np.ndarray:
+        u = la.solve_triangular(L, rhs[:n], lower=True, check_finite=False)
+        omega = d * la.lapack.dpotrs(C, d * (W_S.T @ u - rhs[n:]), lower=1)[0]
+        z = la.solve_triangular(L, u - W_S @ omega, lower=True, trans="T", check_finite=False)
+        return np.concatenate([z, omega])
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        return np.concatenate([P @ v[:n] + A_S.T @ v[n:], A_S @ v[:n]])
+
+    return _Factor(solve, float(rcond), matvec, n + rows.size, "range space (Cholesky of P and of A_S P^-1 A_S^T)")
 
 
 @dataclass
@@ -263,6 +296,7 @@ class QPProgram:
         self._last_active: dict[int, np.ndarray] = {}
         self._factor_cache: dict[bytes, _Factor] = {}
         self._scales_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._range_space: tuple[np.ndarray, np.ndarray] | bool | None = None
         self._solver_state: dict = {}
 
     # ------------------------------------------------------------ data
@@ -340,6 +374,20 @@ class QPProgram:
                          "polish": time.perf_counter() - (solved if point.how != "active set reused" else start)}
         return point
 
+    def _range_space_basis(self, P, A) -> tuple[np.ndarray, np.ndarray] | None:
+        """(L, W = L^{-1} A^T) with P = L L^T, computed once, for the range-space factorization of K_S
+        (:func:`_range_space_factor`): for dense programs of at least RANGE_SPACE_MIN variables whose P
+        and A are constant and P positive definite. None otherwise (then K_S is factored whole)."""
+        if self._range_space is None:
+            self._range_space = False
+            if self.dense and self._constant_matrices and self.n >= RANGE_SPACE_MIN:
+                with _blas_threads(self.n):
+                    L, info = la.lapack.dpotrf(P, lower=1)
+                if info == 0:
+                    L = np.tril(L)
+                    self._range_space = (L, la.solve_triangular(L, A.T, lower=True, check_finite=False))
+        return self._range_space or None
+
     def _scales(self, P, A, fresh: bool) -> tuple[np.ndarray, np.ndarray]:
         """The equilibration of K at (P, A), for the thresholds of :func:`classify_rows`: computed once while P
         and A are constant; else at every solver call (``fresh``), and reused when a previous active set is
@@ -370,13 +418,16 @@ class QPProgram:
             return self._factor_cache[key]
         rows = np.concatenate([np.arange(self.n_eq), self.n_eq + np.flatnonzero(active)])
         A_S = A[rows]
-        if self.dense:
+        basis = self._range_space_basis(P, A)
+        if basis is not None:
+            factor = _range_space_factor(*basis, P, A_S, rows)
+        elif self.dense:
             k = A_S.shape[0]
             K = np.zeros((self.n + k, self.n + k))
             K[: self.n, : self.n], K[self.n:, : self.n], K[: self.n, self.n:] = P, A_S, A_S.T
+            factor = _factor(K)
         else:
-            K = sp.block_array([[P, A_S.T], [A_S, None]], format="csc")
-        factor = _factor(K)
+            factor = _factor(sp.block_array([[P, A_S.T], [A_S, None]], format="csc"))
         factor.rows = rows
         if factor.rcond < SINGULAR_RCOND:
             raise GeneralPathNeeded(f"the active-set KKT matrix is singular (rcond {factor.rcond:.1e})")
@@ -462,7 +513,7 @@ class QPProgram:
         rhs = np.zeros(point.factor.size)
         rhs[self.y_index] = dF_dy
         norm = float(np.linalg.norm(rhs))
-        return float(np.linalg.norm(point.factor.matrix @ point.adjoint - rhs)) / norm if norm else 0.0
+        return float(np.linalg.norm(point.factor.matvec(point.adjoint) - rhs)) / norm if norm else 0.0
 
     def _split(self, d_theta: np.ndarray, graph: "_LiftedGraph | None") -> list[np.ndarray]:
         """dF/dtheta as dF/dx per listed parameter; lifted parameters by the chain rule through their graph."""

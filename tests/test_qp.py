@@ -52,6 +52,22 @@ def test_sparse_factorization(monkeypatch):
     assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
 
 
+def test_range_space_factorization(monkeypatch):
+    """P positive definite and constant: K_S solved through the Cholesky factors of P and of A_S P^-1 A_S^T."""
+    monkeypatch.setattr(cbo.qp, "RANGE_SPACE_MIN", 0)
+    case = random_qp(24, seed=14)
+    problem = cbo.BilevelProblem(case.problem.inner, case.problem.parameters, case.problem.variables,
+                                 outer=case.problem.outer)
+    case.problem = problem
+    grad, info = fast(case)
+    assert info.linear_solve.extra["factorization"].startswith("range space")
+    assert info.linear_solve.residual < 1e-12 and info.kkt_residual < 1e-10
+    assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
+    case.x = [case.x[0] + 3.0 * np.sign(case.x[0]), case.x[1]]  # a new active set: a new Schur complement
+    grad, info = fast(case)
+    assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
+
+
 def test_reused_active_set_is_exact_and_a_changed_one_is_solved():
     case = random_qp(16, seed=7)
     fast(case)
