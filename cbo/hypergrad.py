@@ -235,10 +235,9 @@ def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: d
     device = xs[0].device
 
     def gradient(dF_dx, dF_dy):
-        dF_dy = dF_dy.cpu().numpy()
-        implicit = program.vjp(point, dF_dy)
+        implicit = program.vjp(point, dF_dy.cpu().numpy())
         grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
-        return grads, qp_solve_info(program, point, dF_dy)
+        return grads, qp_solve_info([point])
 
     info = dict(method="direct", solver=point.how, solver_status=point.status,
                 mu=torch.as_tensor(point.mu, device=device), nu=torch.as_tensor(point.nu, device=device),
@@ -344,10 +343,11 @@ def qp_licq(point: QPPoint) -> LICQInfo:
     return LICQInfo(n_rows, n_rows, point.factor.rcond)
 
 
-def qp_solve_info(program, point: QPPoint, dF_dy: np.ndarray) -> SolveInfo:
-    """The adjoint solve's true relative residual on K_S."""
-    residual = program.adjoint_residual(point, dF_dy)
-    return SolveInfo("direct", True, 1, residual, 0.0, {"factorization": point.factor.kind, "rcond": point.factor.rcond})
+def qp_solve_info(points: Sequence[QPPoint]) -> SolveInfo:
+    """The fast path's adjoint solves (after :meth:`cbo.qp.QPProgram.vjp`): the largest true relative
+    residual on K_S, the kind of factorization and the smallest reciprocal condition number."""
+    return SolveInfo("direct", True, 1, max(p.adjoint_residual for p in points), 0.0,
+                     {"factorization": points[0].factor.kind, "rcond": min(p.factor.rcond for p in points)})
 
 
 def qp_polish_info(point: QPPoint) -> PolishInfo:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .conic import ConeStatus, conic_program
-from .hypergrad import qp_active_set, qp_licq, select_route, uses_qp_path
+from .hypergrad import qp_active_set, qp_licq, qp_polish_info, qp_solve_info, select_route, uses_qp_path
 from .inputs import broadcast_inputs, item_names, timed
 from .inner import BatchSolver, InnerSolution
 from .errors import InnerSolveError
@@ -218,8 +218,8 @@ class _QPArgminFunction(torch.autograd.Function):
                 raise type(err)(f"{item_names(batch_shape)(b)}{err}") from err
         timings = {phase: sum(p.timings[phase] for p in points) for phase in ("inner_solve", "polish")}
         info = LayerInfo(batch_shape, [p.status for p in points], [qp_active_set(program, p) for p in points],
-                         [PolishInfo(1, float("nan"), p.kkt_residual, True, "one solve on the active set")
-                          for p in points], [qp_licq(p) for p in points], [], [p.kkt_residual for p in points],
+                         [qp_polish_info(p) for p in points], [qp_licq(p) for p in points], [],
+                         [p.kkt_residual for p in points],
                          timings=timings, route=layer.route_reason, path="compiled QP",
                          solvers=[p.how for p in points])
         info_box.append(info)
@@ -236,9 +236,7 @@ class _QPArgminFunction(torch.autograd.Function):
         dy = _stacked_output_gradients(problem, grad_outputs, len(ctx.points), torch.float64, "cpu").numpy()
         per_item = [program.vjp(point, dy[b]) for b, point in enumerate(ctx.points)]
         grads = _input_gradients(_stacked_items(per_item), ctx)
-        residual = max(program.adjoint_residual(p, dy[b]) for b, p in enumerate(ctx.points))
-        ctx.info.linear_solve = SolveInfo("direct", True, 1, residual, 0.0,
-                                          {"factorization": ctx.points[0].factor.kind})
+        ctx.info.linear_solve = qp_solve_info(ctx.points)
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
         return (None, None, *grads)
 

@@ -248,7 +248,7 @@ class QPPoint:
     y: np.ndarray | None = None
     mu: np.ndarray | None = None
     nu: np.ndarray | None = None
-    adjoint: np.ndarray | None = None
+    adjoint_residual: float | None = None
     weak: np.ndarray | None = None
     lifted: "_LiftedGraph | None" = None
 
@@ -447,8 +447,8 @@ class QPProgram:
         lam = np.zeros(self.m)
         lam[rows] = -solution[self.n:]
         stationarity = P @ z + q - A.T @ lam
-        slack = A[rows] @ z + b[rows]
-        residual = float(max(np.abs(stationarity).max(initial=0), np.abs(slack).max(initial=0)))
+        active_rows = A[rows] @ z + b[rows]
+        residual = float(max(np.abs(stationarity).max(initial=0), np.abs(active_rows).max(initial=0)))
         force, slack = normalized_complementarity(z, lam, q, A, b, self.n_eq, scales)
         return QPPoint(z, lam, active, factor, how, status, residual), force, slack
 
@@ -490,11 +490,14 @@ class QPProgram:
     # ------------------------------------------------------------ derivative
 
     def vjp(self, point: QPPoint, dF_dy: np.ndarray) -> list[np.ndarray]:
-        """dF/dx for each listed parameter (shaped like it) from dF/dy (stacked like ``point.y``)."""
-        dF_dz = np.zeros(self.n)
-        dF_dz[self.y_index] = dF_dy
+        """dF/dx for each listed parameter (shaped like it) from dF/dy (stacked like ``point.y``); sets
+        ``point.adjoint_residual``, the adjoint solve's relative residual ||K_S v - (dF/dz, 0)|| / ||dF/dz||."""
         rows = point.factor.rows
-        v = point.adjoint = point.factor.solve(np.concatenate([dF_dz, np.zeros(rows.size)]))
+        rhs = np.zeros(point.factor.size)
+        rhs[self.y_index] = dF_dy
+        v = point.factor.solve(rhs)
+        norm = float(np.linalg.norm(rhs))
+        point.adjoint_residual = float(np.linalg.norm(point.factor.matvec(v) - rhs)) / norm if norm else 0.0
         v_z, v_omega = v[: self.n], v[self.n:]
         d_theta = self._q.transpose(-v_z)
         d_b = np.zeros(self.m)
@@ -507,13 +510,6 @@ class QPProgram:
         i, j = self._P_pos
         d_theta += self._P.transpose(-v_z[i] * point.z[j])
         return self._split(d_theta, point.lifted)
-
-    def adjoint_residual(self, point: QPPoint, dF_dy: np.ndarray) -> float:
-        """||K_S v - (dF/dz, 0)|| / ||(dF/dz, 0)|| for the adjoint v of the last :meth:`vjp` at ``point``."""
-        rhs = np.zeros(point.factor.size)
-        rhs[self.y_index] = dF_dy
-        norm = float(np.linalg.norm(rhs))
-        return float(np.linalg.norm(point.factor.matvec(point.adjoint) - rhs)) / norm if norm else 0.0
 
     def _split(self, d_theta: np.ndarray, graph: "_LiftedGraph | None") -> list[np.ndarray]:
         """dF/dtheta as dF/dx per listed parameter; lifted parameters by the chain rule through their graph."""
