@@ -2,9 +2,23 @@ r"""`minimize`: the outer loop of a bilevel problem, driven by hypergradients.
 
     min_{x in C} F(x, y*(x)),   C = {x : outer constraints}
 
-Each step computes g = dF/dx at x_k with :func:`cbo.hypergrad` and moves by
-projected gradient ("sgd"), projected Adam ("adam") or L-BFGS with a
-strong-Wolfe line search ("lbfgs", unconstrained x only):
+Each step computes g = dF/dx at x_k with :func:`cbo.hypergrad`. The default,
+``optimizer="auto"``, takes steps whose length does not depend on the scale of F
+or x, chosen by a line search on F:
+
+* "lbfgsb": L-BFGS-B (scipy.optimize, Byrd, Lu, Nocedal and Zhu 1995) when C is
+  a box lo <= x <= hi (bounds, or no constraints at all);
+* "spg": spectral projected gradient (Birgin, Martinez and Raydan 2000) for any
+  other convex C, with Barzilai-Borwein steps and a nonmonotone line search:
+
+      d_k = P_C(x_k - a_k g_k) - x_k,   x_{k+1} = x_k + t_k d_k,
+      F(x_{k+1}) <= max_{0 <= j < M} F(x_{k-j}) + gamma t_k g_k^T d_k,
+      a_{k+1} = s^T s / s^T y   (s = x_{k+1} - x_k, y = g_{k+1} - g_k).
+
+Fixed-step methods remain for stochastic objectives (a minibatch F, where a
+line search compares values of different functions): projected gradient
+("sgd"), projected Adam ("adam"), and L-BFGS with a strong-Wolfe line search
+("lbfgs", torch.optim.LBFGS, unconstrained x only):
 
     x_{k+1} = P_C(x_k - lr * g_k)            (sgd)
     x_{k+1} = P_C(adam_step(x_k, g_k))        (adam)
@@ -14,12 +28,17 @@ P_C is the Euclidean projection of :mod:`cbo.projection`. The loop stops after
 
     G(x) = (x - P_C(x - lr * g)) / lr
 
-(the gradient itself when x is unconstrained) has norm below ``tol``.
+(the gradient itself when x is unconstrained; lr = 1 for "lbfgsb" and "spg",
+where ||G|| is the projected-gradient norm ||x - P_C(x - g)||) has norm below
+``tol``. F(x, y*(x)) is only piecewise smooth: it kinks where the inner active
+set changes. A line search that finds no decrease there stops the loop, and the
+result's ``message`` says so.
 :func:`plot_history` (:mod:`cbo.plotting`, needs matplotlib) draws the
 :class:`History` of a run.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -30,6 +49,7 @@ from typing import Callable, Sequence
 
 import cvxpy as cp
 import numpy as np
+import scipy.optimize
 import torch
 from tqdm.auto import tqdm
 
@@ -45,8 +65,17 @@ from .qp_solvers import QP_SOLVERS
 
 __all__ = ["minimize", "MinimizeResult", "History", "OuterProjection", "plot_history", "OPTIMIZERS"]
 
-OPTIMIZERS = ("adam", "sgd", "lbfgs")
+OPTIMIZERS = ("auto", "lbfgsb", "spg", "adam", "sgd", "lbfgs")
+LINE_SEARCH_OPTIMIZERS = ("lbfgsb", "spg")  # choose their own steps: no lr
 DEFAULT_LR = {"adam": 1e-2, "sgd": 1e-2, "lbfgs": 1.0}
+# Spectral projected gradient (Birgin, Martinez and Raydan 2000, algorithm SPG2): the nonmonotone window M,
+# the sufficient-decrease constant gamma, the safeguards of the quadratic backtracking and of the
+# Barzilai-Borwein step a, all theirs.
+SPG_MEMORY, SPG_GAMMA, SPG_SHRINK, SPG_STEP_RANGE = 10, 1e-4, (0.1, 0.9), (1e-30, 1e30)
+# The SPG line search gives up after this many reductions of t, or once t ||d|| is below this fraction of
+# 1 + ||x|| (no representable decrease left): F is not smooth along d at x, or g is inaccurate.
+SPG_MAX_BACKTRACKS, SPG_MIN_RELATIVE_STEP = 40, 1e-12
+LBFGSB_MAX_LINE_SEARCH = 20  # scipy's default maxls: trial points per L-BFGS-B line search
 # Divergence: F above its best value by this many times the progress made so far (or |F|).
 _DIVERGENCE_FACTOR = 1e4
 
@@ -100,6 +129,8 @@ class MinimizeResult:
         The gradient-mapping norm went below ``tol``.
     message : str
         Why the loop stopped.
+    optimizer : str
+        The optimizer that ran ("auto" resolved to "lbfgsb" or "spg").
     n_steps : int
         Updates of x made.
     history : History
@@ -112,13 +143,14 @@ class MinimizeResult:
     grad: torch.Tensor | list[torch.Tensor]
     converged: bool
     message: str
+    optimizer: str
     n_steps: int
     history: History
     info: HypergradInfo
 
     def __repr__(self) -> str:
-        return (f"MinimizeResult(fun={self.fun:.6g}, converged={self.converged}, n_steps={self.n_steps}, "
-                f"message={self.message!r})")
+        return (f"MinimizeResult(fun={self.fun:.6g}, converged={self.converged}, optimizer={self.optimizer!r}, "
+                f"n_steps={self.n_steps}, message={self.message!r})")
 
 
 # ---------------------------------------------------------------- the loop
@@ -127,7 +159,7 @@ def minimize(
     problem: BilevelProblem,
     x0: TensorLike | Sequence[TensorLike],
     *,
-    optimizer: str = "adam",
+    optimizer: str = "auto",
     lr: float | None = None,
     lr_decay: float = 0.0,
     steps: int = 100,
@@ -138,7 +170,7 @@ def minimize(
     options: Options | None = None,
     **settings,
 ) -> MinimizeResult:
-    r"""Minimize F(x, y*(x)) over x in C by first-order steps on the hypergradient.
+    r"""Minimize F(x, y*(x)) over x in C by steps along the hypergradient.
 
     Parameters
     ----------
@@ -146,25 +178,33 @@ def minimize(
         With an ``outer`` objective.
     x0 : tensor or list of tensors
         Starting point, one value per ``problem.parameters``; projected onto C first.
-    optimizer : {"adam", "sgd", "lbfgs"}
-        Projected Adam, projected gradient descent, or L-BFGS with a strong-Wolfe
-        line search (torch.optim.LBFGS; only without outer constraints).
+    optimizer : {"auto", "lbfgsb", "spg", "adam", "sgd", "lbfgs"}
+        "auto" (the default, for deterministic F) is "lbfgsb" (L-BFGS-B) when the
+        outer constraints are bounds or absent, else "spg" (spectral projected
+        gradient); both choose their steps by a line search, whatever the scale
+        of F and x. For a stochastic F (a minibatch per call) choose "adam"
+        (projected Adam) or "sgd" (projected gradient descent); "lbfgs" is
+        torch.optim.LBFGS with a strong-Wolfe line search, without outer constraints.
     lr : float, optional
-        Step size (default 1e-2 for adam and sgd, 1.0 for lbfgs).
+        Step size of adam, sgd and lbfgs (default 1e-2 for adam and sgd, 1.0 for
+        lbfgs); lbfgsb and spg take none.
     lr_decay : float
         sgd and adam use the step lr / (1 + lr_decay * k) at step k: constant-step
         Adam hovers at a distance of about lr from a solution, a decaying step settles.
     steps : int
-        Maximum number of updates of x (lbfgs: of hypergradient evaluations).
+        Maximum number of updates of x (lbfgs: of hypergradient evaluations; a
+        line search may evaluate several points per update).
     outer_constraints : sequence of cvxpy constraints
         Convex constraints on the problem's parameters, e.g. ``[w >= 0, cp.sum(w) == 1]``.
         A parameter declared ``nonneg=True`` (``nonpos=True``) gets ``>= 0`` (``<= 0``) implicitly.
     callback : callable, optional
-        ``callback(step, x, f, grad, info)`` after each evaluation; return True to stop.
+        ``callback(step, x, f, grad, info)`` after each evaluation (``step`` counts
+        evaluations, line-search trials included); return True to stop.
     progress : bool
         Show a tqdm progress bar with F, ||dF/dx|| and the inner KKT residual.
     tol : float
-        Stop when the gradient-mapping norm ||G(x)|| <= tol.
+        Stop when the gradient-mapping norm ||G(x)|| <= tol (for lbfgsb and spg
+        the projected-gradient norm ||x - P_C(x - dF/dx)||).
     options : Options, optional
         Settings of each hypergradient (:class:`cbo.Options`: method, solver,
         warm_start, ...); its ``tol`` is the adjoint solve's tolerance.
@@ -195,20 +235,17 @@ def minimize(
     lr = _step_size(problem, optimizer, lr, lr_decay, steps)
     xs, like = as_parameter_tensors(problem, x0)
     project = OuterProjection(problem.parameters, outer_constraints)
-    if optimizer == "lbfgs" and project.constraints:
-        raise ValueError(
-            "optimizer='lbfgs' does not handle outer constraints (a projection breaks its line search), "
-            "including the x >= 0 implied by a parameter declared nonneg=True. Use optimizer='adam' or "
-            "'sgd', or reparametrize x so that it is unconstrained.")
+    optimizer = _resolve_optimizer(optimizer, project)
     xs = project(xs)
-    evaluate = _Evaluator(problem, resolve_options(options, **settings))
-    loop = _LBFGSLoop if optimizer == "lbfgs" else _ProjectedLoop
+    evaluate = _Evaluator(problem, resolve_options(options, **settings),
+                          watch_growth=optimizer not in LINE_SEARCH_OPTIMIZERS)
+    loop = _LOOPS[optimizer]
     with tqdm(total=steps, desc="cbo.minimize", disable=not progress, leave=True, mininterval=0.5) as bar:
         xs, record, message, converged, n_steps = loop(evaluate, project, optimizer, lr, lr_decay, steps, tol, callback,
                                                        bar).run(xs)
     return MinimizeResult(
-        x=like_input(xs, x0, like), fun=record.f, grad=like_input(record.grads, x0, like),
-        converged=converged, message=message, n_steps=n_steps, history=evaluate.history, info=record.info)
+        x=like_input(xs, x0, like), fun=record.f, grad=like_input(record.grads, x0, like), converged=converged,
+        message=message, optimizer=optimizer, n_steps=n_steps, history=evaluate.history, info=record.info)
 
 
 def _step_size(problem: BilevelProblem, optimizer: str, lr: float | None, lr_decay: float, steps: int) -> float:
@@ -219,10 +256,33 @@ def _step_size(problem: BilevelProblem, optimizer: str, lr: float | None, lr_dec
         raise ValueError("The problem has no outer objective: pass outer=F to BilevelProblem.")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}.")
+    if optimizer in ("auto",) + LINE_SEARCH_OPTIMIZERS:
+        if lr is not None or lr_decay:
+            raise ValueError(
+                f"optimizer={optimizer!r} chooses its steps by a line search and takes no lr or lr_decay (got "
+                f"lr={lr}, lr_decay={lr_decay}). Drop them, or pass optimizer='adam' or 'sgd' for fixed steps.")
+        return 1.0  # the unit of the gradient mapping G(x) = x - P_C(x - g)
     lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
     if not lr > 0 or not lr_decay >= 0:
         raise ValueError(f"lr must be positive and lr_decay nonnegative, got lr={lr}, lr_decay={lr_decay}.")
     return lr
+
+
+def _resolve_optimizer(optimizer: str, project: OuterProjection) -> str:
+    """"auto" -> "lbfgsb" if C is a box (or everything), else "spg"; refuse the combinations that cannot run."""
+    box = project.box() is not None
+    if optimizer == "auto":
+        return "lbfgsb" if box else "spg"
+    if optimizer == "lbfgsb" and not box:
+        raise ValueError(
+            "optimizer='lbfgsb' handles bounds lo <= x <= hi only, and the outer constraints "
+            f"{'; '.join(str(c) for c in project.constraints)} are not all bounds. Use optimizer='spg' (or 'auto').")
+    if optimizer == "lbfgs" and project.constraints:
+        raise ValueError(
+            "optimizer='lbfgs' does not handle outer constraints (a projection breaks its line search), "
+            "including the x >= 0 implied by a parameter declared nonneg=True. Use optimizer='auto' "
+            "(L-BFGS-B for bounds, SPG otherwise), 'adam' or 'sgd', or reparametrize x so that it is unconstrained.")
+    return optimizer
 
 
 @dataclass
@@ -233,13 +293,17 @@ class _Point:
     f: float
     grads: list[torch.Tensor]
     info: HypergradInfo
+    stationarity: float = math.nan  # ||x - P_C(x - g)||, set by the line-search loops
 
 
 class _Evaluator:
-    """F and dF/dx at x with :func:`cbo.hypergrad`; records the history and watches for divergence."""
+    """F and dF/dx at x with :func:`cbo.hypergrad`; records the history and watches for divergence
+    (non-finite values always; F growing far above its best value only with ``watch_growth``: a line
+    search rejects such a trial point itself)."""
 
-    def __init__(self, problem: BilevelProblem, options: Options):
+    def __init__(self, problem: BilevelProblem, options: Options, watch_growth: bool = True):
         self.problem = problem
+        self.watch_growth = watch_growth
         if not options.warm_start and options.solver is not None and options.solver.upper() not in QP_SOLVERS:
             # cvxpy solvers that warm-start (OSQP, SCS) start cold too
             options = dataclasses.replace(options, solver_options={**(options.solver_options or {}), "warm_start": False})
@@ -308,19 +372,39 @@ class _Evaluator:
         f0 = self.history.f[0] if self.history.f else point.f
         scale = max(abs(f0 - self.best), abs(self.best), 1e-12) if math.isfinite(self.best) else math.inf
         blown_up = not math.isfinite(point.f) or not all(bool(torch.isfinite(g).all()) for g in point.grads)
-        if blown_up or point.f - self.best > _DIVERGENCE_FACTOR * scale:
+        grown = self.watch_growth and point.f - self.best > _DIVERGENCE_FACTOR * scale
+        if blown_up or grown:
             raise DivergenceError(
                 f"The outer loop diverged at step {step}: F = {point.f:.6g} (started at {f0:.6g}, best "
                 f"{self.best:.6g}), ||dF/dx|| = {_norm(point.grads):.3g}. The step size is too large for this "
                 "problem: lower lr (e.g. by 10x), or use optimizer='adam' or 'lbfgs'.", self.history)
 
 
-class _ProjectedLoop:
-    """x_{k+1} = P_C(step(x_k, g_k)) for sgd and adam; one hypergradient per step."""
+class _Loop:
+    """What every optimizer's loop shares: the projection, the progress report and the callback."""
 
     def __init__(self, evaluate, project, optimizer, lr, lr_decay, steps, tol, callback, bar):
         self.evaluate, self.project, self.optimizer = evaluate, project, optimizer
         self.lr, self.lr_decay, self.steps, self.tol, self.callback, self.bar = lr, lr_decay, steps, tol, callback, bar
+
+    def _project(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """P_C(xs), its time added to the last history entry's "projection"."""
+        with timed(self.evaluate.history.timings[-1], "projection"):
+            return self.project(xs)
+
+    def _report(self, point: _Point, stationarity: float) -> None:
+        """Record ||G(x_k)|| in the history and show F, ||G|| and the KKT residual on the progress bar."""
+        self.evaluate.history.stationarity.append(stationarity)
+        self.bar.set_postfix(F=f"{point.f:.4g}", grad=f"{stationarity:.2e}", kkt=f"{point.info.kkt_residual:.1e}",
+                             refresh=False)
+
+    def _stopped_by_callback(self, step: int, point: _Point) -> bool:
+        """callback(step, x, f, grad, info) returned True."""
+        return self.callback is not None and bool(self.callback(step, point.xs, point.f, point.grads, point.info))
+
+
+class _ProjectedLoop(_Loop):
+    """x_{k+1} = P_C(step(x_k, g_k)) for sgd and adam; one hypergradient per step."""
 
     def run(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], _Point, str, bool, int]:
         """(last x, its point, why the loop stopped, converged, updates made)."""
@@ -354,27 +438,12 @@ class _ProjectedLoop:
         adam.step()
         return self._project(leaves)
 
-    def _project(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """P_C(xs), its time added to the last history entry's "projection"."""
-        with timed(self.evaluate.history.timings[-1], "projection"):
-            return self.project(xs)
-
-    def _report(self, point: _Point, stationarity: float) -> None:
-        """Record ||G(x_k)|| in the history and show F, ||G|| and the KKT residual on the progress bar."""
-        self.evaluate.history.stationarity.append(stationarity)
-        self.bar.set_postfix(F=f"{point.f:.4g}", grad=f"{stationarity:.2e}", kkt=f"{point.info.kkt_residual:.1e}",
-                             refresh=False)
-
-    def _stopped_by_callback(self, step: int, point: _Point) -> bool:
-        """callback(step, x, f, grad, info) returned True."""
-        return self.callback is not None and bool(self.callback(step, point.xs, point.f, point.grads, point.info))
-
 
 class _StopLBFGS(Exception):
     """Raised inside the L-BFGS closure to end the loop early."""
 
 
-class _LBFGSLoop(_ProjectedLoop):
+class _LBFGSLoop(_Loop):
     """torch.optim.LBFGS with a strong-Wolfe line search; one history entry per hypergradient."""
 
     def run(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], _Point, str, bool, int]:
@@ -411,7 +480,195 @@ class _LBFGSLoop(_ProjectedLoop):
         return best.xs, best, message, converged, len(points) - 1
 
 
+class _Stop(Exception):
+    """Ends a line-search loop at ``point``: the projected-gradient norm reached tol, or the callback asked."""
+
+    def __init__(self, message: str, point: _Point, converged: bool):
+        super().__init__(message)
+        self.point, self.converged = point, converged
+
+
+class _LineSearchLoop(_Loop):
+    """Shared by lbfgsb and spg: iterates stay in C, each evaluation is checked for the stopping rule.
+
+    Subclasses implement ``_iterate(xs) -> message``, which updates ``self.current`` (the accepted iterate)
+    and ``self.updates`` and returns why it stopped when it ends without :class:`_Stop`.
+    """
+
+    def run(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], _Point, str, bool, int]:
+        """(last x, its point, why the loop stopped, converged, updates made)."""
+        self.current, self.updates = None, 0
+        try:
+            message, converged = self._iterate(xs), False
+        except _Stop as stop:
+            if self.current is not None and stop.point is not self.current:
+                self.updates += 1  # a trial point that ends the loop is taken as the next iterate
+            self.current, message, converged = stop.point, str(stop), stop.converged
+        return self.current.xs, self.current, message, converged, self.updates
+
+    def _visit(self, xs: list[torch.Tensor]) -> _Point:
+        """F and dF/dx at xs (a point of C) and ||x - P_C(x - g)||, recorded and shown; raises :class:`_Stop`
+        if the callback asks or the norm is at most tol."""
+        step = len(self.evaluate.history)
+        point = self.evaluate(step, xs)
+        point.stationarity = _norm([x - p for x, p in zip(xs, self._project([x - g for x, g in zip(xs, point.grads)]))])
+        self._report(point, point.stationarity)
+        if self._stopped_by_callback(step, point):
+            raise _Stop(f"stopped by the callback at step {step}", point, False)
+        if point.stationarity <= self.tol:
+            raise _Stop(f"||x - P_C(x - g)|| = {point.stationarity:.2e} <= tol = {self.tol:g}", point, True)
+        return point
+
+    def _accept(self, point: _Point) -> None:
+        """point is the next iterate."""
+        self.current = point
+        self.updates += 1
+        self.bar.update(1)
+
+    def _reached_steps(self) -> str:
+        return f"reached steps = {self.steps} with ||x - P_C(x - g)|| = {self.current.stationarity:.2e} > tol"
+
+    def _stalled(self, what: str) -> str:
+        """The message of a loop that cannot make progress at x: ``what`` happened."""
+        return (f"{what} at ||x - P_C(x - g)|| = {self.current.stationarity:.2e} > tol = {self.tol:g}: "
+                "F(x, y*(x)) is probably not differentiable at x (an inner constraint switches "
+                "between active and inactive there, a kink that may be the solution) or the hypergradient is "
+                "inaccurate (tighten the inner solver's tolerance)")
+
+
+class _LBFGSBLoop(_LineSearchLoop):
+    """L-BFGS-B (scipy.optimize) on the bounds lo <= x <= hi of C; x as one float64 vector."""
+
+    def _iterate(self, xs: list[torch.Tensor]) -> str:
+        flat = _FlatView(xs)
+        lower, upper = self.project.box()
+        self.current = self._visit(xs)
+        points = {flat.vector(xs).tobytes(): self.current}
+
+        def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
+            key = v.tobytes()
+            if key not in points:
+                points[key] = self._visit(flat.tensors(v))
+            return points[key].f, flat.vector(points[key].grads)
+
+        result = scipy.optimize.minimize(
+            fun, flat.vector(xs), jac=True, method="L-BFGS-B", callback=lambda v: self._accept(points[v.tobytes()]),
+            bounds=scipy.optimize.Bounds(flat.vector(lower), flat.vector(upper)),
+            options=dict(maxiter=self.steps, maxfun=(LBFGSB_MAX_LINE_SEARCH + 1) * (self.steps + 1), ftol=0.0,
+                         gtol=0.0, maxls=LBFGSB_MAX_LINE_SEARCH))
+        if self.updates >= self.steps:
+            return self._reached_steps()
+        if "ABNORMAL" in str(result.message):
+            return self._stalled("L-BFGS-B's line search found no decrease of F")
+        return f"L-BFGS-B stopped ({result.message}) with ||x - P_C(x - g)|| = {self.current.stationarity:.2e} > tol"
+
+
+class _SPGLoop(_LineSearchLoop):
+    """Spectral projected gradient, algorithm SPG2 of Birgin, Martinez and Raydan (2000), see :mod:`cbo.driver`."""
+
+    def _iterate(self, xs: list[torch.Tensor]) -> str:
+        point = self.current = self._visit(xs)
+        recent = collections.deque([point.f], maxlen=SPG_MEMORY)
+        step = _clip_step(1.0 / _inf_norm([x - p for x, p in zip(xs, self._project(
+            [x - g for x, g in zip(xs, point.grads)]))]))
+        for _ in range(self.steps):
+            direction = [p - x for x, p in zip(point.xs, self._project(
+                [x - step * g for x, g in zip(point.xs, point.grads)]))]
+            trial = self._line_search(point, direction, max(recent))
+            if trial is None:
+                return self._stalled("SPG's line search found no decrease of F")
+            step = _spectral_step(point, trial, step)
+            self._accept(trial)
+            if _negligible(_norm([b - a for a, b in zip(point.xs, trial.xs)]), point.xs):
+                return self._stalled("SPG's steps shrank to round-off")
+            point = trial
+            recent.append(point.f)
+        return self._reached_steps()
+
+    def _line_search(self, point: _Point, direction: list[torch.Tensor], reference: float) -> _Point | None:
+        r"""The first x + t d, t = 1, then backtracking, with F(x + t d) <= reference + gamma t g^T d; None if
+        t d shrinks to round-off (or SPG_MAX_BACKTRACKS trials) first."""
+        slope, length = _dot(point.grads, direction), _norm(direction)
+        t = 1.0
+        for _ in range(SPG_MAX_BACKTRACKS):
+            trial = self._visit([x + t * d for x, d in zip(point.xs, direction)])
+            if trial.f <= reference + SPG_GAMMA * t * slope:
+                return trial
+            if _negligible(t * length, point.xs):
+                return None
+            t = _backtrack(t, slope, trial.f - point.f)
+        return None
+
+
+_LOOPS = {"adam": _ProjectedLoop, "sgd": _ProjectedLoop, "lbfgs": _LBFGSLoop, "lbfgsb": _LBFGSBLoop, "spg": _SPGLoop}
+
+
+def _backtrack(t: float, slope: float, rise: float) -> float:
+    r"""The minimizer of the quadratic through F(x), its slope g^T d < 0 and F(x + t d) = F(x) + rise,
+
+        t_q = -slope t^2 / (2 (rise - slope t)),
+
+    safeguarded into [sigma_1 t, sigma_2 t] (else t / 2), as in SPG2."""
+    low, high = SPG_SHRINK
+    curvature = rise - slope * t
+    t_q = -0.5 * slope * t * t / curvature if curvature > 0 else -1.0
+    return t_q if low * t <= t_q <= high * t else 0.5 * t
+
+
+def _spectral_step(point: _Point, trial: _Point, previous: float) -> float:
+    r"""Barzilai-Borwein step a = s^T s / s^T y, s = x_+ - x, y = g_+ - g. Where the curvature s^T y is not
+    positive (F is nonconvex or kinked along s), a = ||s|| / ||y||, the scale on which g changes as much as x
+    (the previous step if g did not change); clipped to SPG_STEP_RANGE."""
+    s = [b - a for a, b in zip(point.xs, trial.xs)]
+    y = [b - a for a, b in zip(point.grads, trial.grads)]
+    sy, ss, yy = _dot(s, y), _dot(s, s), _dot(y, y)
+    if sy > 0:
+        return _clip_step(ss / sy)
+    return _clip_step(math.sqrt(ss / yy)) if yy > 0 else previous
+
+
+def _negligible(length: float, xs: list[torch.Tensor]) -> bool:
+    """A move of this length from x is round-off: at most SPG_MIN_RELATIVE_STEP * (1 + ||x||)."""
+    return length <= SPG_MIN_RELATIVE_STEP * (1.0 + _norm(xs))
+
+
+def _clip_step(step: float) -> float:
+    """step inside SPG_STEP_RANGE (the upper end for inf or nan)."""
+    low, high = SPG_STEP_RANGE
+    return min(max(step, low), high) if math.isfinite(step) else high
+
+
+class _FlatView:
+    """Tensors shaped like the parameters <-> one float64 numpy vector (scipy's x), on the tensors' device."""
+
+    def __init__(self, like: Sequence[torch.Tensor]):
+        self.shapes = [tuple(t.shape) for t in like]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.device = like[0].device
+
+    def vector(self, parts: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
+        """The entries of ``parts`` stacked into one float64 vector."""
+        return np.concatenate([np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p, dtype=np.float64)
+                               .reshape(-1) for p in parts])
+
+    def tensors(self, vector: np.ndarray) -> list[torch.Tensor]:
+        """One float64 tensor per parameter from the vector."""
+        pieces = np.split(vector, np.cumsum(self.sizes)[:-1])
+        return [torch.tensor(piece.reshape(shape), dtype=torch.float64, device=self.device)
+                for piece, shape in zip(pieces, self.shapes)]
+
+
 # ---------------------------------------------------------------- helpers
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """sum_i <a_i, b_i>: the inner product of the tensors stacked into vectors, in float64."""
+    return float(sum((x.detach().double() * y.detach().double()).sum() for x, y in zip(a, b)))
+
+
+def _inf_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """max_i ||t_i||_inf."""
+    return max(float(t.detach().abs().max()) if t.numel() else 0.0 for t in tensors)
+
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:
     """sqrt(sum_i ||t_i||^2): the Euclidean norm of the tensors stacked into one vector, in float64."""

@@ -57,6 +57,7 @@ class OuterProjection:
     def __init__(self, parameters: Sequence[cp.Parameter], constraints: Sequence[cp.Constraint]):
         self.constraints = list(constraints) + _sign_constraints(parameters)
         self._signs = [(p.is_nonneg(), p.is_nonpos()) for p in parameters]
+        self._shapes = [p.shape for p in parameters]
         if not self.constraints:
             self._problem = None
             return
@@ -86,6 +87,15 @@ class OuterProjection:
             projected = self._solve(values)
         return [torch.as_tensor(np.asarray(v, dtype=float), dtype=x.dtype, device=x.device).reshape(x.shape)
                 for v, x in zip(projected, xs)]
+
+    def box(self) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+        """(lower, upper) bounds per parameter if C is a box lo <= x <= hi (infinite entries where a side is
+        free; C = everything without constraints), else None (C has a sum or a constraint other than a bound)."""
+        if self._problem is None:
+            return [np.full(s, -np.inf) for s in self._shapes], [np.full(s, np.inf) for s in self._shapes]
+        if self._box_and_sum is None or any(total is not None for _, _, total in self._box_and_sum):
+            return None
+        return [lo for lo, _, _ in self._box_and_sum], [hi for _, hi, _ in self._box_and_sum]
 
     def _contains(self, values: list[np.ndarray]) -> bool:
         """v in C: no constraint is violated by more than FEASIBILITY_TOL at z = v."""

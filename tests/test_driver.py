@@ -60,6 +60,94 @@ def test_reaches_the_optimum_on_outer_constraints(optimizer, lr):
     assert all(bool((xk[0] >= torch.tensor(lower) - 1e-9).all()) for xk in result.history.x)
 
 
+def reference_on(t, constraints):
+    """The outer problem written out in cvxpy (y* = P x + 1/n eliminated) on the constraints(z)."""
+    P = np.eye(N) - np.ones((N, N)) / N
+    z = cp.Variable(N)
+    objective = 0.5 * cp.sum_squares(P @ z + 1 / N - t) + 0.5 * RIDGE * cp.sum_squares(z)
+    cp.Problem(cp.Minimize(objective), constraints(z)).solve(
+        solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    return z.value
+
+
+@pytest.mark.parametrize("constraints, chosen", [
+    (lambda z: [], "lbfgsb"),
+    (lambda z: [z >= 0.1, z <= 2.0], "lbfgsb"),
+    (lambda z: [z >= 0, cp.sum(z) == 1], "spg"),
+    (lambda z: [z <= 0.5, cp.sum(z) == 2], "spg"),
+], ids=["free", "box", "simplex", "capped-budget"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_default_optimizer_reaches_the_optimum_whatever_the_scale(constraints, chosen, scale):
+    """optimizer='auto' (L-BFGS-B on bounds, SPG otherwise) with its default steps converges on F and on
+    1000 F alike (tol scaled with F: it bounds the projected gradient)."""
+    problem, x, t = hyperplane_problem()
+    scaled = cbo.BilevelProblem(problem.inner, [x], problem.variables, outer=lambda x, y: scale * problem.outer(x, y))
+    result = cbo.minimize(scaled, torch.ones(N), outer_constraints=constraints(x), tol=1e-10 * scale, progress=False)
+    assert result.optimizer == chosen and result.converged, result.message
+    np.testing.assert_allclose(result.x.numpy(), reference_on(t, constraints), atol=1e-6)
+    assert result.n_steps <= 30 and len(result.history) <= 60
+
+
+def henderson_quandt():
+    """Henderson and Quandt (1958) as in BOLIB: F = x(0.5(x + y) - 95), y*(x) = argmin_{y >= 0} y^2 + (0.5x - 100)y,
+    0 <= x <= 200; published optimum x = 93.33, y = 26.67, F = -3266.67."""
+    x, y = cp.Parameter(), cp.Variable()
+    inner = cp.Problem(cp.Minimize(cp.square(y) + (0.5 * x - 100) * y), [y >= 0])
+    return cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: x * (0.5 * (x + y) - 95)), [x >= 0, x <= 200]
+
+
+@pytest.mark.parametrize("box", [True, False], ids=["lbfgsb", "spg"])
+def test_default_optimizer_solves_henderson_quandt_from_the_standard_start(box):
+    """Projected Adam with lr = 1e-2 (the former default) stopped at x = 12.98, F = -845 after 300 steps."""
+    problem, constraints = henderson_quandt()
+    x = problem.parameters[0]
+    if not box:
+        constraints = [cp.abs(x - 100) <= 100]  # the same interval, not written as bounds
+    result = cbo.minimize(problem, torch.tensor(10.0, dtype=torch.float64), outer_constraints=constraints,
+                          progress=False)
+    assert result.optimizer == ("lbfgsb" if box else "spg") and result.converged, result.message
+    assert result.fun == pytest.approx(-9800 / 3, rel=1e-8) and float(result.x) == pytest.approx(280 / 3, rel=1e-8)
+    assert result.n_steps <= 10
+
+
+def kinked_problem():
+    """y*(x) = max(x, 0) (the projection of x onto y >= 0), F = 2 y* - x = |x|: the minimum x = 0 is a kink,
+    where the inner constraint switches from active to inactive."""
+    x, y = cp.Parameter(1), cp.Variable(1)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    return cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: 2 * y.sum() - x.sum()), x
+
+
+@pytest.mark.parametrize("constraints", [lambda x: [], lambda x: [cp.norm(x, 2) <= 5]], ids=["lbfgsb", "spg"])
+def test_a_kink_at_the_solution_ends_the_line_search_with_a_reason(constraints):
+    """No iterate can reach tol (|dF/dx| = 1 on both sides); the loop stops early and says why."""
+    problem, x = kinked_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cbo.DegenerateKKTWarning)
+        result = cbo.minimize(problem, torch.tensor([1.3], dtype=torch.float64), outer_constraints=constraints(x),
+                              steps=100, progress=False)
+    assert not result.converged and "not differentiable" in result.message
+    assert result.n_steps < 100 and abs(float(result.x)) < 1e-8 and result.fun < 1e-8
+
+
+def test_line_search_optimizers_refuse_a_step_size_and_lbfgsb_a_non_box():
+    problem, x, _ = hyperplane_problem()
+    with pytest.raises(ValueError, match="line search.*optimizer='adam'"):
+        cbo.minimize(problem, torch.zeros(N), lr=0.1, progress=False)
+    with pytest.raises(ValueError, match="optimizer='spg'"):
+        cbo.minimize(problem, torch.zeros(N), optimizer="lbfgsb", outer_constraints=[cp.sum(x) == 1], progress=False)
+
+
+def test_line_search_callback_sees_every_evaluation_and_can_stop():
+    problem, x, _ = hyperplane_problem()
+    for optimizer in ("lbfgsb", "spg"):
+        seen = []
+        result = cbo.minimize(problem, torch.ones(N), optimizer=optimizer, outer_constraints=[x >= 0.1], progress=False,
+                              callback=lambda step, x, f, grad, info: seen.append(f) or step == 3)
+        assert seen == result.history.f and len(seen) == 4 and "callback" in result.message
+        assert result.fun == seen[-1] and not result.converged
+
+
 def simplex_projection(v):
     """Euclidean projection onto the probability simplex by sorting (Held, Wolfe and Crowder)."""
     u = np.sort(v)[::-1]
