@@ -489,12 +489,19 @@ class QPProgram:
 
     # ------------------------------------------------------------ derivative
 
-    def vjp(self, point: QPPoint, dF_dy: np.ndarray) -> list[np.ndarray]:
-        """dF/dx for each listed parameter (shaped like it) from dF/dy (stacked like ``point.y``); sets
-        ``point.adjoint_residual``, the adjoint solve's relative residual ||K_S v - (dF/dz, 0)|| / ||dF/dz||."""
+    def vjp(self, point: QPPoint, dF_dw: np.ndarray) -> list[np.ndarray]:
+        """dF/dx for each listed parameter (shaped like it) from dF/dw, w = (y, mu, nu) stacked like
+        ``point.y``, ``point.mu``, ``point.nu`` (or dF/dy alone). K_S v = (dF/dz, dF/dlam_S): an inactive
+        row's multiplier stays zero nearby, so its cotangent drops out. Sets ``point.adjoint_residual``,
+        the adjoint solve's relative residual ||K_S v - rhs|| / ||rhs||."""
         rows = point.factor.rows
         rhs = np.zeros(point.factor.size)
-        rhs[self.y_index] = dF_dy
+        n_y = point.y.size
+        rhs[self.y_index] = dF_dw[:n_y]
+        if dF_dw.size > n_y:
+            dF_dlam = np.zeros(self.m)
+            dF_dlam[np.concatenate([self.mu_index, self.nu_index])] = dF_dw[n_y:]
+            rhs[self.n:] = -dF_dlam[rows]  # K_S's unknowns are (z, -lam_S) (see _polished)
         v = point.factor.solve(rhs)
         norm = float(np.linalg.norm(rhs))
         point.adjoint_residual = float(np.linalg.norm(point.factor.matvec(v) - rhs)) / norm if norm else 0.0
