@@ -54,7 +54,7 @@ import torch
 from .cone_kkt import ActivePieces, ConeKKT, active_pieces
 from .cones import exp_h, pow_g, project_dual, projection_jacobian, smat
 from .errors import (ConvergenceError, DegenerateKKTWarning, InaccurateSolutionWarning, InnerSolveError,
-                     ProblemDefinitionError, StrictComplementarityError, external_stacklevel)
+                     ProblemDefinitionError, StrictComplementarityError, suppressed, warn)
 from .inner import DEFAULT_SOLVER_OPTIONS
 from .kkt import curvature_check, licq_check
 from .linsolve import SolveInfo, _relative_residual, adjoint_solve
@@ -241,10 +241,10 @@ class ConicProgram:
         scale = _point_scale(z, v)
         cones = self._check_cones(y, s, where, polished=after <= 1e-12 * scale)
         if after > 1e-6 * scale:
-            warnings.warn(
+            warn(
                 f"{where}The cone program's optimality residual at the inner solution is {after:.2e} "
                 f"(Clarabel status '{status}'): the hypergradient will be inaccurate. Tighten the solver "
-                "tolerances.", InaccurateSolutionWarning, stacklevel=external_stacklevel())
+                "tolerances.", InaccurateSolutionWarning)
         return ConicPoint(z, y, s, A, self._active_pieces(y, s), status, before, after, steps, cones, elapsed,
                           x=[np.array(value, dtype=float) for value in x])
 
@@ -382,8 +382,7 @@ class ConicProgram:
         if op.size <= _DENSE_CHECK_SIZE:
             sigma = torch.linalg.svdvals(op.equilibrated().dense())
             return [b for b in range(op.batch_size) if float(sigma[b, -1]) <= _SINGULAR * float(sigma[b, 0])]
-        with warnings.catch_warnings():  # their wording is the smooth route's: the analysis below words its own
-            warnings.simplefilter("ignore", DegenerateKKTWarning)
+        with suppressed(DegenerateKKTWarning):  # their wording is the smooth route's: the analysis below words its own
             suspects = {b for b, licq in enumerate(licq_check(op)) if not licq.holds}
             if bool((op.dual_mask.sum(-1) < op.n_y).any()):
                 suspects |= {b for b, (low, high) in enumerate(curvature_check(op))
@@ -433,10 +432,10 @@ class ConicProgram:
         if failed is not None and not singular_any:
             raise failed
         if singular_any:
-            warnings.warn(
+            warn(
                 "The cone program's optimality conditions are singular at this x: an auxiliary variable of "
                 "cvxpy's canonicalization is not unique (the user's solution is). cbo used the minimum-norm "
-                "solution of the consistent adjoint system.", DegenerateKKTWarning, stacklevel=external_stacklevel())
+                "solution of the consistent adjoint system.", DegenerateKKTWarning)
         return v
 
     def _parameter_gradients(self, point: ConicPoint, w: np.ndarray) -> list[np.ndarray]:
@@ -532,16 +531,16 @@ class ConicProgram:
                 nearly.append(f"{block.label} ({what} {degeneracy:.1e})")
             statuses.append(status)
         if weak:
-            warnings.warn(
+            warn(
                 f"{where}Strict complementarity fails at the inner solution: {'; '.join(dict.fromkeys(weak))} "
                 "touch(es) the bound with a zero multiplier (weakly active). y*(x) is not differentiable "
                 "there; cbo returns the one-sided derivative that keeps these entries inactive.",
-                DegenerateKKTWarning, stacklevel=external_stacklevel())
+                DegenerateKKTWarning)
         if nearly:
-            warnings.warn(
+            warn(
                 f"{where}Nearly weakly active cone constraint(s): {'; '.join(nearly)}, relative to the solution's "
                 f"scale {scale:.1e}. The derivative exists but changes abruptly within about that distance of "
-                "x.", DegenerateKKTWarning, stacklevel=external_stacklevel())
+                "x.", DegenerateKKTWarning)
         return statuses
 
 

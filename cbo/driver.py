@@ -52,6 +52,7 @@ import numpy as np
 import scipy.optimize
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import (ConvergenceError, DivergenceError, InnerSolveError, StrictComplementarityError,
                      external_stacklevel)
@@ -240,7 +241,9 @@ def minimize(
     evaluate = _Evaluator(problem, resolve_options(options, **settings),
                           watch_growth=optimizer not in LINE_SEARCH_OPTIMIZERS)
     loop = _LOOPS[optimizer]
-    with tqdm(total=steps, desc="cbo.minimize", disable=not progress, leave=True, mininterval=0.5) as bar:
+    # cbo's log records (and the application's console logging) are written around the bar, not into it.
+    with tqdm(total=steps, desc="cbo.minimize", disable=not progress, leave=True, mininterval=0.5) as bar, \
+            logging_redirect_tqdm(tqdm_class=tqdm):
         xs, record, message, converged, n_steps = loop(evaluate, project, optimizer, lr, lr_decay, steps, tol, callback,
                                                        bar).run(xs)
     return MinimizeResult(
@@ -358,13 +361,15 @@ class _Evaluator:
         return located
 
     def _report_warnings(self, step: int, caught) -> None:
-        """Record every warning; show the first of each category only, not one per step."""
+        """Record every warning; show the first of each category only, not one per step, on a line of its
+        own (the progress bars are cleared while it is printed, then redrawn)."""
         for w in caught:
             category = w.category.__name__
             if not any(seen == category for _, seen, _ in self.history.warnings):
-                warnings.warn(
-                    f"{w.message} [outer step {step}; later {category}s are recorded in result.history.warnings]",
-                    w.category, stacklevel=external_stacklevel())
+                with tqdm.external_write_mode():
+                    warnings.warn(
+                        f"{w.message} [outer step {step}; later {category}s are recorded in result.history.warnings]",
+                        w.category, stacklevel=external_stacklevel())
             self.history.warnings.append((step, category, str(w.message)))
 
     def _check_divergence(self, step: int, point: _Point) -> None:

@@ -11,7 +11,6 @@ dimension of x.
 from __future__ import annotations
 
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -19,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import DegenerateKKTWarning, external_stacklevel
+from .errors import DegenerateKKTWarning, one_warning_per_category, warn
 from .inner import solve_inner
 from .conic import ConeStatus, conic_program
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
@@ -112,6 +111,7 @@ class HypergradInfo:
     path: str = "general"
 
 
+@one_warning_per_category()
 def hypergrad(
     problem: BilevelProblem,
     x: TensorLike | Sequence[TensorLike],
@@ -154,6 +154,11 @@ def hypergrad(
     grad : tensor or list of tensors
         Shaped, typed and placed like ``x``.
     info : HypergradInfo, if ``return_info``.
+
+    Warns
+    -----
+    DegenerateKKTWarning, InaccurateSolutionWarning, ConvergenceWarning
+        At most one of each category per call (:func:`cbo.errors.one_warning_per_category`).
     """
     options = resolve_options(options, method=method, **settings)
     if options.method is not None and options.method not in METHODS:
@@ -206,13 +211,12 @@ def solve_at(problem: BilevelProblem, xs: list[torch.Tensor], route: str, reason
 
 def _warn_if_linear(problem: BilevelProblem) -> None:
     if problem.is_linear:
-        warnings.warn(
+        warn(
             "The inner problem is a linear program: y*(x) is piecewise linear in the constraints' "
             "right-hand sides and piecewise constant in the cost, so the hypergradient is zero almost "
             "everywhere in cost parameters and undefined where the optimal vertex changes. For informative "
             "gradients add a small strongly convex term, e.g. 1e-3 * cp.sum_squares(y), to the inner objective.",
             DegenerateKKTWarning,
-            stacklevel=external_stacklevel(),
         )
 
 

@@ -27,7 +27,6 @@ set and the polish's residual tests are judged in the same scaled units.
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from .errors import DegenerateKKTWarning, InaccurateSolutionWarning, external_stacklevel, warn_weakly_active
+from .errors import DegenerateKKTWarning, InaccurateSolutionWarning, warn, warn_weakly_active
 from .linsolve import NullSpaceSystem, equilibrated_solve
 from .problem import BilevelProblem
 
@@ -418,13 +417,12 @@ def licq_check(op: KKTOperator, tol: float = 1e-7, where: Callable[[int], str] =
         rank = int((values > 1e-9 * max(1.0, float(values[0]))).sum())
         infos.append(LICQInfo(rank, count, float(conditioning[b])))
         if rank < count:
-            warnings.warn(
+            warn(
                 f"{where(b)}LICQ fails at the inner solution: the {count} active constraints "
                 f"(active inequalities and equalities) have gradients of rank {rank} only. The multipliers "
                 "are not unique; the hypergradient uses a least-squares / minimum-residual solution. Remove "
                 "redundant constraints for a well-posed problem.",
                 DegenerateKKTWarning,
-                stacklevel=external_stacklevel(),
             )
     return infos
 
@@ -591,12 +589,11 @@ def kkt_at_solutions(
     residuals, sizes = op.scaled_residual()
     for b, info in enumerate(infos):
         if float(residuals[b]) > 1e-6 * float(sizes[b]):
-            warnings.warn(
+            warn(
                 f"{where(b)}The KKT residual at the inner solution is {info.residual_after:.2e} "
                 f"(solver status '{solutions[b].status}', polish: {info.reason or 'ran'}): the hypergradient "
                 "will be inaccurate. Tighten the solver tolerances or try another solver.",
                 InaccurateSolutionWarning,
-                stacklevel=external_stacklevel(),
             )
     return op, actives, infos
 
@@ -656,12 +653,11 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
         extremes.append((float(ritz[0]), float(ritz[-1])))
     for b, (low, high) in enumerate(extremes):
         if high > 0 and low <= tol * high and op.n_y > int(op.dual_mask[b].sum()):
-            warnings.warn(
+            warn(
                 f"{where(b)}The inner solution is not unique: the Lagrangian has (near) zero curvature "
                 f"along a direction the active constraints leave free (reduced Hessian eigenvalue "
                 f"{low:.1e} vs {high:.1e}). y*(x) is not differentiable there; cbo returns the "
                 "minimum-norm derivative. Add a strongly convex term (e.g. 1e-3 * cp.sum_squares(y)).",
                 DegenerateKKTWarning,
-                stacklevel=external_stacklevel(),
             )
     return extremes

@@ -23,7 +23,7 @@ from .conic import ConeStatus, conic_program
 from .hypergrad import qp_active_set, qp_licq, qp_polish_info, qp_solve_info, select_route, uses_qp_path
 from .inputs import broadcast_inputs, item_names, timed
 from .inner import BatchSolver, InnerSolution
-from .errors import InnerSolveError
+from .errors import InnerSolveError, one_warning_per_category
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .options import Options, resolve_options
@@ -120,8 +120,12 @@ class ArgminLayer(torch.nn.Module):
         self.batch_solver = BatchSolver(self.problem, options.solver, options.solver_options, executor, n_workers,
                                         timeout)
 
+    @one_warning_per_category()
     def forward(self, *inputs: torch.Tensor, return_info: bool = False):
         """Solve the inner problems of a batch: ``y_1, ..., y_k = layer(*inputs)``.
+
+        The warnings of the batch's items are issued once per category, naming the items
+        (:func:`cbo.errors.one_warning_per_category`).
 
         Parameters
         ----------

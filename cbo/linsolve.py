@@ -26,13 +26,12 @@ operator that carries a scaling (:func:`cbo.kkt.equilibration`), see
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .errors import ConvergenceError, ConvergenceWarning, external_stacklevel
+from .errors import ConvergenceError, ConvergenceWarning, warn
 
 __all__ = [
     "SolveInfo", "minres", "cg", "ADJOINT_SOLVERS", "adjoint_solve", "equilibrated_solve",
@@ -411,5 +410,5 @@ def adjoint_solve(op, b: torch.Tensor, method: str, *, x0=None, tol: float = 1e-
         )
         if on_nonconvergence == "raise" or not bool(torch.isfinite(v).all()):
             raise ConvergenceError(message, info)
-        warnings.warn(message, ConvergenceWarning, stacklevel=external_stacklevel())
+        warn(message, ConvergenceWarning)
     return v, info
