@@ -608,6 +608,16 @@ def _corrected(active: ActiveSet, final_mask: torch.Tensor) -> ActiveSet:
 
 # ---------------------------------------------------------------- curvature
 
+def _variables_along(problem: BilevelProblem, direction: torch.Tensor, floor: float = 0.1) -> list[tuple[str, float]]:
+    r"""The variables a direction d of y lies in: (name, ||d_v||^2 / ||d||^2) for the shares of at least ``floor``
+    (the largest alone if none is), largest first."""
+    sizes = [v.size for v in problem.all_variables]
+    energy = torch.stack([part.square().sum() for part in torch.split(direction.detach(), sizes)])
+    shares = (energy / energy.sum().clamp_min(1e-300)).tolist()
+    ranked = sorted(zip((v.name() for v in problem.all_variables), shares), key=lambda item: -item[1])
+    return [item for item in ranked if item[1] >= floor] or ranked[:1]
+
+
 def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
                     where: Callable[[int], str] = lambda b: "") -> list[tuple[float, float]]:
     r"""Extreme Ritz values of the reduced Hessian P H P on null(J_A), per item, by Lanczos.
@@ -620,8 +630,10 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
     lambda_min / lambda_max below ``tol`` means a direction of (near) zero
     curvature: the inner solution is not unique there, y*(x) is not
     differentiable, and the solvers return a minimum-norm answer. Warns with
-    :class:`DegenerateKKTWarning`. Returns [(lambda_min, lambda_max)] per item.
+    :class:`DegenerateKKTWarning`, naming the variables that the Ritz vector of
+    lambda_min (mapped back to y's units) lies in. Returns [(lambda_min, lambda_max)] per item.
     """
+    problem = op.problem
     op = op.equilibrated()
     system = NullSpaceSystem(op, torch.zeros_like(op.w.detach()))
     generator = torch.Generator(device="cpu").manual_seed(1)
@@ -641,7 +653,7 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
             break
         basis.append(z / beta.clamp_min(1e-300)[:, None])
     alphas, betas = torch.stack(alphas, -1), torch.stack(betas, -1)
-    extremes = []
+    extremes, lowest = [], []
     for b in range(op.batch_size):
         # An item's Krylov space is exhausted at its first (relatively) zero beta: Ritz values
         # of the leading block only, the rest would be noise.
@@ -649,15 +661,20 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
         length = int(tiny[0]) + 1 if len(tiny) else alphas.shape[-1]
         tridiagonal = torch.diag(alphas[b, :length]) + torch.diag(betas[b, : length - 1], 1) \
             + torch.diag(betas[b, : length - 1], -1)
-        ritz = torch.linalg.eigvalsh(tridiagonal)
+        ritz, vectors = torch.linalg.eigh(tridiagonal)
         extremes.append((float(ritz[0]), float(ritz[-1])))
+        lowest.append(torch.stack([v[b] for v in basis[:length]], -1) @ vectors[:, 0])
     for b, (low, high) in enumerate(extremes):
         if high > 0 and low <= tol * high and op.n_y > int(op.dual_mask[b].sum()):
+            d_y = op.d[b, : op.n_y] if isinstance(op, EquilibratedKKT) else 1.0
+            shares = _variables_along(problem, d_y * lowest[b])
+            where_free = ", ".join(f"{name} ({share:.0%})" for name, share in shares)
             warn(
                 f"{where(b)}The inner solution is not unique: the Lagrangian has (near) zero curvature "
-                f"along a direction the active constraints leave free (reduced Hessian eigenvalue "
-                f"{low:.1e} vs {high:.1e}). y*(x) is not differentiable there; cbo returns the "
-                "minimum-norm derivative. Add a strongly convex term (e.g. 1e-3 * cp.sum_squares(y)).",
+                f"along a direction the active constraints leave free, in variable {where_free} (reduced "
+                f"Hessian eigenvalue {low:.1e} vs {high:.1e}). y*(x) is not differentiable there; cbo returns "
+                "the minimum-norm derivative. Add a strongly convex term to the inner objective, e.g. "
+                f"eps / 2 * cp.sum_squares({shares[0][0]}) with a small eps.",
                 DegenerateKKTWarning,
             )
     return extremes

@@ -78,7 +78,8 @@ def test_hypergradient_matches_finite_differences():
 def test_singular_lower_level_is_reported():
     """eps = 0: y2 is free on {e^T y2 = const}; cbo says the inner solution is not unique and names the remedy."""
     instance = toy_llc.build("small", eps=0.0)
-    with pytest.warns(cbo.DegenerateKKTWarning, match="not unique.*zero curvature.*strongly convex term"):
+    with pytest.warns(cbo.DegenerateKKTWarning,
+                      match=r"not unique.*zero curvature.*in variable y2 \(100%\).*cp\.sum_squares\(y2\)"):
         grad, info = cbo.hypergrad(instance.problem, instance.x0, return_info=True)
     low, high = info.reduced_hessian_extremes
     assert abs(low) < 1e-9 * high
