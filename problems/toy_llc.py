@@ -137,5 +137,6 @@ def build(size: str = "small", seed: int = 0, eps: float = EPS) -> Instance:
         x_star=x_star, y_star=y_star, F_star=n * published["F_per_n"],
         regularized=solution(eps) if eps > 0 else published,
     )
-    return Instance(problem=problem, x0=torch.full((n,), X0, dtype=torch.float64), settings=dict(SIZES[size]["settings"]),
-                    reference=reference, evaluate=evaluate, data=dict(n=n, eps=eps, y0=np.full(2 * n, Y0)))
+    return Instance(problem=problem, x0=torch.full((n,), X0, dtype=torch.float64),
+                    settings=dict(SIZES[size]["settings"]), reference=reference, evaluate=evaluate,
+                    data=dict(n=n, eps=eps, y0=np.full(2 * n, Y0)))
