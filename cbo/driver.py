@@ -7,7 +7,8 @@ Each step computes g = dF/dx at x_k with :func:`cbo.hypergrad`. The default,
 or x, chosen by a line search on F:
 
 * "lbfgsb": L-BFGS-B (scipy.optimize, Byrd, Lu, Nocedal and Zhu 1995) when C is
-  a box lo <= x <= hi (bounds, or no constraints at all);
+  a box lo <= x <= hi (bounds, or no constraints at all); where its line search
+  fails (a kink of F), SPG takes over from there;
 * "spg": spectral projected gradient (Birgin, Martinez and Raydan 2000) for any
   other convex C, with Barzilai-Borwein steps and a nonmonotone line search:
 
@@ -31,8 +32,12 @@ P_C is the Euclidean projection of :mod:`cbo.projection`. The loop stops after
 (the gradient itself when x is unconstrained; lr = 1 for "lbfgsb" and "spg",
 where ||G|| is the projected-gradient norm ||x - P_C(x - g)||) has norm below
 ``tol``. F(x, y*(x)) is only piecewise smooth: it kinks where the inner active
-set changes. A line search that finds no decrease there stops the loop, and the
-result's ``message`` says so.
+set changes. At a kink, where the line search along -g finds no decrease, SPG
+steps along the kink instead, in the direction of the smallest convex
+combination of g and the gradient g_r beyond the kink (a bundle of two, as in
+gradient sampling); when that fails too, or F decreases by less than
+SPG_FTOL (1 + |F|) over SPG_MEMORY steps, the loop stops and the result's
+``message`` says why.
 :func:`plot_history` (:mod:`cbo.plotting`, needs matplotlib) draws the
 :class:`History` of a run.
 """
@@ -76,7 +81,12 @@ SPG_MEMORY, SPG_GAMMA, SPG_SHRINK, SPG_STEP_RANGE = 10, 1e-4, (0.1, 0.9), (1e-30
 # The SPG line search gives up after this many reductions of t, or once t ||d|| is below this fraction of
 # 1 + ||x|| (no representable decrease left): F is not smooth along d at x, or g is inaccurate.
 SPG_MAX_BACKTRACKS, SPG_MIN_RELATIVE_STEP = 40, 1e-12
-LBFGSB_MAX_LINE_SEARCH = 20  # scipy's default maxls: trial points per L-BFGS-B line search
+# SPG stops once F decreases by less than SPG_FTOL (1 + |F|) over SPG_MEMORY steps (creeping along a kink), and
+# a line search once the decrease t |g^T d| it could still find is below that.
+SPG_FTOL = 1e-10
+# Trial points per L-BFGS-B line search (scipy's default is 20): where F kinks the line search fails, and
+# each failure costs this many inner solves before SPG takes over.
+LBFGSB_MAX_LINE_SEARCH = 10
 # Divergence: F above its best value by this many times the progress made so far (or |F|).
 _DIVERGENCE_FACTOR = 1e4
 
@@ -541,6 +551,87 @@ class _LineSearchLoop(_Loop):
                 "inaccurate (tighten the inner solver's tolerance)")
 
 
+    def _spg(self, point: _Point, steps: int) -> str:
+        """At most ``steps`` SPG2 iterations from ``point``; why they ended (unless by :class:`_Stop`)."""
+        self.current = point
+        recent = collections.deque([point.f], maxlen=SPG_MEMORY)
+        best = collections.deque([point.f], maxlen=SPG_MEMORY + 1)  # the lowest F after each of the last updates
+        step = self._kink_step = _clip_step(1.0 / _inf_norm(self._direction(point, point.grads, 1.0)))
+        for _ in range(steps):
+            direction = self._direction(point, point.grads, step)
+            slope = _dot(point.grads, direction)
+            trial, rejected = self._line_search(point, direction, max(recent), slope, stop_at_kink=True)
+            if trial is None and rejected is not None:
+                trial = self._across_kink(point, rejected)
+            if trial is None and rejected is not None:  # no descent along the kink: approach it along d
+                trial, _ = self._line_search(point, direction, max(recent), slope)
+            if trial is None:
+                return self._stalled("SPG's line search found no decrease of F")
+            step = _spectral_step(point, trial, step)
+            self._accept(trial)
+            if _negligible(_norm([b - a for a, b in zip(point.xs, trial.xs)]), point.xs):
+                return self._stalled("SPG's steps shrank to round-off")
+            point = trial
+            recent.append(point.f)
+            best.append(min(best[-1], point.f))
+            if len(best) > SPG_MEMORY and best[0] - best[-1] <= SPG_FTOL * (1.0 + abs(best[-1])):
+                return self._stalled(f"F decreased by less than {SPG_FTOL:g} (1 + |F|) over {SPG_MEMORY} SPG steps")
+        return self._reached_steps()
+
+    def _direction(self, point: _Point, grads: list[torch.Tensor], step: float) -> list[torch.Tensor]:
+        """d = P_C(x - step * g) - x."""
+        return [p - x for x, p in zip(point.xs, self._project([x - step * g for x, g in zip(point.xs, grads)]))]
+
+    def _line_search(self, point: _Point, direction: list[torch.Tensor], reference: float, slope: float,
+                     stop_at_kink: bool = False) -> tuple[_Point | None, _Point | None]:
+        r"""(The first x + t d, t = 1, then backtracking, with F(x + t d) <= reference + gamma t slope, or None if
+        t d shrinks to round-off, the decrease it promises, -t slope, to below SPG_FTOL (1 + |F|), or
+        SPG_MAX_BACKTRACKS trials fail; the last rejected trial, or None).
+
+        With ``stop_at_kink``, give up early where x sits on a kink of F along d: the secant slope
+        (F(x + t d) - F(x)) / t of two rejected trials stays positive and does not halve as t shrinks (for a
+        smooth F it tends to g^T d < 0)."""
+        length, rejected, t, secant = _norm(direction), None, 1.0, math.inf
+        for _ in range(SPG_MAX_BACKTRACKS):
+            trial = self._visit([x + t * d for x, d in zip(point.xs, direction)])
+            if trial.f <= reference + SPG_GAMMA * t * slope:
+                return trial, rejected
+            rejected, previous, secant = trial, secant, (trial.f - point.f) / t
+            if (_negligible(t * length, point.xs) or -slope * t <= SPG_FTOL * (1.0 + abs(point.f))
+                    or (stop_at_kink and 0 < 2 * secant and 2 * secant >= previous)):
+                break
+            t = _backtrack(t, slope, trial.f - point.f)
+        return None, rejected
+
+    def _across_kink(self, point: _Point, rejected: _Point) -> _Point | None:
+        r"""Where the line search along -g fails, x sits on a kink of F (the gradient g_r at the last rejected
+        trial, beyond the kink, differs from g): step along the smallest convex combination h of g and g_r
+        (a bundle of two, as in gradient sampling), to P_C(x - a h) with a descent for both gradients. The
+        BB step is no guide there (g jumps across the kink): a starts from the last such step and doubles
+        while F decreases, or backtracks. None if no step decreases F (x is close to a Clarke-stationary point)."""
+        aggregate = _smallest_combination(point.grads, rejected.grads)
+        best, a = None, self._kink_step
+        for _ in range(SPG_MAX_BACKTRACKS):
+            direction = self._direction(point, aggregate, a)
+            slope = max(_dot(point.grads, direction), _dot(rejected.grads, direction))
+            if not slope < 0:
+                return best
+            if best is None:
+                best = self._line_search(point, direction, point.f, slope)[0]
+                if best is None:
+                    return None
+                if _norm([b - x for x, b in zip(point.xs, best.xs)]) < _norm(direction):
+                    return best  # backtracked: a was too long
+            else:
+                trial = self._visit([x + d for x, d in zip(point.xs, direction)])
+                if not trial.f <= best.f + SPG_GAMMA * slope / 2:
+                    return best
+                best = trial
+            self._kink_step = a
+            a *= 2
+        return best
+
+
 class _LBFGSBLoop(_LineSearchLoop):
     """L-BFGS-B (scipy.optimize) on the bounds lo <= x <= hi of C; x as one float64 vector."""
 
@@ -563,8 +654,8 @@ class _LBFGSBLoop(_LineSearchLoop):
                          gtol=0.0, maxls=LBFGSB_MAX_LINE_SEARCH))
         if self.updates >= self.steps:
             return self._reached_steps()
-        if "ABNORMAL" in str(result.message):
-            return self._stalled("L-BFGS-B's line search found no decrease of F")
+        if "ABNORMAL" in str(result.message):  # a kink: SPG's step along it takes over
+            return "L-BFGS-B's line search stalled, then " + self._spg(self.current, self.steps - self.updates)
         return f"L-BFGS-B stopped ({result.message}) with ||x - P_C(x - g)|| = {self.current.stationarity:.2e} > tol"
 
 
@@ -572,37 +663,7 @@ class _SPGLoop(_LineSearchLoop):
     """Spectral projected gradient, algorithm SPG2 of Birgin, Martinez and Raydan (2000), see :mod:`cbo.driver`."""
 
     def _iterate(self, xs: list[torch.Tensor]) -> str:
-        point = self.current = self._visit(xs)
-        recent = collections.deque([point.f], maxlen=SPG_MEMORY)
-        step = _clip_step(1.0 / _inf_norm([x - p for x, p in zip(xs, self._project(
-            [x - g for x, g in zip(xs, point.grads)]))]))
-        for _ in range(self.steps):
-            direction = [p - x for x, p in zip(point.xs, self._project(
-                [x - step * g for x, g in zip(point.xs, point.grads)]))]
-            trial = self._line_search(point, direction, max(recent))
-            if trial is None:
-                return self._stalled("SPG's line search found no decrease of F")
-            step = _spectral_step(point, trial, step)
-            self._accept(trial)
-            if _negligible(_norm([b - a for a, b in zip(point.xs, trial.xs)]), point.xs):
-                return self._stalled("SPG's steps shrank to round-off")
-            point = trial
-            recent.append(point.f)
-        return self._reached_steps()
-
-    def _line_search(self, point: _Point, direction: list[torch.Tensor], reference: float) -> _Point | None:
-        r"""The first x + t d, t = 1, then backtracking, with F(x + t d) <= reference + gamma t g^T d; None if
-        t d shrinks to round-off (or SPG_MAX_BACKTRACKS trials) first."""
-        slope, length = _dot(point.grads, direction), _norm(direction)
-        t = 1.0
-        for _ in range(SPG_MAX_BACKTRACKS):
-            trial = self._visit([x + t * d for x, d in zip(point.xs, direction)])
-            if trial.f <= reference + SPG_GAMMA * t * slope:
-                return trial
-            if _negligible(t * length, point.xs):
-                return None
-            t = _backtrack(t, slope, trial.f - point.f)
-        return None
+        return self._spg(self._visit(xs), self.steps)
 
 
 _LOOPS = {"adam": _ProjectedLoop, "sgd": _ProjectedLoop, "lbfgs": _LBFGSLoop, "lbfgsb": _LBFGSBLoop, "spg": _SPGLoop}
@@ -630,6 +691,14 @@ def _spectral_step(point: _Point, trial: _Point, previous: float) -> float:
     if sy > 0:
         return _clip_step(ss / sy)
     return _clip_step(math.sqrt(ss / yy)) if yy > 0 else previous
+
+
+def _smallest_combination(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    r"""The point of the segment [a, b] closest to 0: theta a + (1 - theta) b with
+    theta = clip((b - a)^T b / ||a - b||^2, 0, 1)."""
+    gap = _dot(a, a) - 2 * _dot(a, b) + _dot(b, b)
+    theta = min(max((_dot(b, b) - _dot(a, b)) / gap, 0.0), 1.0) if gap > 0 else 1.0
+    return [theta * x + (1 - theta) * y for x, y in zip(a, b)]
 
 
 def _negligible(length: float, xs: list[torch.Tensor]) -> bool:
