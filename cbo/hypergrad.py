@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,6 +29,7 @@ from .options import Options, resolve_options
 from .problem import BilevelProblem
 from .qp import GeneralPathNeeded, QPPoint
 from .qp_solvers import QP_SOLVERS
+from .translate import kink_at, kinks
 
 __all__ = ["hypergrad", "HypergradInfo", "Solved", "solve_at", "forget_warm_starts", "METHODS", "ROUTES"]
 
@@ -177,7 +178,7 @@ def hypergrad(
     if not return_info:
         return result
     info = HypergradInfo(outer_value=outer_value, y=problem.user_y(solved.y), linear_solve=solve_info,
-                         timings=timings, route=reason, **solved.info)
+                         timings=timings, route=solved.route or reason, **solved.info)
     return result, info
 
 
@@ -193,12 +194,14 @@ class Solved:
     y: torch.Tensor
     gradient: Callable[[list[torch.Tensor], torch.Tensor], tuple[list[torch.Tensor], SolveInfo]]
     info: dict
+    route: str | None = None  # the reason of a hand-over from the smooth to the conic route
 
 
 def solve_at(problem: BilevelProblem, xs: list[torch.Tensor], route: str, reason: str, options: Options,
              timings: dict) -> Solved:
     """Solve the inner problem at ``xs`` on ``route``: the compiled QP where it applies (a degenerate point
-    there hands over to the general smooth route, which diagnoses it), else the smooth or conic route."""
+    there hands over to the general smooth route, which diagnoses it), else the smooth or conic route (an
+    atom at a kink of the smooth route's inner solution hands over to the conic route, :func:`check_kinks`)."""
     if route == "conic":
         return _solve_conic(problem, xs, reason, options, timings)
     if uses_qp_path(problem, options.method, options.solver, options.polish_solution):
@@ -206,7 +209,11 @@ def solve_at(problem: BilevelProblem, xs: list[torch.Tensor], route: str, reason
             return _solve_compiled_qp(problem, xs, options, timings)
         except GeneralPathNeeded:
             timings.clear()
-    return _solve_smooth(problem, xs, options, timings)
+    try:
+        return _solve_smooth(problem, xs, options, timings)
+    except ConicRouteNeeded as handover:
+        timings.clear()
+        return replace(_solve_conic(problem, xs, str(handover), options, timings), route=str(handover))
 
 
 def _warn_if_linear(problem: BilevelProblem) -> None:
@@ -256,6 +263,7 @@ def _solve_smooth(problem: BilevelProblem, xs, options: Options, timings: dict) 
     method = options.method or "cg"
     with timed(timings, "inner_solve"):
         sol = solve_inner(problem, [t.detach().cpu().numpy() for t in xs], options.solver, options.solver_options)
+    check_kinks(problem, xs, sol.y, options.active_tol)
     batch = [t.unsqueeze(0) for t in xs]  # the KKT machinery is batched: a batch of one
     with timed(timings, "polish"):
         op, (active,), (polish_info,) = kkt_at_solutions(problem, batch, [sol], method, options.active_tol,
@@ -384,6 +392,33 @@ def _outer_gradients(problem, xs, y_flat):
         grads = torch.autograd.grad(F, [*x_req, y_req], allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip([*x_req, y_req], grads)]
     return float(F.detach()), grads[:-1], grads[-1]
+
+
+class ConicRouteNeeded(Exception):
+    """The smooth route's inner solution is at a kink (:func:`check_kinks`); the message is the conic route's
+    reason. Raised by the smooth route, caught where the conic route takes over (not seen by users)."""
+
+
+def check_kinks(problem: BilevelProblem, xs: Sequence[torch.Tensor], y: np.ndarray, tol: float) -> None:
+    r"""Hand over to the conic route if an atom of the inner problem has no second derivative at its solution.
+
+    The smooth route differentiates the KKT conditions of the atoms' formulas; at a kink of a p-norm
+    (its argument 0) or on the boundary of an atom's domain (``sqrt``, ``power``, ``entr`` at 0, see
+    :class:`cbo.translate.Kink`) those conditions do not hold or have no Jacobian, and the adjoint
+    solve returns a wrong gradient or none. The cone program has no such point. ``y`` is one item's
+    stacked variables, ``xs`` its parameters; a kink counts within ``tol`` (relative to the largest
+    value of x and y).
+
+    Raises
+    ------
+    ConicRouteNeeded
+        With the reason, e.g. "conic: PnormApprox(y, 2) is at its kink (its argument is 0) at the inner solution".
+    """
+    env = problem.env(xs, problem.split_y(torch.as_tensor(y, dtype=xs[0].dtype, device=xs[0].device)))
+    parts = [problem.inner.objective, *problem.inner.constraints]
+    kink = kink_at([k for part in parts for k in kinks(part)], env, tol)
+    if kink is not None:
+        raise ConicRouteNeeded(f"conic: {kink.atom} is at its kink ({kink.what}) at the inner solution")
 
 
 def forget_warm_starts(problem: BilevelProblem) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .conic import ConeStatus, conic_program
-from .hypergrad import qp_active_set, qp_licq, qp_polish_info, qp_solve_info, select_route, uses_qp_path
+from .hypergrad import (ConicRouteNeeded, check_kinks, qp_active_set, qp_licq, qp_polish_info, qp_solve_info,
+                        select_route, uses_qp_path)
 from .inputs import broadcast_inputs, item_names, timed
 from .inner import BatchSolver, InnerSolution
 from .errors import InnerSolveError, one_warning_per_category
@@ -154,7 +155,11 @@ class ArgminLayer(torch.nn.Module):
                 info_box.clear()
         if outputs is None:
             function = _ConicArgminFunction if self.route == "conic" else _ArgminFunction
-            outputs = function.apply(self, info_box, *inputs)
+            try:
+                outputs = function.apply(self, info_box, *inputs)
+            except ConicRouteNeeded as handover:  # an item at a kink: the conic route takes the batch
+                outputs = _ConicArgminFunction.apply(self, info_box, *inputs)
+                info_box[0].route = str(handover)
         return (outputs, info_box[0]) if return_info else outputs
 
     def close(self) -> None:
@@ -172,6 +177,8 @@ class _ArgminFunction(torch.autograd.Function):
             values = [[t[b].cpu().numpy() for t in x] for b in range(x[0].shape[0])]
             solutions: list[InnerSolution] = layer.batch_solver.solve(values)
         where = item_names(batch_shape)
+        for b, solution in enumerate(solutions):
+            check_kinks(problem, [t[b] for t in x], solution.y, layer.options.active_tol)
         with timed(timings, "polish"):
             op, actives, polish_infos = kkt_at_solutions(problem, x, solutions, layer.method,
                                                          layer.options.active_tol, layer.options.polish_solution,

@@ -388,6 +388,26 @@ def equilibrated_solve(op, b: torch.Tensor, method: str, *, x0=None, tol: float 
     return v, info
 
 
+_SINGULAR_CAUSE = ("a DegenerateKKTWarning of this call, if any, names the cause (a non-unique inner solution, "
+                   "dependent or weakly active constraints)")
+
+
+def nonconvergence_message(method: str, info: SolveInfo) -> str:
+    """What a failed adjoint solve says: the residual it reached and only the remedies that apply to ``method``
+    (an iterative method: more iterations, a looser tol, the other sound methods; "direct": K itself is singular
+    or badly conditioned, which no other method repairs)."""
+    head = (f"The adjoint solve with method={method!r} did not converge: relative residual "
+            f"{info.extra.get('equilibrated_residual', info.residual):.3e}")
+    if method == "direct":
+        kind = ("singular (the pseudo-inverse gave a least-squares answer)" if "singular_items" in info.extra
+                else "badly conditioned")
+        return (f"{head} (tol={info.tol:.1e}). A dense solve falls short of tol only where K is {kind}, which no "
+                f"iterative method repairs: loosen tol if this residual is good enough; {_SINGULAR_CAUSE}.")
+    others = " or ".join(repr(m) for m in ("cg", "minres", "direct") if m != method)
+    return (f"{head} after {info.iterations} iterations (tol={info.tol:.1e}). Raise maxiter, loosen tol, or use "
+            f"method={others}. If no method converges, K is singular or nearly so: {_SINGULAR_CAUSE}.")
+
+
 def adjoint_solve(op, b: torch.Tensor, method: str, *, x0=None, tol: float = 1e-10, maxiter: int | None = None,
                   on_nonconvergence: str = "raise") -> tuple[torch.Tensor, SolveInfo]:
     """Solve K v = b with ``method`` (on the equilibrated system, :func:`equilibrated_solve`); raise (or warn)
@@ -400,14 +420,7 @@ def adjoint_solve(op, b: torch.Tensor, method: str, *, x0=None, tol: float = 1e-
         x0 = torch.where(_norm(b) == 0, torch.zeros_like(x0), x0)
     v, info = equilibrated_solve(op, b, method, x0=x0, tol=tol, maxiter=maxiter)
     if not info.converged:
-        message = (
-            f"The adjoint solve with method={method!r} did not converge: relative residual "
-            f"{info.extra.get('equilibrated_residual', info.residual):.3e} after {info.iterations} iterations "
-            f"(tol={tol:.1e}). "
-            "Raise maxiter, loosen tol, or use method='minres' or 'direct'. If no method converges, the "
-            "KKT system may be singular: the inner solution is not unique (a direction of zero curvature "
-            "of the Lagrangian along the active constraints); add a strongly convex term to the inner objective."
-        )
+        message = nonconvergence_message(method, info)
         if on_nonconvergence == "raise" or not bool(torch.isfinite(v).all()):
             raise ConvergenceError(message, info)
         warn(message, ConvergenceWarning)

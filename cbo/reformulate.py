@@ -44,12 +44,17 @@ from cvxpy.atoms.max import max as cp_max
 from cvxpy.atoms.min import min as cp_min
 from cvxpy.atoms.norm1 import norm1
 from cvxpy.atoms.norm_inf import norm_inf
+from cvxpy.atoms.perspective import perspective
 
 __all__ = ["Reformulation", "epigraph_reformulation", "substitute"]
 
 # +1: the enclosing problem pushes the expression down (convex atoms may become epigraphs);
 # -1: pushes it up (concave atoms may become hypographs); 0: neither.
 _DOWN, _UP, _FREE = 1, -1, 0
+# Atoms whose arguments are not the expressions they are built from: cvxpy's perspective(f, s) has the
+# arguments (s, *variables of f) and keeps f aside, so it cannot be rebuilt from new arguments. The rewriter
+# leaves them as they are, and their variables keep their sign attributes (the conic route takes them).
+_OPAQUE = (perspective,)
 
 
 @dataclass
@@ -119,9 +124,10 @@ def _explicit_signs(problem: cp.Problem) -> tuple[cp.Problem, dict, list]:
     """Replace each variable declared nonneg=True (nonpos=True), and nothing else, by a plain variable
     with the constraint v >= 0 (v <= 0): cvxpy reports no multiplier for an attribute, a constraint has one."""
     substitutes, added = {}, []
+    opaque = {v.id for atom in _atoms_of(problem, _OPAQUE) for v in atom.variables()}
     for v in problem.variables():
         declared = {k for k, value in v.attributes.items() if value}
-        if not declared or not declared <= {"nonneg", "nonpos"}:
+        if not declared or not declared <= {"nonneg", "nonpos"} or v.id in opaque:
             continue  # other attributes (symmetric, PSD, integer, ...) stay: the conic route or an error
         plain = cp.Variable(v.shape, name=v.name())
         substitutes[v.id] = plain
@@ -131,6 +137,16 @@ def _explicit_signs(problem: cp.Problem) -> tuple[cp.Problem, dict, list]:
         return problem, {}, []
     objective = type(problem.objective)(substitute(problem.objective.expr, substitutes))
     return cp.Problem(objective, [substitute(c, substitutes) for c in problem.constraints]), substitutes, added
+
+
+def _atoms_of(problem: cp.Problem, types: tuple):
+    """The atoms of ``types`` in the objective and the constraints of ``problem``."""
+    stack = [problem.objective.expr, *problem.constraints]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, types):
+            yield item
+        stack.extend(item.args)
 
 
 def substitute(expr, substitutes: dict):
@@ -167,7 +183,7 @@ class _Rewriter:
 
     def rewrite(self, expr: cp.Expression, sense: int) -> cp.Expression:
         """``expr`` with every rewritable atom (given the context ``sense``) replaced."""
-        if not expr.args or not expr.variables():
+        if not expr.args or not expr.variables() or isinstance(expr, _OPAQUE):
             return expr
         if sense == _DOWN and isinstance(expr, (cp_abs, maximum, cp_max, norm1, norm_inf)):
             return self._epigraph(expr)

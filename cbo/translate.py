@@ -29,18 +29,26 @@ import torch
 from cvxpy.atoms.affine.add_expr import AddExpression
 from cvxpy.atoms.affine.binary_operators import DivExpression, MulExpression, multiply
 from cvxpy.atoms.affine.broadcast_to import broadcast_to
+from cvxpy.atoms.affine.concatenate import Concatenate
+from cvxpy.atoms.affine.conj import conj
+from cvxpy.atoms.affine.conv import conv, convolve
 from cvxpy.atoms.affine.cumsum import cumsum
 from cvxpy.atoms.affine.diag import diag_mat, diag_vec
 from cvxpy.atoms.affine.hstack import Hstack
+from cvxpy.atoms.affine.imag import imag
 from cvxpy.atoms.affine.index import index, special_index
+from cvxpy.atoms.affine.kron import kron
 from cvxpy.atoms.affine.promote import Promote
+from cvxpy.atoms.affine.real import real
 from cvxpy.atoms.affine.reshape import reshape
 from cvxpy.atoms.affine.sum import Sum
 from cvxpy.atoms.affine.trace import Trace
 from cvxpy.atoms.affine.transpose import transpose
 from cvxpy.atoms.affine.unary_operators import NegExpression
+from cvxpy.atoms.affine.upper_tri import upper_tri
 from cvxpy.atoms.affine.vstack import Vstack
 from cvxpy.atoms.affine.wraps import Wrap
+from cvxpy.atoms.cumprod import cumprod
 from cvxpy.atoms.elementwise.entr import entr
 from cvxpy.atoms.elementwise.exp import exp
 from cvxpy.atoms.elementwise.huber import huber
@@ -51,14 +59,17 @@ from cvxpy.atoms.elementwise.logistic import logistic
 from cvxpy.atoms.elementwise.power import Power
 from cvxpy.atoms.elementwise.rel_entr import rel_entr
 from cvxpy.atoms.elementwise.xexp import xexp
+from cvxpy.atoms.geo_mean import GeoMean
 from cvxpy.atoms.log_sum_exp import log_sum_exp
 from cvxpy.atoms.pnorm import Pnorm
+from cvxpy.atoms.prod import Prod
 from cvxpy.atoms.quad_form import QuadForm
 from cvxpy.atoms.quad_over_lin import quad_over_lin
+from cvxpy.expressions.leaf import Leaf
 
 from .errors import NonSmoothAtomError, UnsupportedAtomError
 
-__all__ = ["Env", "to_torch", "SUPPORTED_ATOMS"]
+__all__ = ["Env", "to_torch", "SUPPORTED_ATOMS", "Kink", "kinks", "kink_at"]
 
 
 @dataclass
@@ -96,6 +107,10 @@ def to_torch(expr: cp.Expression) -> TorchFn:
     UnsupportedAtomError
         For any atom with no translation yet.
     """
+    if isinstance(expr, Leaf) and expr.is_complex():
+        raise UnsupportedAtomError(
+            f"`{_short(expr)}` is complex: cbo differentiates real problems only. Write the problem with its real "
+            "and imaginary parts as separate real variables and parameters.")
     if isinstance(expr, cp.Constant):
         return _constant(expr.value)
     if isinstance(expr, cp.Parameter):
@@ -151,13 +166,17 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+def _reverse_axes(t: torch.Tensor) -> torch.Tensor:
+    """numpy's ``t.T`` for any number of axes, 0-d included (``permute(*())`` would fail there)."""
+    return t.permute(tuple(reversed(range(t.dim()))))
+
+
 def _reshape(t: torch.Tensor, shape: tuple, order: str) -> torch.Tensor:
     """numpy's ``reshape(t, shape, order)``; torch reshapes in 'C' order only."""
     if order == "C":
         return t.reshape(shape)
     # Fortran order = C order on the reversed axes.
-    flat = t.permute(*reversed(range(t.dim()))).reshape(-1)
-    return flat.reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape))))
+    return _reverse_axes(_reverse_axes(t).reshape(tuple(reversed(shape))))
 
 
 def _numpy_index(shape: tuple, key) -> torch.Tensor:
@@ -220,7 +239,12 @@ def _log_sum_exp(expr, a):
 
 
 def _flat_lse(t, keepdims):
-    s = torch.logsumexp(t.reshape(-1), dim=0)
+    return _flat_reduce(lambda u: torch.logsumexp(u, dim=0), t, keepdims)
+
+
+def _flat_reduce(reduce, t, keepdims):
+    """``reduce`` over all entries of ``t``, kept as a tensor of ones of t's rank if ``keepdims``."""
+    s = reduce(t.reshape(-1))
     return s.reshape((1,) * t.dim()) if keepdims else s
 
 
@@ -284,6 +308,71 @@ def _diag_mat(expr, a):
     return lambda env: torch.diagonal(a(env), offset=k)
 
 
+def _concatenate(expr, *args):
+    """numpy's ``concatenate(args, axis)``; axis None joins the flattened (C order) arguments."""
+    if expr.axis is None:
+        return lambda env: torch.cat([a(env).reshape(-1) for a in args])
+    return lambda env: torch.cat([a(env) for a in args], dim=expr.axis)
+
+
+def _convolve(expr, a, b):
+    r"""Full 1-D convolution, (a * b)_k = sum_{i + j = k} a_i b_j, shaped like cvxpy's (conv: a column)."""
+    def f(env):
+        u, v = a(env).reshape(-1), b(env).reshape(-1)
+        positions = (torch.arange(u.numel(), device=u.device)[:, None] + torch.arange(v.numel(), device=u.device))
+        out = torch.zeros(u.numel() + v.numel() - 1, dtype=u.dtype, device=u.device)
+        return out.index_add(0, positions.reshape(-1), (u[:, None] * v).reshape(-1)).reshape(expr.shape)
+
+    return f
+
+
+def _upper_tri(expr, a):
+    """The strictly upper triangular entries, row by row (numpy's ``triu_indices(n, k=1)``), as a column."""
+    n = expr.args[0].shape[-1]
+    rows, cols = (torch.as_tensor(i) for i in np.triu_indices(n, k=1))
+    return lambda env: a(env)[..., rows.to(env.device), cols.to(env.device)].reshape(expr.shape)  # (.., k, 1)
+
+
+def _real_part(expr, a):
+    """real and conj (the identity) and imag (zero) of a real expression (to_torch refuses complex leaves)."""
+    if isinstance(expr, imag):
+        return lambda env: torch.zeros_like(a(env))
+    return a
+
+
+def _cumprod(expr, a):
+    if expr.axis is None:
+        return lambda env: torch.cumprod(a(env).reshape(-1), 0)
+    return lambda env: torch.cumprod(a(env), dim=expr.axis)
+
+
+def _prod(expr, a):
+    axis, keepdims = expr.axis, expr.keepdims
+    if axis is None:
+        return lambda env: _flat_reduce(torch.prod, a(env), keepdims)
+    return lambda env: torch.prod(a(env), dim=axis, keepdim=keepdims)
+
+
+def _geo_mean(expr, a):
+    r"""prod_i x_i^{w_i} over the kept entries (those of nonzero weight), as cvxpy's ``GeoMean.numeric``:
+    the reduced axes moved to the front and flattened in F order, the rest kept."""
+    w = torch.as_tensor([float(wi) for wi in expr.w], dtype=torch.float64)
+    keep = torch.as_tensor(np.asarray(expr._keep))
+    axes = None if expr.axis is None else ((expr.axis,) if isinstance(expr.axis, int) else tuple(expr.axis))
+
+    def f(env):
+        x, weights = a(env), w.to(dtype=env.dtype, device=env.device)
+        if axes is None:
+            return (_reshape(x, (-1,), "F")[keep.to(env.device)] ** weights).prod()
+        moved = torch.movedim(x, axes, tuple(range(len(axes))))
+        rest = tuple(moved.shape[len(axes):])
+        flat = _reshape(moved, (int(np.prod(moved.shape[:len(axes)])), int(np.prod(rest))), "F")
+        out = (flat[keep.to(env.device)] ** weights[:, None]).prod(0)
+        return _reshape(out, expr.shape, "F")
+
+    return f
+
+
 def _cumsum(expr, a):
     axis = expr.axis
     if axis is None:
@@ -302,9 +391,7 @@ _HANDLERS: dict[type, Callable] = {
     special_index: _special_index,
     reshape: lambda e, a: (lambda env: _reshape(a(env), e.shape, e.order)),
     Sum: lambda e, a: (lambda env: _sum_axis(a(env), e.axis, e.keepdims)),
-    transpose: lambda e, a: (
-        lambda env: a(env).permute(*(e.axes if e.axes is not None else reversed(range(len(e.args[0].shape)))))
-    ),
+    transpose: lambda e, a: (lambda env: _reverse_axes(a(env)) if e.axes is None else a(env).permute(tuple(e.axes))),
     Hstack: _hstack,
     Vstack: _vstack,
     Trace: lambda e, a: (lambda env: torch.diagonal(a(env)).sum()),
@@ -313,10 +400,21 @@ _HANDLERS: dict[type, Callable] = {
     diag_vec: _diag_vec,
     diag_mat: _diag_mat,
     cumsum: _cumsum,
+    cumprod: _cumprod,
+    Concatenate: _concatenate,
+    kron: lambda e, a, b: (lambda env: torch.kron(a(env).contiguous(), b(env).contiguous())),  # torch's kron views
+    conv: _convolve,
+    convolve: _convolve,
+    upper_tri: _upper_tri,
+    real: _real_part,
+    conj: _real_part,
+    imag: _real_part,
     Wrap: lambda e, a: a,  # psd_wrap, symmetric_wrap, ...: assertions for cvxpy, the identity here
     # smooth nonlinear
     Power: _power,
     Pnorm: _pnorm,
+    GeoMean: _geo_mean,
+    Prod: _prod,
     quad_over_lin: _quad_over_lin,
     QuadForm: _quad_form,
     exp: _elementwise(torch.exp),
@@ -370,3 +468,83 @@ def _find_handler(expr) -> Callable:
         f"Supported atoms: {', '.join(SUPPORTED_ATOMS)}. Rewrite the expression with these, "
         "or open an issue asking for the atom."
     )
+
+
+# ---------------------------------------------------------------- kinks
+
+@dataclass(frozen=True)
+class Kink:
+    r"""A set of points where an atom that translates smoothly has no second derivative.
+
+    ``distance(env)`` is a nonnegative scalar that vanishes on the set:
+
+    * the boundary of the atom's domain as cvxpy declares it (``atom._domain()``:
+      ``sqrt``, ``power`` with p not a power of 2, ``entr``, ``kl_div``, ``xexp``
+      ... at 0): the smooth route, which differentiates the atom's formula,
+      knows nothing of the constraint ``a >= 0`` that holds y* there;
+    * the origin of a p-norm, 1 < p < inf (and, for p < 2, every point with a
+      zero entry, where |a_i|^(p-2) blows up).
+
+    ``atom`` names the atom as cvxpy prints it, ``what`` the set ("its argument is 0").
+    """
+
+    atom: str
+    what: str
+    distance: TorchFn
+
+
+def kinks(expr) -> list[Kink]:
+    """The :class:`Kink` sets of every atom of ``expr`` (an expression or a constraint), innermost first.
+
+    Call it where the parameters of a power's exponent have values (cvxpy's domain reads them).
+    """
+    found = [k for arg in expr.args for k in kinks(arg)]
+    if isinstance(expr, cp.Expression) and expr.args:
+        found += _domain_boundaries(expr)
+        if isinstance(expr, Pnorm) and 1 < float(expr.p) < np.inf:
+            found.append(_norm_origin(expr))
+    return found
+
+
+def _domain_boundaries(expr) -> list[Kink]:
+    """cvxpy's domain of ``expr``, as slack functions of its inequalities (lhs <= rhs: min(rhs - lhs))."""
+    found = []
+    for constraint in _declared_domain(expr):
+        if not isinstance(constraint, cp.constraints.Inequality) or not constraint.variables():
+            continue  # constant or parameter-only domains say nothing about y*; other cones are not translated
+        lhs, rhs = (to_torch(a) for a in constraint.args)
+        found.append(Kink(_short(expr), f"the boundary of its domain `{_short(constraint)}`",
+                          lambda env, lhs=lhs, rhs=rhs: (rhs(env) - lhs(env)).min()))
+    return found
+
+
+def _declared_domain(expr) -> list:
+    """``expr._domain()``, or [] where cvxpy cannot say it: a power whose exponent is a parameter without a
+    value (in a process that did not solve the inner problem); the translation reads the exponent from env."""
+    try:
+        return expr._domain()
+    except ValueError:
+        return []
+
+
+def _norm_origin(expr) -> Kink:
+    r"""||a||_p: no gradient at a = 0 (a slice along ``axis``); for p < 2 no Hessian where an entry is 0."""
+    a, p, axis = to_torch(expr.args[0]), float(expr.p), expr.axis
+    if p < 2:
+        return Kink(_short(expr), "an entry of its argument is 0", lambda env: a(env).abs().min())
+    if axis is None:
+        return Kink(_short(expr), "its argument is 0", lambda env: a(env).abs().max())
+    return Kink(_short(expr), f"a slice of its argument along axis {axis} is 0",
+                lambda env: a(env).abs().amax(dim=axis).min())
+
+
+def kink_at(found: list[Kink], env: Env, tol: float) -> Kink | None:
+    """The first of ``found`` whose distance at ``env`` is at most ``tol`` times max(1, |leaf values|)."""
+    scale = max([1.0] + [float(t.detach().abs().max()) for t in env.values.values() if t.numel()])
+    with torch.no_grad():
+        return next((k for k in found if float(k.distance(env)) <= tol * scale), None)
+
+
+def _short(item) -> str:
+    text = str(item)
+    return text if len(text) <= 60 else f"{type(item).__name__}(...) of shape {item.shape}"

@@ -186,6 +186,17 @@ AFFINE = cases(
     cumsum_axis0=cp.cumsum(X, axis=0),
     cumsum_axis1=cp.cumsum(X, axis=1),
     cumsum_flat=cp.cumsum(X, axis=None),
+    kron_const_left=cp.kron(A24, X),
+    kron_of_transpose=cp.kron(A24, X.T),  # torch.kron fails on a non-contiguous (transposed) tensor
+    concatenate_axis0=cp.concatenate([X, W], axis=0),
+    concatenate_flat=cp.concatenate([X, y], axis=None),
+    convolve=cp.convolve(c4, y),
+    conv_deprecated=cp.conv(c4, y),
+    cumprod_vector=cp.cumprod(y),
+    cumprod_axis1=cp.cumprod(X, axis=1),
+    real_of_real=cp.real(y),
+    imag_of_real=cp.imag(y) + y,
+    conj_of_real=cp.conj(y),
 )
 
 NONLINEAR = cases(
@@ -228,6 +239,11 @@ NONLINEAR = cases(
     kl_div=cp.kl_div(yp, zp),
     rel_entr=cp.rel_entr(yp, zp),
     xexp=cp.xexp(yp),
+    geo_mean=cp.geo_mean(yp),
+    geo_mean_weights=cp.geo_mean(yp, [1, 0, 2, 1]),
+    geo_mean_axis0=cp.geo_mean(cp.reshape(yp, (2, 2), order="F"), axis=0),
+    prod=cp.prod(yp),
+    prod_axis1_keepdims=cp.prod(X, axis=1, keepdims=True),
     non_dpp_param_times_square=x * cp.square(y),
     non_dpp_param_vector=cp.sum(cp.multiply(xv, cp.exp(y))) + x * cp.sum_squares(y),
     composite=cp.log_sum_exp(Pm @ y + b3) + 0.5 * cp.quad_form(y, Ppsd) - xv @ y,
@@ -254,7 +270,7 @@ def test_concave_objective_matches_cvxpy(rng):
 
 def test_every_handler_is_exercised():
     """The parametrized cases above reach every atom of translate's handler table."""
-    used = set().union(*(atom_types(p.values[0]) for p in AFFINE + NONLINEAR))
+    used = set().union(*(atom_types(p.values[0]) for p in AFFINE + NONLINEAR), atom_types(cp.upper_tri(S)))
     missing = [cls.__name__ for cls in translate._HANDLERS if not any(issubclass(u, cls) for u in used)]
     assert not missing
 
@@ -473,7 +489,7 @@ def test_nonsmooth_atom_refused_with_epigraph_hint(expr, atom):
 UNSUPPORTED = cases(
     lambda_max=cp.lambda_max(S),
     sigma_max=cp.sigma_max(X),
-    geo_mean=cp.geo_mean(yp),
+    matrix_frac=cp.matrix_frac(y, S),
 )
 
 
@@ -486,3 +502,191 @@ def test_untranslatable_atom_lists_supported_atoms(expr):
     assert type(expr).__name__ in message
     for name in ["Power", "QuadForm", "log_sum_exp", "huber", "reshape"]:
         assert name in message
+
+
+# ---------------------------------------------------------------- 6. scalars among arrays
+
+def test_hstack_of_scalar_expressions_matches_cvxpy(rng):
+    """cvxpy lifts each scalar of hstack to shape (1,) by an F-order reshape of a 0-d expression."""
+    xs = cp.Parameter(2, name="xs")
+    expr = cp.hstack([1 - 3 * xs[0], 1 + xs[1], 0.0])
+    assert_matches_cvxpy(expr, {xs: rng.standard_normal(2)})
+
+
+def test_upper_tri_has_cvxpy_shape_and_entries(rng):
+    """cvxpy declares upper_tri's shape (k, 1) but its value has shape (k,): the translation keeps the declared one."""
+    expr = cp.upper_tri(S)
+    vals = random_values(expr, rng)
+    got = torch_value(expr, vals)
+    assert tuple(got.shape) == expr.shape == (6, 1)
+    np.testing.assert_allclose(got.numpy().ravel(), cvxpy_value(expr, vals).ravel(), rtol=RTOL, atol=ATOL)
+
+
+def test_transpose_of_scalar_matches_cvxpy():
+    assert_matches_cvxpy(cp.transpose(t) + 2 * t, {t: np.array(1.5)})
+
+
+def cvxpy_hypergradient(inner, param, value, outer, h=1e-4) -> np.ndarray:
+    """Central differences of outer(y*(x)) with y* from cvxpy's own solve (Clarabel, tight tolerances)."""
+    variable = inner.variables()[0]
+
+    def F(v):
+        param.value = v
+        inner.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        return outer(variable.value)
+
+    grad = np.zeros(value.shape)
+    for i in range(value.size):
+        step = np.zeros(value.shape)
+        step[i] = h
+        grad[i] = (F(value + step) - F(value - step)) / (2 * h)
+    return grad
+
+
+def test_hypergradient_through_hstack_of_scalars():
+    import cbo
+
+    xs, ys = cp.Parameter(2, name="xs"), cp.Variable(3, name="ys")
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(ys - cp.hstack([1 - 3 * xs[0], 1 + xs[1], 0.0]))),
+                       [ys >= -0.5, cp.sum(ys) <= 1.0])
+    weights = np.array([1.0, -2.0, 0.5])
+    problem = cbo.BilevelProblem(inner, [xs], [ys], outer=lambda x, y: (y ** 2) @ torch.as_tensor(weights))
+    value = np.array([0.2, 0.3])
+    expected = cvxpy_hypergradient(inner, xs, value, lambda y: (y ** 2) @ weights)
+    for method in ("cg", "direct", None):
+        got = cbo.hypergrad(problem, torch.as_tensor(value), method=method)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- 7. kinks: the conic route takes over
+
+LAM = 1.0
+C_AT_KINK = np.array([0.1, 0.2, -0.1, 0.05])  # ||c|| < LAM: y* = 0, and y* = 0 near c too
+C_AWAY = np.array([0.9, 1.2, -0.4, 0.3])  # ||c|| > LAM: y* = (1 - LAM / ||c||) c
+OUTER_WEIGHTS = np.array([1.0, -0.5, 2.0, 0.3])
+
+
+def prox_of_norm():
+    """min_y 0.5 ||y - c||^2 + LAM ||y||_2: the prox of the 2-norm, at its kink y* = 0 when ||c|| < LAM."""
+    c, yk = cp.Parameter(4, name="c"), cp.Variable(4, name="yk")
+    inner = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(yk - c) + LAM * cp.norm(yk, 2)))
+    return inner, c, yk
+
+
+def outer_numpy_kink(y):
+    return float(y @ OUTER_WEIGHTS + (y ** 2).sum())
+
+
+def block_soft_threshold(c):
+    """The prox of LAM ||.||_2 in closed form (Parikh & Boyd, Proximal Algorithms, 6.5.1)."""
+    return max(0.0, 1 - LAM / np.linalg.norm(c)) * c
+
+
+def closed_form_hypergradient(solution, value, outer, h=1e-6) -> np.ndarray:
+    """Central differences of outer(solution(x)), the inner solution in closed form."""
+    steps = h * np.eye(value.size)
+    return np.array([(outer(solution(value + e)) - outer(solution(value - e))) / (2 * h) for e in steps])
+
+
+def outer_torch_kink(c, y):
+    return y @ torch.as_tensor(OUTER_WEIGHTS) + (y ** 2).sum()
+
+
+@pytest.mark.parametrize("method", [None, "cg", "minres", "direct"])
+@pytest.mark.parametrize("on_nonconvergence", ["raise", "warn"])
+def test_norm_at_its_kink_hands_over_to_the_conic_route(method, on_nonconvergence):
+    import cbo
+
+    inner, c, yk = prox_of_norm()
+    problem = cbo.BilevelProblem(inner, [c], [yk], outer=outer_torch_kink)
+    expected = closed_form_hypergradient(block_soft_threshold, C_AT_KINK, outer_numpy_kink)
+    np.testing.assert_allclose(expected, 0.0, atol=1e-8)  # y* = 0 on a neighbourhood of c
+    got, info = cbo.hypergrad(problem, torch.as_tensor(C_AT_KINK), method=method, return_info=True,
+                              on_nonconvergence=on_nonconvergence)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-8)
+    assert info.route.startswith("conic:") and "kink" in info.route and "Pnorm" in info.route
+
+
+def test_norm_away_from_its_kink_stays_smooth_and_matches_finite_differences():
+    import cbo
+
+    inner, c, yk = prox_of_norm()
+    problem = cbo.BilevelProblem(inner, [c], [yk], outer=outer_torch_kink)
+    expected = closed_form_hypergradient(block_soft_threshold, C_AWAY, outer_numpy_kink)
+    for method in (None, "minres", "direct"):
+        got, info = cbo.hypergrad(problem, torch.as_tensor(C_AWAY), method=method, return_info=True)
+        assert info.route == "smooth Lagrangian"
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("value", [C_AT_KINK, C_AWAY], ids=["kink", "away"])
+def test_layer_at_and_away_from_the_kink(value):
+    import cbo
+
+    inner, c, yk = prox_of_norm()
+    layer = cbo.ArgminLayer(inner, [c], [yk], n_workers=1)
+    c_in = torch.as_tensor(value).requires_grad_(True)
+    (y_out,), info = layer(c_in, return_info=True)
+    outer_torch_kink(c_in, y_out).backward()
+    expected = closed_form_hypergradient(block_soft_threshold, value, outer_numpy_kink)
+    np.testing.assert_allclose(c_in.grad.numpy(), expected, rtol=1e-6, atol=1e-8)
+    assert info.route.startswith("conic:") == (value is C_AT_KINK)
+
+
+def test_power_on_its_domain_boundary_hands_over():
+    """min sum(y^3) - c.y over cvxpy's domain y >= 0: y_i = sqrt(c_i / 3) where c_i > 0, else y_i = 0 on the
+    domain's boundary, where the formula's KKT condition 3 y^2 = c does not hold."""
+    import cbo
+
+    c, yk = cp.Parameter(3, name="c"), cp.Variable(3, name="yk")
+    inner = cp.Problem(cp.Minimize(cp.sum(cp.power(yk, 3)) - c @ yk))
+    problem = cbo.BilevelProblem(inner, [c], [yk], outer=lambda c, y: y @ torch.tensor([1.0, 2.0, 3.0]).double())
+    value = np.array([0.5, -0.3, 1.2])
+    expected = closed_form_hypergradient(lambda c: np.sqrt(np.maximum(c, 0) / 3), value,
+                                        lambda y: y @ np.array([1.0, 2.0, 3.0]))
+    got, info = cbo.hypergrad(problem, torch.as_tensor(value), return_info=True)
+    assert "domain" in info.route
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("expr, inside, kink", [
+    pytest.param(cp.norm(y, 2), np.array([1.0, 0.0, 0.0, 0.0]), np.zeros(4), id="norm2_origin"),
+    pytest.param(cp.pnorm(y, 1.5), np.ones(4), np.array([1.0, 0.0, 1.0, 1.0]), id="pnorm_1.5_zero_entry"),
+    pytest.param(cp.pnorm(X, 2, axis=0), np.ones((3, 4)), np.hstack([np.ones((3, 3)), np.zeros((3, 1))]),
+                 id="pnorm_axis_zero_slice"),
+    pytest.param(cp.sqrt(yn), np.ones(4), np.array([1.0, 1.0, 0.0, 1.0]), id="sqrt_domain"),
+    pytest.param(cp.entr(yn), np.ones(4), np.array([0.0, 1.0, 1.0, 1.0]), id="entr_domain"),
+    pytest.param(cp.xexp(yn), np.ones(4), np.zeros(4), id="xexp_domain"),
+])
+def test_kink_found_where_the_atom_has_no_second_derivative(expr, inside, kink):
+    var = expr.variables()[0]
+    found = translate.kinks(expr)
+    assert found
+    assert translate.kink_at(found, make_env({var: inside}), 1e-6) is None
+    assert translate.kink_at(found, make_env({var: kink}), 1e-6) is not None
+
+
+@pytest.mark.parametrize("expr", [cp.sum_squares(y), cp.square(y), cp.power(y, 4), cp.exp(y), cp.huber(y),
+                                  cp.log_sum_exp(y), cp.quad_form(y, P_CONST), cp.quad_over_lin(y, 2.0)],
+                         ids=["sum_squares", "square", "power_4", "exp", "huber", "log_sum_exp", "quad_form",
+                              "quad_over_lin_constant"])
+def test_atoms_smooth_everywhere_have_no_kinks(expr):
+    assert translate.kinks(expr) == []
+
+
+@pytest.mark.parametrize("method", ["cg", "minres", "fixed_point", "neumann", "direct"])
+def test_nonconvergence_advice_never_names_the_method_used(method):
+    from cbo.linsolve import SolveInfo, nonconvergence_message
+
+    extra = {"factorization": "lu"} if method == "direct" else {}
+    message = nonconvergence_message(method, SolveInfo(method, False, 7, 1e-3, 1e-10, extra))
+    advice = message.split("tol=1.0e-10).")[1]
+    assert f"'{method}'" not in advice
+    assert "strongly convex" not in message  # the cause is named by the diagnostics that know it
+    assert ("maxiter" in advice) == (method != "direct")
+
+
+def test_kinks_of_a_power_whose_exponent_has_no_value_yet():
+    """A layer's worker processes set the parameters; the main process may not have the exponent's value."""
+    exponent = cp.Parameter(pos=True, name="exponent_unset")
+    assert translate.kinks(cp.power(yp, exponent)) == []
