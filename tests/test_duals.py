@@ -3,6 +3,8 @@
 References: central finite differences of cvxpy's own ``dual_value`` (solved at tight tolerances) and
 cvxpylayers' dual outputs on DPP problems.
 """
+import warnings
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -170,19 +172,108 @@ def test_multiplier_output_shapes_follow_the_constraint():
     np.testing.assert_allclose(mu.numpy(), np.maximum(2 * (X.numpy() - 0.5), 0), atol=1e-9)
 
 
-def test_unknown_dual_variable_and_conic_route_are_refused():
+def test_unknown_dual_variable_and_unsupported_methods_are_refused():
     x, y = cp.Parameter(2), cp.Variable(2)
     con = y >= x
     inner = cp.Problem(cp.Minimize(cp.sum_squares(y)), [con])
     stranger = (cp.Variable(2) >= 0).dual_variables[0]
     with pytest.raises(ProblemDefinitionError, match="dual variable of one of its constraints"):
         cbo.BilevelProblem(inner, [x], [stranger])
-    soc = cp.SOC(1 + cp.sum(x), y)
-    conic = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [soc])
-    with pytest.raises(ProblemDefinitionError, match="conic route"):
-        cbo.BilevelProblem(conic, [x], [soc.dual_variables[0]])
     problem = cbo.BilevelProblem(inner, [x], [con.dual_variables[0]], outer=lambda x, mu: mu.sum())
     with pytest.raises(ValueError, match="does not differentiate multipliers"):
         cbo.hypergrad(problem, torch.tensor([1.0, 2.0]), method="reverse")
-    with pytest.raises(ValueError, match="does not differentiate multipliers"):
+
+
+def _cone_problem():
+    """An SOC, a PSD, a nonnegative and two equality constraints: the conic route, every multiplier asked for
+    (the SOC's two dual variables, t's and X's, separately)."""
+    x, r = cp.Parameter(3), cp.Parameter(nonneg=True)
+    y, X = cp.Variable(3), cp.Variable((2, 2), symmetric=True)
+    soc, floor, psd = cp.SOC(r + 0.1 * cp.sum(x), y), y >= -1, X >> 0
+    trace, total = cp.trace(X) == 1, cp.sum(y) == x[0]
+    objective = cp.sum_squares(y - x) + cp.trace(X @ np.array([[1.0, 0.2], [0.2, 2.0]])) + x[1] * X[0, 1]
+    inner = cp.Problem(cp.Minimize(objective), [soc, floor, psd, trace, total])
+    outputs = [y, *soc.dual_variables, psd.dual_variables[0], trace.dual_variables[0], total.dual_variables[0],
+               floor.dual_variables[0]]
+    values = [np.array([0.5, 2.0, -1.0]), np.array(1.0)]
+    return inner, [x, r], outputs, [soc, soc, psd, trace, total, floor], values
+
+
+def test_conic_route_multipliers_are_cvxpys_dual_values_and_pass_gradcheck():
+    inner, params, outputs, constraints, values = _cone_problem()
+    layer = cbo.ArgminLayer(inner, params, outputs)
+    assert layer.route == "conic"
+    results = layer(*[torch.as_tensor(v) for v in values])
+    for p, v in zip(params, values):
+        p.value = v
+    with warnings.catch_warnings():  # Clarabel calls its answer at these tolerances inaccurate: ~1e-7 here
+        warnings.simplefilter("ignore", UserWarning)
+        inner.solve(**TIGHT)
+    duals = [c.dual_value[k] if isinstance(c.dual_value, list) else c.dual_value
+             for c, k in zip(constraints, [0, 1, 0, 0, 0, 0])]
+    for result, dual in zip(results[1:], duals):
+        np.testing.assert_allclose(result.numpy(), np.reshape(dual, result.shape), atol=1e-5)
+    inputs = [torch.as_tensor(v).requires_grad_(True) for v in values]
+    assert torch.autograd.gradcheck(lambda *t: layer(*t)[1:], inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_conic_route_hypergradient_through_multipliers_matches_the_layer_and_cvxpylayers():
+    from cvxpylayers.torch import CvxpyLayer
+
+    inner, params, outputs, _, values = _cone_problem()
+    rng = np.random.default_rng(11)
+    weights = [torch.as_tensor(rng.standard_normal(v.shape)) for v in outputs]
+    outer = lambda x, r, *outs: sum((w * o).sum() for w, o in zip(weights, outs))  # noqa: E731
+    grads = cbo.hypergrad(cbo.BilevelProblem(inner, params, outputs, outer=outer), [torch.as_tensor(v) for v in values])
+
+    def layer_gradient(layer):
+        inputs = [torch.as_tensor(v).requires_grad_(True) for v in values]
+        outer(*inputs, *layer(*inputs)).backward()
+        return [t.grad for t in inputs]
+
+    for ours, reference, tol in [(grads, layer_gradient(cbo.ArgminLayer(inner, params, outputs)), 1e-10),
+                                 (grads, layer_gradient(CvxpyLayer(inner, parameters=params, variables=outputs)), 1e-3)]:
+        for a, b in zip(ours, reference):
+            assert np.linalg.norm(a.numpy() - b.numpy()) <= tol * np.linalg.norm(b.numpy())
+
+
+def test_forcing_the_conic_route_on_a_smooth_problem_with_multipliers_is_refused():
+    x, y = cp.Parameter(2), cp.Variable(2)
+    con = y >= x
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y)), [con])
+    problem = cbo.BilevelProblem(inner, [x], [con.dual_variables[0]], outer=lambda x, mu: mu.sum())
+    with pytest.raises(ValueError, match="stack them differently"):
         cbo.hypergrad(problem, torch.tensor([1.0, 2.0]), route="conic")
+
+
+def test_batched_layer_multipliers_with_a_broadcast_input():
+    """A batch of 3 items with one input broadcast: each item's multipliers are those of its own problem, and
+    the broadcast input's gradient is the sum over the batch (checked by gradcheck)."""
+    inner, (x, d), y, ineq, eq, (x0, d0) = _qp(seed=6)
+    layer = cbo.ArgminLayer(inner, [x, d], [ineq.dual_variables[0], eq.dual_variables[0]])
+    rng = np.random.default_rng(8)
+    X = torch.as_tensor(np.stack([x0 + 0.2 * rng.standard_normal(x0.shape) for _ in range(3)]))
+    D = torch.as_tensor(d0)
+    mu, nu = layer(X, D)
+    assert mu.shape == (3, 4) and nu.shape == (3, 2)
+    for b in range(3):
+        x.value, d.value = X[b].numpy(), d0
+        inner.solve(**TIGHT)
+        np.testing.assert_allclose(mu[b].numpy(), ineq.dual_value, atol=1e-7)
+        np.testing.assert_allclose(nu[b].numpy(), eq.dual_value, atol=1e-7)
+    inputs = [X.clone().requires_grad_(True), D.clone().requires_grad_(True)]
+    assert torch.autograd.gradcheck(lambda *t: layer(*t), inputs, eps=1e-6, atol=1e-5)
+
+
+def test_minimize_on_a_price_target():
+    """cbo.minimize with an outer objective on a multiplier: choose the right-hand side r of y <= r so that
+    the multiplier hits a target. min 1/2 ||y - c||^2 s.t. y <= r has mu = max(c - r, 0), so the optimum is
+    r = c - target (target > 0): an independent closed form."""
+    c = np.array([2.0, 1.0, 3.0])
+    target = torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64)
+    r, y = cp.Parameter(3), cp.Variable(3)
+    cap = y <= r
+    inner = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - c)), [cap])
+    problem = cbo.BilevelProblem(inner, [r], [cap.dual_variables[0]], outer=lambda r, mu: ((mu - target) ** 2).sum())
+    result = cbo.minimize(problem, torch.zeros(3, dtype=torch.float64), progress=False)
+    np.testing.assert_allclose(result.x.numpy(), c - target.numpy(), atol=1e-6)
