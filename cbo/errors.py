@@ -139,7 +139,8 @@ _LISTED_ITEMS = 12
 def warn(message: str, category: type[CboWarning]) -> None:
     """Issue a cbo warning: held back while a call collects its warnings, else at once.
 
-    The message is logged at INFO level to the ``"cbo.warnings"`` logger either way.
+    Unless suppressed (:func:`suppressed`), the message is logged at INFO level to the ``"cbo.warnings"``
+    logger either way.
     """
     if issubclass(category, _SUPPRESSED.get()):
         return

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 import cbo  # noqa: E402
+from figures import save_figures, table  # noqa: E402
 from problems import graph_learning as gl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +172,8 @@ def main() -> None:
           f"(inner solves {result.history.total_time('inner_solve'):.1f} s, adjoint solves "
           f"{result.history.total_time('adjoint_solve'):.1f} s, projections {result.history.total_time('projection'):.1f} s)")
     print_table(rows)
+    quoted = table(rows, {key: ".3f" for key, _ in COLUMNS})
+    print(f"figures quoted by the documentation: {save_figures(__file__, quoted)}")
     path = plot(instance, result, rows, OUTPUT / "graph_learning.png")
     cbo.plot_history(result.history, OUTPUT / "graph_learning_history.png",
                      title="graph structure learning: outer loop")

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cbo  # noqa: E402
+from figures import save_figures  # noqa: E402
 from problems import portfolio as pf  # noqa: E402
 
 OUTPUT = Path(__file__).parent / "output"
@@ -133,18 +134,43 @@ def plot_frontier(ax, instance, result, rows) -> None:
     ax.legend(fontsize="x-small", loc="upper right", ncol=2)
 
 
-def plot_corrections(ax, instance, result) -> None:
-    """Learned delta_i against the true estimation error mu_i - mu_hat_i (assets whose delta moved)."""
+def corrections(instance, result) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Learned delta, true estimation errors mu - mu_hat, the assets whose delta moved, and the correlation
+    of delta with the errors over those."""
     delta = result.x[0].numpy()
     error = instance.data["mu"] - instance.data["mu_hat"]
     moved = np.abs(delta) > 1e-3
+    return delta, error, moved, float(np.corrcoef(error[moved], delta[moved])[0, 1])
+
+
+def figures(instance, result, rows) -> dict[str, str]:
+    """The figures the documentation quotes: the table's metrics per portfolio, F of cbo and the baselines,
+    the learned budget and the corrections' fit."""
+    keys = ("cbo", "grid", "random", "start", "markowitz", "equal", "oracle")
+    quoted = {}
+    for key, (_, w, solves) in zip(keys, rows):
+        m = pf.portfolio_metrics(instance.data, w, instance.data["gamma"])
+        quoted.update({f"{key}.val_utility": f"{m['val_utility']:.4f}", f"{key}.test_utility": f"{m['test_utility']:.4f}",
+                       f"{key}.test_mean": f"{m['test_mean']:.3f}", f"{key}.test_vol": f"{m['test_vol']:.2f}",
+                       f"{key}.holdings": str(m["holdings"]), f"{key}.inner_solves": str(solves)})
+    risk = np.linalg.norm(instance.data["L"].T @ instance.evaluate(result.x)["w"]) - float(result.x[1])
+    _, _, moved, correlation = corrections(instance, result)
+    return {**quoted, "F": f"{result.fun:.4f}", "F_grid": f"{instance.reference['grid']['best_F']:.4f}",
+            "F_random": f"{instance.reference['random']['best_F']:.4f}", "sigma0": f"{float(instance.x0[1]):.2f}",
+            "sigma": f"{float(result.x[1]):.2f}", "budget_gap": f"{risk:.1e}", "moved": str(int(moved.sum())),
+            "correlation": f"{correlation:.2f}"}
+
+
+def plot_corrections(ax, instance, result) -> None:
+    """Learned delta_i against the true estimation error mu_i - mu_hat_i (assets whose delta moved)."""
+    delta, error, moved, correlation = corrections(instance, result)
     ax.axhline(0, color="gray", lw=0.5)
     ax.axvline(0, color="gray", lw=0.5)
     ax.plot(error[~moved], delta[~moved], "o", color="C7", mfc="none",
             label="never held: zero hypergradient, delta_i stays 0")
     ax.plot(error[moved], delta[moved], "o", color="C2", label=f"moved ({moved.sum()} assets)")
     ax.set(xlabel="true estimation error mu_i - mu_hat_i", ylabel="learned correction delta_i",
-           title=f"corrections vs estimation errors (corr {np.corrcoef(error[moved], delta[moved])[0, 1]:.2f})")
+           title=f"corrections vs estimation errors (corr {correlation:.2f})")
     ax.legend(fontsize="small")
 
 
@@ -169,6 +195,7 @@ def main() -> None:
 
     rows = portfolios(instance, result)
     print_table(instance, rows)
+    print(f"figures quoted by the documentation: {save_figures(__file__, figures(instance, result, rows), ('budget_gap',))}")
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     plot_weights(axes[0, 0], instance, result, rows)

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cbo  # noqa: E402
+from figures import save_figures  # noqa: E402
 from problems import qp_families as qp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,23 @@ def summary(runs: list[dict]) -> None:
           "margin > 0 certifies that x* is the global minimizer (see problems/qp_families.py)")
 
 
+def figures(runs: list[dict]) -> dict[str, str]:
+    """The figures the documentation quotes, per member k (as in the summary) and over the members."""
+    quoted = {}
+    for k, r in enumerate(runs):
+        quoted.update({f"member{k}.optimizer": r["optimizer"], f"member{k}.evals": str(len(r["result"].history)),
+                       f"member{k}.active_sets": str(r["active_sets"]), f"member{k}.distance": _short(r["distance"][-1]),
+                       f"member{k}.gap": _short(r["result"].fun - r["F_star"], 0), f"member{k}.seconds": f"{r['seconds']:.1f}"})
+    evals, distances = [len(r["result"].history) for r in runs], [r["distance"][-1] for r in runs]
+    return {**quoted, "evals_min": str(min(evals)), "evals_max": str(max(evals)),
+            "distance_min": _short(min(distances)), "distance_max": _short(max(distances))}
+
+
+def _short(value: float, digits: int = 2) -> str:
+    """1.6473e-09 -> '1.65e-9'."""
+    return f"{value:.{digits}e}".replace("e-0", "e-").replace("e+0", "e+")
+
+
 def plot(runs: list[dict], path: Path, dpi: int = 120) -> Path:
     fig, (ax_f, ax_x) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
@@ -103,6 +121,8 @@ def main() -> None:
         print(f"\n{label(spec)}")
         runs.append(run(spec))
     summary(runs)
+    varying = tuple(f"member{k}.{key}" for k in range(len(runs)) for key in ("gap", "seconds"))
+    print(f"figures quoted by the documentation: {save_figures(__file__, figures(runs), varying)}")
     print(f"\nplots: {plot(runs, OUTPUT / 'qp_families.png')}")
     history_path = OUTPUT / "qp_families_history.png"
     plt.close(cbo.plot_history(runs[2]["result"].history, path=str(history_path), title=label(runs[2]["spec"])))

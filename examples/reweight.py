@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cbo  # noqa: E402
+from figures import save_figures, table  # noqa: E402
 from problems import reweight  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,11 @@ def main() -> None:
     runs = {variant: run(variant) for variant in reweight.VARIANTS}
     all_rows = {variant: weightings(instance, result) for variant, (instance, result, _) in runs.items()}
     print_table(all_rows)
+    formats = dict(val_loss=".4f", test_loss=".4f", test_accuracy=".4f", test_recall_pos=".4f",
+                   minority_weight=".0%", flipped_weight=".0%")
+    quoted = table({f"{variant} {name}": values for variant, rows in all_rows.items() for name, values in rows.items()},
+                   formats)
+    print(f"figures quoted by the documentation: {save_figures(__file__, quoted)}")
     for variant, (instance, result, seconds) in runs.items():
         print(f"{variant}: {result.n_steps} steps in {seconds:.1f} s ({result.message}); "
               f"F {result.history.f[0]:.4f} -> {result.fun:.4f}; "

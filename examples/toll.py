@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 import cbo  # noqa: E402
+from figures import save_figures, table  # noqa: E402
 from problems import toll  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +56,9 @@ def minimize(instance, x0: np.ndarray):
     return result, time.perf_counter() - start
 
 
-def check_small() -> None:
-    """The small instance: closed form, global grid search and cbo.minimize agree."""
+def check_small() -> dict[str, str]:
+    """The small instance: closed form, global grid search and cbo.minimize agree. Returns the figures that
+    the documentation quotes."""
     instance = toll.build("small")
     net, ref = instance.data["network"], instance.reference
     grid = toll.parallel_grid_optimum(net)
@@ -67,8 +69,9 @@ def check_small() -> None:
                ("cbo.minimize (sgd)", result.x.numpy(), -result.fun)]
     for name, x, rev in answers:
         print(f"{name:<22} {x[0]:>8.5f} {x[1]:>8.5f} {rev:>10.6f}")
-    print(f"cbo.minimize: {result.n_steps} steps, {seconds:.1f} s, ||x - x*||_inf = "
-          f"{np.abs(result.x.numpy() - ref['x_star']).max():.1e}")
+    distance = f"{np.abs(result.x.numpy() - ref['x_star']).max():.1e}".replace("e-0", "e-")
+    print(f"cbo.minimize: {result.n_steps} steps, {seconds:.1f} s, ||x - x*||_inf = {distance}")
+    return {"small.revenue": f"{ref['revenue']:.6f}", "small.steps": str(result.n_steps), "small.distance": distance}
 
 
 def draw_network(ax, net: toll.Network, flows: np.ndarray, link_tolls: np.ndarray, title: str, vmax: float,
@@ -160,7 +163,7 @@ def gap_closed(reference: dict, cost: float) -> float:
 def main() -> None:
     torch.set_num_threads(1)
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    check_small()
+    quoted = check_small()
     rows = []
     studies = {"all": {"learned from 0": "zero"},
                "shortcuts": {"learned from 0": "zero", "learned from Pigou": "pigou"}}
@@ -175,6 +178,11 @@ def main() -> None:
                          run["result"].n_steps, f"{run['seconds']:.1f}"))
         rows.append((tolled, "system optimum", ref["system_optimum_cost"], 1.0, None, "", ""))
     summary(rows)
+    quoted.update(table({f"{tolled} {name}": dict(cost=cost, closed=closed) for tolled, name, cost, closed, *_ in rows},
+                        dict(cost=".3f", closed=".1%")))
+    quoted.update(table({f"{tolled} {name}": dict(revenue=rev) for tolled, name, _, _, rev, *_ in rows if rev is not None},
+                        dict(revenue=".2f")))
+    print(f"figures quoted by the documentation: {save_figures(__file__, quoted, ('small.distance',))}")
     # the plots show the second-best study (only the shortcuts tollable), the last one run
     print(f"\nplots: {plot(setting, runs, OUTPUT / 'toll.png')}")
     history_path = OUTPUT / "toll_history.png"
