@@ -15,6 +15,14 @@ broadcasting; ``reshape`` honours cvxpy's ``order`` ('F' by default in cvxpy).
 Nonsmooth atoms (abs, pos, maximum, norm1, norm_inf, ...) have no Hessian at
 their kinks and are refused with :class:`~cbo.errors.NonSmoothAtomError`,
 whose message gives the epigraph rewrite that keeps the problem smooth.
+Complex leaves are refused (:class:`~cbo.errors.UnsupportedAtomError`).
+
+Some atoms that translate are smooth only almost everywhere: a p-norm has no
+gradient at 0, and an atom on the boundary of its domain (``sqrt``, ``power``,
+``entr`` at 0) sits where the smooth route's KKT conditions do not hold.
+:func:`kinks` lists these sets for an expression and :func:`kink_at` finds the
+one an inner solution is on, so that the caller can take the conic route there.
+docs/atoms.md lists every cvxpy atom with the route cbo takes for it.
 """
 from __future__ import annotations
 
@@ -59,7 +67,6 @@ from cvxpy.atoms.elementwise.logistic import logistic
 from cvxpy.atoms.elementwise.power import Power
 from cvxpy.atoms.elementwise.rel_entr import rel_entr
 from cvxpy.atoms.elementwise.xexp import xexp
-from cvxpy.atoms.geo_mean import GeoMean
 from cvxpy.atoms.log_sum_exp import log_sum_exp
 from cvxpy.atoms.pnorm import Pnorm
 from cvxpy.atoms.prod import Prod
@@ -353,26 +360,6 @@ def _prod(expr, a):
     return lambda env: torch.prod(a(env), dim=axis, keepdim=keepdims)
 
 
-def _geo_mean(expr, a):
-    r"""prod_i x_i^{w_i} over the kept entries (those of nonzero weight), as cvxpy's ``GeoMean.numeric``:
-    the reduced axes moved to the front and flattened in F order, the rest kept."""
-    w = torch.as_tensor([float(wi) for wi in expr.w], dtype=torch.float64)
-    keep = torch.as_tensor(np.asarray(expr._keep))
-    axes = None if expr.axis is None else ((expr.axis,) if isinstance(expr.axis, int) else tuple(expr.axis))
-
-    def f(env):
-        x, weights = a(env), w.to(dtype=env.dtype, device=env.device)
-        if axes is None:
-            return (_reshape(x, (-1,), "F")[keep.to(env.device)] ** weights).prod()
-        moved = torch.movedim(x, axes, tuple(range(len(axes))))
-        rest = tuple(moved.shape[len(axes):])
-        flat = _reshape(moved, (int(np.prod(moved.shape[:len(axes)])), int(np.prod(rest))), "F")
-        out = (flat[keep.to(env.device)] ** weights[:, None]).prod(0)
-        return _reshape(out, expr.shape, "F")
-
-    return f
-
-
 def _cumsum(expr, a):
     axis = expr.axis
     if axis is None:
@@ -413,7 +400,6 @@ _HANDLERS: dict[type, Callable] = {
     # smooth nonlinear
     Power: _power,
     Pnorm: _pnorm,
-    GeoMean: _geo_mean,
     Prod: _prod,
     quad_over_lin: _quad_over_lin,
     QuadForm: _quad_form,

@@ -239,9 +239,6 @@ NONLINEAR = cases(
     kl_div=cp.kl_div(yp, zp),
     rel_entr=cp.rel_entr(yp, zp),
     xexp=cp.xexp(yp),
-    geo_mean=cp.geo_mean(yp),
-    geo_mean_weights=cp.geo_mean(yp, [1, 0, 2, 1]),
-    geo_mean_axis0=cp.geo_mean(cp.reshape(yp, (2, 2), order="F"), axis=0),
     prod=cp.prod(yp),
     prod_axis1_keepdims=cp.prod(X, axis=1, keepdims=True),
     non_dpp_param_times_square=x * cp.square(y),
@@ -490,6 +487,7 @@ UNSUPPORTED = cases(
     lambda_max=cp.lambda_max(S),
     sigma_max=cp.sigma_max(X),
     matrix_frac=cp.matrix_frac(y, S),
+    geo_mean=cp.geo_mean(yp),
 )
 
 
