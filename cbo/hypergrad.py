@@ -212,8 +212,9 @@ def solve_at(problem: BilevelProblem, xs: list[torch.Tensor], route: str, reason
     try:
         return _solve_smooth(problem, xs, options, timings)
     except ConicRouteNeeded as handover:
-        timings.clear()
-        return replace(_solve_conic(problem, xs, str(handover), options, timings), route=str(handover))
+        reason = str(handover)  # the conic route runs outside the handler: its errors do not chain to this one
+    timings.clear()
+    return replace(_solve_conic(problem, xs, reason, options, timings), route=reason)
 
 
 def _warn_if_linear(problem: BilevelProblem) -> None:

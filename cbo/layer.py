@@ -158,8 +158,10 @@ class ArgminLayer(torch.nn.Module):
             try:
                 outputs = function.apply(self, info_box, *inputs)
             except ConicRouteNeeded as handover:  # an item at a kink: the conic route takes the batch
-                outputs = _ConicArgminFunction.apply(self, info_box, *inputs)
-                info_box[0].route = str(handover)
+                reason = str(handover)
+        if outputs is None:  # outside the handler: the conic route's errors do not chain to the hand-over
+            outputs = _ConicArgminFunction.apply(self, info_box, *inputs)
+            info_box[0].route = reason
         return (outputs, info_box[0]) if return_info else outputs
 
     def close(self) -> None:
