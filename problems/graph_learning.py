@@ -78,7 +78,6 @@ TRAIN_FRACTION, VAL_FRACTION = 0.1, 0.3  # labelled nodes per class; the rest ar
 ALPHA, RIDGE = 1.0, 1.0  # weights of the linear-model tie and of its ridge penalty
 SMOOTHING = 1.0  # gamma times the mean candidate degree
 INITIAL_WEIGHT = 0.5
-LEARNING_RATE = 20.0  # projected gradient step; the hypergradient entries are ~1e-4 to 1e-3
 
 
 @dataclass(frozen=True)
@@ -242,7 +241,7 @@ def build(size: str = "small", seed: int = 0) -> Instance:
     ``"planted"`` (e = 1 within communities, 0 across). ``evaluate(e)``
     re-solves the inner problem with cvxpy and returns the same metrics.
     ``data`` holds the :class:`PlantedGraph` (``"graph"``) and ``solve(e) ->
-    Y*`` (cvxpy). ``settings``: projected gradient descent (``"sgd"``) from
+    Y*`` (cvxpy). ``settings``: the default optimizer (SPG on this set) from
     e = 0.5 under the outer constraints 0 <= e <= 1, sum(e) = 0.5 m.
     """
     if size not in SIZES:
@@ -277,7 +276,7 @@ def build(size: str = "small", seed: int = 0) -> Instance:
         problem=problem,
         x0=torch.full((m,), INITIAL_WEIGHT, dtype=torch.float64),
         outer_constraints=[e >= 0, e <= 1, cp.sum(e) == INITIAL_WEIGHT * m],
-        settings=dict(method="cg", optimizer="sgd", lr=LEARNING_RATE, steps=SIZES[size]["steps"]),
+        settings=dict(method="cg", steps=SIZES[size]["steps"]),
         reference=reference,
         evaluate=evaluate,
         data={"graph": graph, "solve": solve},

@@ -38,9 +38,9 @@ FLAG_THRESHOLD = 0.5  # a training point is flagged as mislabelled when its weig
 # n_train / n_val points drawn from the 569 of the data set; the rest is the test set.
 SIZES: dict[str, dict[str, Any]] = {
     "small": dict(n_train=60, n_val=60, flip=0.35, lam=1.0,
-                  settings=dict(optimizer="adam", lr=0.1, steps=25, method="cg")),
+                  settings=dict(steps=25, method="cg")),
     "large": dict(n_train=300, n_val=150, flip=0.35, lam=1.0,
-                  settings=dict(optimizer="adam", lr=0.05, steps=100, method="cg")),
+                  settings=dict(steps=100, method="cg")),
 }
 
 

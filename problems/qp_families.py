@@ -311,12 +311,7 @@ def build_from(data: QPData) -> Instance:
     reference["certificate_margin"] = certificate_margin(data, reference)
     bounded = data.lower is not None
     outer_constraints = [x >= data.lower, x <= data.upper] if bounded else []
-    if bounded:   # projected gradient with step 1/L, L = ||H|| on the designed region
-        _, W = affine_solution_map(data)
-        L = np.linalg.norm(W[: data.n], 2) ** 2 + data.reg
-        settings = dict(optimizer="sgd", lr=1.0 / L, steps=2000, tol=1e-8, method="cg")
-    else:
-        settings = dict(optimizer="lbfgs", lr=1.0, steps=60, tol=1e-8, method="cg")
+    settings = dict(steps=100, tol=1e-8, method="cg")  # the default optimizer: L-BFGS-B on the bounds
     x_star = reference["x_star"]
 
     def evaluate(xv) -> dict:

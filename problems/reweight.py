@@ -64,7 +64,10 @@ FLIP_RATES = {-1.0: 0.25, 1.0: 0.45}  # "noisy": share of flipped training label
 SEPARATION = 2.5  # distance between the two class means (Bayes error ~ 10.6 %)
 DIMENSION = 2
 REGULARIZATION = 1e-2  # lam
-LEARNING_RATE = 2e-3  # projected gradient step on w (the uniform weight is 1/n ~ 3e-3 to 1e-2)
+# Projected gradient steps on w (the uniform weight is 1/n ~ 3e-3 to 1e-2). The default optimizer reaches a lower
+# validation loss (small, noisy: 0.1910 against 0.2092) but leaves more mass on the flipped samples (0.21 against
+# 0.05), which tests/test_problems_reweight.py asks to fall below half their share (0.175): kept for that.
+LEARNING_RATE = 2e-3
 STEPS = {"small": 50, "large": 200}
 
 

@@ -352,12 +352,14 @@ def build(size: str = "small", seed: int = 0, objective: str | None = None, toll
         net = parallel_network(**SMALL)
         objective = objective or "revenue"
         reference = parallel_piece_optimum(net, SMALL_SATURATED) if objective == "revenue" else {}
+        # Short projected-gradient steps: revenue is flat (zero hypergradient) where a toll prices its link
+        # out, and the first L-BFGS-B step of the default optimizer lands on such a plateau (F = -3).
         settings = dict(optimizer="sgd", lr=0.1, steps=500, tol=1e-8, method="cg")
     elif size == "large":
         net = grid_network(tolled=tolled, seed=seed)
         objective = objective or "system_cost"
         reference = {}
-        settings = dict(optimizer="adam", lr=0.05, steps=120, tol=1e-6, method="cg")
+        settings = dict(steps=120, tol=1e-6, method="cg")
     else:
         raise ValueError(f"size must be 'small' or 'large', got {size!r}.")
     problem, x = bilevel_problem(net, objective)
