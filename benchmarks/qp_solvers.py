@@ -12,6 +12,11 @@ inequality rows is tight at y0 with multipliers mu0 ~ U(0.5, 1.5), the other row
 strictly complementary multipliers. The reference active set is therefore S (exactly, no solver).
 
 * dense:  P = M'M/n + I with M gaussian (n x n); A_eq, A_in gaussian.
+* banded: P = M'M + I with M upper triangular with 3 bands; A_eq, A_in with 10 gaussian nonzeros per
+  row in a window of 20 columns that slides along the variables: local coupling (time-indexed or
+  discretized models), whose KKT factors stay sparse (~50 nonzeros per row at n = 20000). The
+  fast path's sparse factorization is chosen on this class: QDLDL's LDL' of the regularized
+  quasi-definite matrix, refined, was 3-5x faster than SuperLU from n = 5000 on (2-core machine).
 * sparse: P = M'M + I with M = scipy.sparse.random(n, n, density=10/n); A_eq, A_in with 10 gaussian
   nonzeros per row. M'M has ~100 nonzeros per row on a random pattern, which fills in almost
   completely in any sparse LDL'/LU (random graphs have no small separators): from n = 1000 on,
@@ -170,6 +175,15 @@ def sparse_rows(rows: int, cols: int, rng: np.random.Generator) -> sp.csr_matrix
     return sp.csr_matrix((rng.standard_normal(rows * k), indices, np.arange(rows + 1) * k), shape=(rows, cols))
 
 
+def local_rows(rows: int, cols: int, rng: np.random.Generator, width: int = 20) -> sp.csr_matrix:
+    """rows x cols, NONZEROS_PER_ROW standard normal entries per row in a window of ``width`` columns that
+    slides along the variables (local coupling, as in a discretized or time-indexed model)."""
+    starts = np.linspace(0, cols - width, rows).astype(int)
+    indices = np.concatenate([s + np.sort(rng.choice(width, NONZEROS_PER_ROW, replace=False)) for s in starts])
+    return sp.csr_matrix((rng.standard_normal(rows * NONZEROS_PER_ROW), indices,
+                          np.arange(rows + 1) * NONZEROS_PER_ROW), shape=(rows, cols))
+
+
 def make_qp(kind: str, n: int, seed: int = 0) -> QP:
     rng = np.random.default_rng(seed)
     m, p = n // 2, max(1, n // 10)
@@ -177,6 +191,10 @@ def make_qp(kind: str, n: int, seed: int = 0) -> QP:
         M = rng.standard_normal((n, n))
         P = M.T @ M / n + np.eye(n)
         A_in, A_eq = rng.standard_normal((m, n)), rng.standard_normal((p, n))
+    elif kind == "banded":
+        M = sp.diags([rng.standard_normal(n - k) for k in range(3)], offsets=[0, 1, 2])
+        P = (M.T @ M + sp.eye(n)).tocsc()
+        A_in, A_eq = local_rows(m, n, rng), local_rows(p, n, rng)
     else:
         M = sp.random(n, n, density=NONZEROS_PER_ROW / n, random_state=rng, data_rvs=rng.standard_normal)
         P = (M.T @ M + sp.eye(n)).tocsc()
@@ -697,6 +715,9 @@ def main():
     parser.add_argument("--dense-sizes", type=int, nargs="*", default=[10, 30, 100, 300])
     parser.add_argument("--sizes", type=int, nargs="*", default=[100, 300, 1000, 5000],
                         help="sizes of the sparse class (above --max-solver-n: KKT factorizations only)")
+    parser.add_argument("--banded-sizes", type=int, nargs="*", default=[1000, 5000, 20000],
+                        help="sizes of the banded class (local coupling: sparse factors; the fast path's "
+                             "sparse factorization is chosen on it)")
     parser.add_argument("--max-solver-n", type=int, default=1000)
     parser.add_argument("--dense-max-n", type=int, default=DENSE_MAX_N,
                         help="largest n for the dense solvers (daqp, proxqp dense, piqp dense)")
@@ -713,7 +734,8 @@ def main():
 
 def run(args):
 
-    cases = [("dense", n) for n in args.dense_sizes] + [("sparse", n) for n in args.sizes]
+    cases = ([("dense", n) for n in args.dense_sizes] + [("sparse", n) for n in args.sizes]
+             + [("banded", n) for n in args.banded_sizes])
     tasks = []
     for kind, n in cases:
         if n <= args.max_solver_n:

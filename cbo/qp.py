@@ -64,8 +64,9 @@ __all__ = ["QPProgram", "QPPoint", "GeneralPathNeeded", "compile_qp"]
 
 # The data and K_S are dense (LAPACK LU) up to DENSE_LIMIT rows of K, and up to DENSE_FILL_LIMIT rows
 # where K is more than DENSE_FILL_DENSITY full (random sparsity patterns fill a sparse LU in almost
-# completely: at n + m = 2700, 66 % fill, SuperLU 1.3 s against 0.2 s for the dense LU); sparse (SuperLU)
-# otherwise (benchmarks/qp_solvers.py).
+# completely: at n + m = 2700, 66 % fill, SuperLU 1.3 s against 0.2 s for the dense LU); sparse otherwise:
+# QDLDL's LDL^T of the regularized K_S, refined (3-5x faster than SuperLU from n = 5000 on banded patterns,
+# benchmarks/qp_solvers.py), SuperLU where the refinement does not converge.
 DENSE_LIMIT, DENSE_FILL_LIMIT, DENSE_FILL_DENSITY = 600, 4000, 0.02
 # Default QP solver (benchmarks/qp_solvers.py): DAQP, a dense active-set method, for QPs with n + m up to
 # SMALL_QP, and up to WARM_DAQP_LIMIT where P and A are constant (its model is set up once and restarts
@@ -89,6 +90,9 @@ _THREADPOOLS = None
 SIGN_TOL = 1e-9
 # K_S counts as singular below this reciprocal condition number (of its equilibrated form).
 SINGULAR_RCOND = 1e-13
+# The sparse LDL^T of K_S (QDLDL) factors the equilibrated K_S + diag(delta I, -delta I), quasi-definite, and
+# refines on K_S itself: at most this many refinement steps to reach REFINE_TOL (relative residual).
+QUASIDEFINITE_DELTA, REFINE_STEPS, REFINE_TOL = 1e-10, 6, 1e-14
 
 
 class GeneralPathNeeded(Exception):
@@ -169,22 +173,20 @@ def _blas_threads(size: int):
         yield
 
 
-def _factor(K) -> _Factor:
-    """Factor K_S with row/column equilibration D K D (D = 1/sqrt(max |row|)), so that the
-    reciprocal condition number does not depend on the scales of the variables and constraints:
+def _factor(K, n: int) -> _Factor:
+    """Factor K_S (``n`` rows of P first) with row/column equilibration D K D (D = 1/sqrt(max |row|)), so
+    that the reciprocal condition number does not depend on the scales of the variables and constraints:
     dense, LAPACK's LU (its symmetric indefinite LDL^T, dsytrf, was 1.4x faster single-threaded in
-    benchmarks/qp_solvers.py but 2-5x slower than LU with two threads on a busy machine); sparse, SuperLU."""
+    benchmarks/qp_solvers.py but 2-5x slower than LU with two threads on a busy machine); sparse, QDLDL's
+    LDL^T of the regularized matrix (:func:`_quasidefinite_factor`), or SuperLU's LU where that does not
+    reach machine precision (K_S near singular)."""
     if sp.issparse(K):
         K = sp.csc_array(K)
         d = 1.0 / np.sqrt(np.maximum(abs(K).max(axis=1).toarray().ravel(), 1e-300))
-        D = sp.diags_array(d)
-        try:
-            lu = spla.splu(sp.csc_array(D @ K @ D), permc_spec="MMD_AT_PLUS_A")
-        except RuntimeError:  # exactly singular
-            raise GeneralPathNeeded("the active-set KKT matrix is singular") from None
-        diag = np.abs(lu.U.diagonal())
-        rcond = float(diag.min() / diag.max()) if diag.size else 1.0
-        return _Factor(lambda rhs: d * lu.solve(d * rhs), rcond, K.__matmul__, K.shape[0], "sparse LU (SuperLU)")
+        scaled = sp.csc_array(sp.diags_array(d) @ K @ sp.diags_array(d))
+        factor = _quasidefinite_factor(scaled, n) or _sparse_lu(scaled)
+        solve = factor.solve
+        return _Factor(lambda rhs: d * solve(d * rhs), factor.rcond, K.__matmul__, K.shape[0], factor.kind)
     d = 1.0 / np.sqrt(np.maximum(np.abs(K).max(axis=1), 1e-300))
     scaled = d[:, None] * K * d[None, :]
     with _blas_threads(K.shape[0]):
@@ -194,6 +196,54 @@ def _factor(K) -> _Factor:
     rcond, _ = la.lapack.dgecon(lu, np.abs(scaled).sum(axis=0).max(), norm="1")
     return _Factor(lambda rhs: d * la.lapack.dgetrs(lu, piv, d * rhs)[0], float(rcond), K.__matmul__, K.shape[0],
                    "dense LU (LAPACK)")
+
+
+def _quasidefinite_factor(K: sp.csc_array, n: int) -> _Factor | None:
+    r"""K = [[P, A_S^T], [A_S, 0]] (equilibrated) by QDLDL's sparse LDL^T of the quasi-definite
+    K + E, E = diag(delta I_n, -delta I_k), each solve refined on K itself: x += (K + E)^{-1} (r - K x).
+    The error contracts by rho ~ delta ||K^{-1}|| per step, so a test solve gives both the check and the
+    conditioning: None where it does not reach REFINE_TOL in REFINE_STEPS (K near singular: the caller
+    falls back to an LU); else rcond ~ delta / (rho ||K||_1), the observed rate read as ||K^{-1}||."""
+    import qdldl
+
+    regularization = np.concatenate([np.full(n, QUASIDEFINITE_DELTA), np.full(K.shape[0] - n, -QUASIDEFINITE_DELTA)])
+    ldl = qdldl.Solver(sp.csc_array(K + sp.diags_array(regularization)))
+
+    def refined(rhs: np.ndarray) -> tuple[np.ndarray, list[float]]:
+        x, residuals = ldl.solve(rhs), []
+        for _ in range(REFINE_STEPS):
+            residual = rhs - K @ x
+            residuals.append(float(np.abs(residual).max(initial=0)))
+            if residuals[-1] <= REFINE_TOL * max(float(np.abs(rhs).max(initial=0)), 1e-300):
+                break
+            x = x + ldl.solve(residual)
+        return x, residuals
+
+    test = np.random.default_rng(0).standard_normal(K.shape[0])
+    _, residuals = refined(test)
+    if residuals[-1] > REFINE_TOL * np.abs(test).max():
+        return None
+    rate = max([after / before for before, after in zip(residuals, residuals[1:]) if before > 0], default=0.0)
+    rcond = min(1.0, QUASIDEFINITE_DELTA / rate if rate > 0 else 1.0) / max(float(abs(K).sum(axis=0).max()), 1.0)
+
+    def solve(rhs: np.ndarray) -> np.ndarray:
+        x, residuals = refined(rhs)
+        if residuals[-1] > REFINE_TOL * 10 * max(float(np.abs(rhs).max(initial=0)), 1e-300):
+            raise GeneralPathNeeded("the refined LDL^T solve of the active-set KKT matrix did not converge")
+        return x
+
+    return _Factor(solve, rcond, K.__matmul__, K.shape[0], "sparse LDL^T (QDLDL, refined)")
+
+
+def _sparse_lu(K: sp.csc_array) -> _Factor:
+    """K (equilibrated) by SuperLU's sparse LU; rcond: the ratio of the smallest to the largest |U_ii|."""
+    try:
+        lu = spla.splu(K, permc_spec="MMD_AT_PLUS_A")
+    except RuntimeError:  # exactly singular
+        raise GeneralPathNeeded("the active-set KKT matrix is singular") from None
+    diag = np.abs(lu.U.diagonal())
+    rcond = float(diag.min() / diag.max()) if diag.size else 1.0
+    return _Factor(lu.solve, rcond, K.__matmul__, K.shape[0], "sparse LU (SuperLU)")
 
 
 def _range_space_factor(L: np.ndarray, W: np.ndarray, P: np.ndarray, A_S: np.ndarray, rows: np.ndarray) -> _Factor:
@@ -425,9 +475,9 @@ class QPProgram:
             k = A_S.shape[0]
             K = np.zeros((self.n + k, self.n + k))
             K[: self.n, : self.n], K[self.n:, : self.n], K[: self.n, self.n:] = P, A_S, A_S.T
-            factor = _factor(K)
+            factor = _factor(K, self.n)
         else:
-            factor = _factor(sp.block_array([[P, A_S.T], [A_S, None]], format="csc"))
+            factor = _factor(sp.block_array([[P, A_S.T], [A_S, None]], format="csc"), self.n)
         factor.rows = rows
         if factor.rcond < SINGULAR_RCOND:
             raise GeneralPathNeeded(f"the active-set KKT matrix is singular (rcond {factor.rcond:.1e})")
