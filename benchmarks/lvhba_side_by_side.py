@@ -412,7 +412,8 @@ def svm_table(runs: dict) -> list[str]:
     """Per seed and on average: final F / 15, test accuracy, wall time; the time each cbo configuration took to
     reach a peer's final F / 15."""
     lines = ["| seed | method | F/15 (their 'val loss') | F/15 at y*(c) | test acc | val acc | evaluations | time (s) "
-             "| time for cbo to reach this F/15 (s): defaults; task settings |", "|---|---|---|---|---|---|---|---|---|"]
+             "| time for cbo to reach this F/15 (s): defaults; task settings |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows: dict[str, list] = {name: [] for name in runs}
     for seed, ours in runs["cbo"].items():
         for name in runs:
@@ -437,6 +438,18 @@ def svm_table(runs: dict) -> list[str]:
     return lines + ([""] + [f"- {stop}" for stop in stops] if stops else [])
 
 
+def cleaning_notes(runs: dict, as_is: int) -> list[str]:
+    """The data-cleaning checks: same split, flips and c0 as GAM; their LV-HBA as it is; the flip AUCs."""
+    seeds = list(runs["cbo"])
+    same = ", ".join(f"{runs['GAM'][s]['val_loss'][0]:.5f} vs {runs['cbo'][s]['at_c0']['val_loss']:.5f}" for s in seeds)
+    auc = [f"- {config}: flip AUC (P(c_i < c_j), i flipped, j clean; 0.5 = no detection) per seed "
+           + ", ".join(f"{r['flip_auc']:.3f}" for r in runs[config].values()) for config in CBO_CONFIGS]
+    return [f"- GAM's first F/15 (at y*(c0), by ECOS) vs cbo's F(c0)/15, per seed: {same}",
+            f"- their data-cleaning LV-HBA as it is (ECOS at abstol = reltol = feastol = 2) completed {as_is} epochs "
+            f"for seed {seeds[0]}; the runs above use the ECOS call commented out under it (abstol = reltol = 2e-3)",
+            *auc, ""]
+
+
 def toy_tables(runs: dict) -> list[str]:
     """Their fun(1500) and cbo per run; then cbo's final error for each Tikhonov weight eps."""
     lines = ["| run | method | final ‖x − x*‖ / ‖x*‖ | best on the way | iterations | time (s) "
@@ -450,8 +463,8 @@ def toy_tables(runs: dict) -> list[str]:
             lines.append(f"| {seed} | {config} ({ours['optimizer']}), eps = {toy_llc.EPS:g} | "
                          f"{ours['x_error'][-1]:.2e} | {min(ours['x_error']):.2e} | {ours['steps']} | "
                          f"{ours['time'][-1]:.3f} | {_fmt(reach)} |")
-    lines += ["", "| eps | final ‖x − x*‖ / ‖x*‖ | max abs(x − t(eps) e), closed form | F − F* | evaluations "
-              "| time (s) | warnings |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| eps | final ‖x − x*‖ / ‖x*‖ | max abs(x − t(eps) e), closed form | F − F* "
+              "| evaluations | time (s) | warnings |", "|---|---|---|---|---|---|---|"]
     for eps, r in runs["eps"].items():
         lines.append(f"| {eps:g} | {r['x_error'][-1]:.2e} | {_fmt(r['x_error_vs_regularized'], '.1e')} | "
                      f"{r['F'] - r['F_star']:.2e} | {r['steps']} | {r['time'][-1]:.3f} | "
@@ -536,6 +549,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lvhba", type=Path, default=MIRROR, help="their repository: a clone or a bare git dir")
     parser.add_argument("--peer-path", default=None, help="extra packages for their code only (e.g. ecos)")
     parser.add_argument("--name", default="lvhba_side_by_side", help="stem of the output files")
+    parser.add_argument("--code", default=None, help="which cbo code ran, for the header (e.g. 'archive of 1a2b3c4')")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="You are solving a parameterized problem that is not DPP")  # evaluate()
 
@@ -547,6 +561,7 @@ def main(argv=None) -> None:
             f"settings': {svm_per_sample.SIZES['large']['settings']} for the SVM tasks, "
             f"{toy_llc.SIZES['large']['settings']} for the toy); in brackets the optimizer that ran",
             "- command: python benchmarks/lvhba_side_by_side.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            *([f"- cbo code: {args.code} ({Path(cbo.__file__).parent})"] if args.code else []),
             ""]
     lines, record = list(head), dict(commit=commit, machine=machine_lines(), experiments={})
     try:
@@ -559,13 +574,7 @@ def main(argv=None) -> None:
                 runs = svm_experiment(experiment, args.seeds, repository, args.peer_path)
                 lines += [f"## {experiment}", "", *svm_table(runs), ""]
                 if experiment == "cleaning":
-                    lines += [f"Their data-cleaning LV-HBA as it is (ECOS at abstol = reltol = feastol = 2) completed "
-                              f"{as_is_epochs(args.seeds[0], repository, args.peer_path)} epochs for seed "
-                              f"{args.seeds[0]}; the runs above use the ECOS line commented out under it "
-                              "(their SVM scripts' tolerances).", ""]
-                    lines += [f"{config}: flip AUC (P(c_i < c_j), i flipped, j clean; 0.5 = no detection) per seed "
-                              + ", ".join(f"{r['flip_auc']:.3f}" for r in runs[config].values())
-                              for config in CBO_CONFIGS] + [""]
+                    lines += cleaning_notes(runs, as_is_epochs(args.seeds[0], repository, args.peer_path))
                 plot_svm(experiment, runs, IMAGES / f"lvhba_{experiment.replace('-', '_')}.png")
             record["experiments"][experiment] = plain_runs(runs)
             print("\n".join(lines[-40:]), flush=True)

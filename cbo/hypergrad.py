@@ -174,7 +174,7 @@ def hypergrad(
     with timed(timings, "adjoint_solve"):
         grads, solve_info = solved.gradient(dF_dx, dF_dy)
     timings["total"] = time.perf_counter() - start
-    result = like_input(grads, x, like)
+    result = like_input(grads, x, like, problem.parameters)
     if not return_info:
         return result
     info = HypergradInfo(outer_value=outer_value, y=problem.user_y(solved.y), linear_solve=solve_info,

@@ -3,6 +3,20 @@
 Shared by :func:`cbo.hypergrad`, :class:`cbo.ArgminLayer` and :func:`cbo.minimize`,
 so that every entry point checks shapes and finiteness the same way and
 returns results in the caller's dtype and on the caller's device.
+
+Two conventions hold at every entry point:
+
+* **Integer and bool input** is promoted: the computation runs in float64
+  and results (gradients, layer outputs) are float64, never truncated to the
+  input's integer dtype. Floating-point input keeps its dtype.
+* **Symmetric matrix parameters** (``cp.Parameter((n, n), symmetric=True)``,
+  ``PSD=True`` or ``NSD=True``) take the symmetric part of their value,
+
+      sym(X) = (X + X^T) / 2,
+
+  so the map is X -> f(sym(X)), defined for every square X; its gradient is
+  sym(grad f), the gradient of the symmetric function, and a perturbation
+  that breaks symmetry (``torch.autograd.gradcheck``) is well defined.
 """
 from __future__ import annotations
 
@@ -13,13 +27,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["as_parameter_tensors", "broadcast_inputs", "check_finite", "like_input", "timed", "item_names"]
+__all__ = ["as_parameter_tensors", "broadcast_inputs", "check_finite", "layer_inputs", "like_input",
+           "result_dtype", "symmetric_part", "timed", "item_names"]
+
+_SYMMETRIC_ATTRIBUTES = ("symmetric", "PSD", "NSD")
 
 
 def as_parameter_tensors(problem, x) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Validate x against ``problem.parameters``; return float64 copies and the originals.
+    """Validate x against ``problem.parameters``; return float64 copies (symmetric parameters at their
+    symmetric part) and the originals.
 
-    Raises ValueError for a wrong count, a wrong shape, or non-finite values.
+    Raises ValueError for a wrong count, a wrong shape, or non-finite values,
+    TypeError for a missing (None) or complex value.
     """
     values = list(x) if isinstance(x, (list, tuple)) else [x]
     if len(values) != len(problem.parameters):
@@ -27,7 +46,7 @@ def as_parameter_tensors(problem, x) -> tuple[list[torch.Tensor], list[torch.Ten
             f"Got {len(values)} parameter value(s) for {len(problem.parameters)} parameter(s) "
             f"{[p.name() for p in problem.parameters]}: pass one tensor per parameter, in that order."
         )
-    originals = [v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, dtype=float)) for v in values]
+    originals = [_as_real_tensor(param, v) for param, v in zip(problem.parameters, values)]
     device = originals[0].device
     xs = []
     for param, value in zip(problem.parameters, originals):
@@ -36,11 +55,16 @@ def as_parameter_tensors(problem, x) -> tuple[list[torch.Tensor], list[torch.Ten
                 f"Parameter {param.name()} has shape {tuple(param.shape)}, but the value given has shape "
                 f"{tuple(value.shape)}. Pass a tensor of shape {tuple(param.shape)}."
             )
-        if not value.is_floating_point() and value.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"Parameter {param.name()}: expected a real tensor, got dtype {value.dtype}.")
         check_finite(param, value)
-        xs.append(value.detach().to(device=device, dtype=torch.float64))
+        xs.append(symmetric_part(param, value.detach().to(device=device, dtype=torch.float64)))
     return xs, originals
+
+
+def layer_inputs(parameters, inputs: Sequence) -> list[torch.Tensor]:
+    """The inputs of :class:`cbo.ArgminLayer` as tensors (numpy arrays and floats as float64), each
+    symmetric parameter's at its symmetric part, through torch operations (so autograd returns the
+    gradient of the symmetric function). Raises TypeError for a None or complex input."""
+    return [symmetric_part(param, _as_real_tensor(param, t)) for param, t in zip(parameters, inputs)]
 
 
 def broadcast_inputs(problem, inputs: Sequence[torch.Tensor]):
@@ -71,6 +95,14 @@ def broadcast_inputs(problem, inputs: Sequence[torch.Tensor]):
     return flat, tuple(batch_shape)
 
 
+def symmetric_part(param, value: torch.Tensor) -> torch.Tensor:
+    """sym(X) = (X + X^T) / 2 over the last two dimensions for a parameter declared ``symmetric``,
+    ``PSD`` or ``NSD``; ``value`` itself otherwise. Exactly symmetric in floating point (a + b = b + a)."""
+    if not any(param.attributes.get(a) for a in _SYMMETRIC_ATTRIBUTES):
+        return value
+    return (value + value.transpose(-1, -2)) / 2
+
+
 def check_finite(param, value: torch.Tensor) -> None:
     """Raise ValueError naming ``param`` if ``value`` has NaN or infinite entries."""
     if not bool(torch.isfinite(value).all()):
@@ -80,10 +112,34 @@ def check_finite(param, value: torch.Tensor) -> None:
         )
 
 
-def like_input(tensors, x, like):
-    """``tensors`` (one per parameter) typed and placed like the inputs ``like``; one tensor if ``x`` was one."""
-    tensors = [t.detach().to(dtype=o.dtype, device=o.device) for t, o in zip(tensors, like)]
+def result_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype of results for input ``like``: its own if floating point, else (integer, bool) float64."""
+    return like.dtype if like.is_floating_point() else torch.float64
+
+
+def like_input(tensors, x, like, parameters=None):
+    """``tensors`` (one per parameter) typed (:func:`result_dtype`) and placed like the inputs ``like``;
+    one tensor if ``x`` was one. With ``parameters``, the gradients of symmetric ones are symmetrized:
+    the gradient of X -> f(sym(X))."""
+    parameters = parameters or [None] * len(like)
+    tensors = [t.detach() if p is None else symmetric_part(p, t.detach()) for t, p in zip(tensors, parameters)]
+    tensors = [t.to(dtype=result_dtype(o), device=o.device) for t, o in zip(tensors, like)]
     return tensors[0] if len(like) == 1 and not isinstance(x, (list, tuple)) else tensors
+
+
+def _as_real_tensor(param, value) -> torch.Tensor:
+    """``value`` as a tensor (numpy arrays and numbers as float64); TypeError naming ``param`` for None
+    or complex values."""
+    if value is None:
+        raise TypeError(f"The value of parameter {param.name()} is None: pass a tensor of shape "
+                        f"{tuple(param.shape)} (or with leading batch dimensions, for ArgminLayer).")
+    if not isinstance(value, torch.Tensor):
+        array = np.asarray(value)
+        value = torch.as_tensor(array if array.dtype.kind == "c" else array.astype(float))
+    if value.is_complex():
+        raise TypeError(f"Parameter {param.name()}: expected a real tensor, got dtype {value.dtype}. cbo "
+                        "differentiates real parameters: pass the real and imaginary parts as two parameters.")
+    return value
 
 
 @contextmanager

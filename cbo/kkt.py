@@ -55,10 +55,10 @@ class ActiveSet:
     ----------
     active : LongTensor
         Entries kept as equalities in the KKT system.
-    weakly_active : list[int]
+    weakly_active : LongTensor
         Entries touching their bound with a (near) zero multiplier: strict
         complementarity fails, the derivative is one-sided there. Treated as
-        inactive.
+        inactive. (A sequence of ints given here is stored as a LongTensor.)
     labels : dict[int, str]
         Human-readable names of the weakly active entries.
     tol_mu, tol_p : float
@@ -67,10 +67,14 @@ class ActiveSet:
     """
 
     active: torch.Tensor
-    weakly_active: list[int] = field(default_factory=list)
+    weakly_active: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     labels: dict[int, str] = field(default_factory=dict)
     tol_mu: float = 0.0
     tol_p: float = 0.0
+
+    def __post_init__(self):
+        self.active = torch.as_tensor(self.active, dtype=torch.long)
+        self.weakly_active = torch.as_tensor(self.weakly_active, dtype=torch.long)
 
     @property
     def signature(self) -> tuple:
@@ -117,7 +121,7 @@ def active_set(problem: BilevelProblem, mu: np.ndarray, slack: np.ndarray, tol: 
     labels = {int(i): problem.constraint_label(int(i)) for i in weak}
     if labels:
         warn_weakly_active(where, problem.describe_entries(weak))
-    return ActiveSet(torch.as_tensor(np.flatnonzero(is_active), dtype=torch.long), list(map(int, weak)), labels,
+    return ActiveSet(torch.as_tensor(np.flatnonzero(is_active), dtype=torch.long), torch.as_tensor(weak), labels,
                      tol * scale_mu, tol_w * scale_p)
 
 

@@ -11,7 +11,9 @@ and sums the gradients of unbatched (broadcast) inputs over the batch.
 """
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,12 +24,12 @@ import torch
 from .conic import ConeStatus, conic_program
 from .hypergrad import (ConicRouteNeeded, check_kinks, qp_active_set, qp_licq, qp_polish_info, qp_solve_info,
                         select_route, uses_qp_path)
-from .inputs import broadcast_inputs, item_names, timed
+from .inputs import broadcast_inputs, item_names, layer_inputs, timed
 from .inner import BatchSolver, InnerSolution
-from .errors import InnerSolveError, one_warning_per_category
+from .errors import InnerSolveError, ProblemDefinitionError, external_stacklevel, one_warning_per_category
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
-from .options import Options, resolve_options
+from .options import OptionIgnoredWarning, Options, resolve_options, with_solver_args
 from .problem import BilevelProblem
 from .qp import GeneralPathNeeded
 
@@ -62,34 +64,10 @@ class LayerInfo:
 class ArgminLayer(torch.nn.Module):
     """A differentiable layer returning the solution of a convex cvxpy problem.
 
-    Parameters
-    ----------
-    inner : cvxpy.Problem
-        The problem; its ``parameters`` are the layer's inputs.
-    parameters : sequence of cvxpy.Parameter
-        Inputs, in call order.
-    variables : sequence of cvxpy.Variable, optional
-        Outputs, in order (default: all variables of ``inner``).
-    method : str, optional
-        Adjoint solver of the backward pass, one of ``cbo.ADJOINT_METHODS``. Default:
-        on an inner QP the compiled fast path of :mod:`cbo.qp` (one
-        factorization per item serves forward and backward), elsewhere "cg".
-    options : Options, optional
-        Settings (:class:`cbo.Options`); keyword ``settings`` override its fields.
-    executor : concurrent.futures.Executor, optional
-        Runs the forward solves (e.g. ``distributed.Client(...).get_executor()``);
-        default: a pool of ``n_workers`` local processes. Not used on the QP fast
-        path, which solves in this process unless an executor or ``n_workers > 1``
-        is given.
-    n_workers : int, optional
-        Size of the default pool (default: the number of CPUs; 1 solves in this process).
-    timeout : float, optional
-        Seconds to wait for a batch's forward solves.
-    **settings
-        Any field of :class:`cbo.Options` but the unrolled and penalty ones:
-        ``tol``, ``maxiter``, ``on_nonconvergence``, ``solver``,
-        ``solver_options``, ``active_tol``, ``polish_solution``, ``warm_start``,
-        ``route`` (the conic route solves the batch's cone programs in this process).
+    A drop-in for ``cvxpylayers.torch.CvxpyLayer``: the same constructor
+    (``CvxpyLayer(problem, parameters, variables, solver=..., solver_args=...)``)
+    and call (``layer(*inputs, solver_args=...)``); docs/layer.md lists the
+    differences and why.
 
     Notes
     -----
@@ -97,32 +75,105 @@ class ArgminLayer(torch.nn.Module):
     parameter or with leading batch dimensions (unbatched inputs broadcast);
     it returns a tuple of tensors, one per variable, shaped
     ``batch_shape + variable.shape``. ``layer(*inputs, return_info=True)``
-    returns ``(outputs, LayerInfo)``.
+    returns ``(outputs, LayerInfo)``. A symmetric (``symmetric=True``,
+    ``PSD=True``) matrix parameter takes the symmetric part (X + X^T) / 2 of
+    its input, and its gradient is that of the symmetric function.
     """
 
     def __init__(self, inner: cp.Problem, parameters: Sequence[cp.Parameter],
                  variables: Sequence[cp.Variable] | None = None, method: str | None = None, *,
                  options: Options | None = None, executor=None, n_workers: int | None = None,
-                 timeout: float | None = None, **settings):
+                 timeout: float | None = None, solver_args: dict | None = None, gp: bool = False,
+                 verbose: bool = False, canon_backend: str | None = None, **settings):
+        """Compile ``inner`` into a layer: parameters in, the solution's variables out.
+
+        Parameters
+        ----------
+        inner : cvxpy.Problem
+            The problem; its ``parameters`` are the layer's inputs.
+        parameters : sequence of cvxpy.Parameter
+            Inputs, in call order. Other parameters of ``inner`` are constants read from their ``.value``.
+        variables : sequence of cvxpy.Variable, optional
+            Outputs, in order (default: all variables of ``inner``).
+        method : str, optional
+            Adjoint solver of the backward pass, one of ``cbo.ADJOINT_METHODS``. Default:
+            on an inner QP the compiled fast path of :mod:`cbo.qp` (one
+            factorization per item serves forward and backward), elsewhere "cg".
+        options : Options, optional
+            Settings (:class:`cbo.Options`); keyword ``settings`` override its fields.
+        executor : concurrent.futures.Executor, optional
+            Runs the forward solves (e.g. ``distributed.Client(...).get_executor()``);
+            default: a pool of ``n_workers`` local processes. Not used on the QP fast
+            path, which solves in this process unless an executor or ``n_workers > 1``
+            is given.
+        n_workers : int, optional
+            Size of the default pool (default: the number of CPUs; 1 solves in this process).
+        timeout : float, optional
+            Seconds to wait for a batch's forward solves.
+        solver_args : dict, optional
+            cvxpylayers' solver settings, for every call (a call's own ``solver_args``
+            override them): ``solve_method``, ``eps``, ``max_iters`` and the named
+            solver's own keys (:func:`cbo.options.with_solver_args`).
+        gp, verbose, canon_backend
+            cvxpylayers' arguments: ``gp=True`` (geometric programs) is refused,
+            ``verbose=True`` is ``solver_args={"verbose": True}``, ``canon_backend``
+            is ignored with an :class:`cbo.OptionIgnoredWarning`.
+        **settings
+            Any field of :class:`cbo.Options` but the unrolled and penalty ones:
+            ``tol``, ``maxiter``, ``on_nonconvergence``, ``solver``,
+            ``solver_options``, ``active_tol``, ``polish_solution``, ``warm_start``,
+            ``route`` (the conic route solves the batch's cone programs in this process).
+
+        Raises
+        ------
+        ProblemDefinitionError
+            As :class:`cbo.BilevelProblem` (e.g. a parameter that is neither an input nor given a
+            value), and for ``gp=True``.
+        """
         super().__init__()
-        self.options = options = resolve_options(options, method=method, **settings)
+        _refuse_geometric_program(gp)
+        if canon_backend is not None:
+            warnings.warn(f"canon_backend={canon_backend!r} ignored: cbo compiles the problem with cvxpy's "
+                          "default backend.", OptionIgnoredWarning, stacklevel=external_stacklevel())
+        self.problem = BilevelProblem(inner, parameters, variables)
+        self._executor, self._n_workers, self._timeout = executor, n_workers, timeout
+        self._variants: dict[str, ArgminLayer] = {}
+        options = resolve_options(options, method=method, **settings)
+        self._configure(with_solver_args(options, {**({"verbose": True} if verbose else {}), **(solver_args or {})}))
+
+    def _configure(self, options: Options) -> None:
+        """Route, path, adjoint method and forward solver for ``options``."""
         if options.method is not None and options.method not in ADJOINT_SOLVERS:
             raise ValueError(f"Unknown method {options.method!r}. The layer's methods: {', '.join(ADJOINT_SOLVERS)} "
                              "(the unrolled and penalty methods are cbo.hypergrad's only).")
-        self.problem = BilevelProblem(inner, parameters, variables)
+        self.options = options
         self.route, self.route_reason = select_route(self.problem, options.route)
         # The QP fast path solves in this process; an executor or a pool asked for takes the general path.
         self.fast = (self.route == "smooth"
                      and uses_qp_path(self.problem, options.method, options.solver, options.polish_solution)
-                     and executor is None and (n_workers or 1) == 1)
+                     and self._executor is None and (self._n_workers or 1) == 1)
         self.method = options.method or "cg"
         if self.route == "conic":
             options.warn_ignored(("solver", "active_tol"), "the conic route solves the cone program with Clarabel")
-        self.batch_solver = BatchSolver(self.problem, options.solver, options.solver_options, executor, n_workers,
-                                        timeout)
+        self.batch_solver = BatchSolver(self.problem, options.solver, options.solver_options, self._executor,
+                                        self._n_workers, self._timeout)
+
+    def _with_solver_args(self, solver_args: dict | None) -> ArgminLayer:
+        """This layer, or for a call's ``solver_args`` that change its options a copy configured with them
+        (built on first use and kept, with its own forward solver, for later calls with the same arguments)."""
+        options = with_solver_args(self.options, solver_args)
+        if options == self.options:
+            return self
+        key = repr(options)
+        if key not in self._variants:
+            variant = copy.copy(self)
+            variant._variants = {}
+            variant._configure(options)
+            self._variants[key] = variant
+        return self._variants[key]
 
     @one_warning_per_category()
-    def forward(self, *inputs: torch.Tensor, return_info: bool = False):
+    def forward(self, *inputs: torch.Tensor, solver_args: dict | None = None, return_info: bool = False):
         """Solve the inner problems of a batch: ``y_1, ..., y_k = layer(*inputs)``.
 
         The warnings of the batch's items are issued once per category, naming the items
@@ -131,7 +182,10 @@ class ArgminLayer(torch.nn.Module):
         Parameters
         ----------
         *inputs : tensors
-            One per parameter, shaped like it or with leading batch dimensions.
+            One per parameter, shaped like it or with leading batch dimensions
+            (numpy arrays are accepted; integer and bool inputs give float64 outputs).
+        solver_args : dict, optional
+            cvxpylayers' solver settings for this call, on top of the layer's (see ``__init__``).
         return_info : bool
             Also return a :class:`LayerInfo` (its ``linear_solve`` is filled by the backward pass).
 
@@ -145,28 +199,41 @@ class ArgminLayer(torch.nn.Module):
                 f"ArgminLayer takes {len(self.problem.parameters)} input(s) "
                 f"{[p.name() for p in self.problem.parameters]}, got {len(inputs)}."
             )
+        layer = self._with_solver_args(solver_args)
         info_box: list[LayerInfo] = []
-        inputs = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=torch.float64) for t in inputs]
+        inputs = layer_inputs(self.problem.parameters, inputs)
         outputs = None
-        if self.fast:
+        if layer.fast:
             try:
-                outputs = _QPArgminFunction.apply(self, info_box, *inputs)
+                outputs = _QPArgminFunction.apply(layer, info_box, *inputs)
             except GeneralPathNeeded:  # a degenerate item: the general route diagnoses the batch
                 info_box.clear()
         if outputs is None:
-            function = _ConicArgminFunction if self.route == "conic" else _ArgminFunction
+            function = _ConicArgminFunction if layer.route == "conic" else _ArgminFunction
             try:
-                outputs = function.apply(self, info_box, *inputs)
+                outputs = function.apply(layer, info_box, *inputs)
             except ConicRouteNeeded as handover:  # an item at a kink: the conic route takes the batch
                 reason = str(handover)
         if outputs is None:  # outside the handler: the conic route's errors do not chain to the hand-over
-            outputs = _ConicArgminFunction.apply(self, info_box, *inputs)
+            outputs = _ConicArgminFunction.apply(layer, info_box, *inputs)
             info_box[0].route = reason
         return (outputs, info_box[0]) if return_info else outputs
 
     def close(self) -> None:
         """Shut down the layer's worker processes (they also stop when the layer is garbage collected)."""
         self.batch_solver.close()
+        for variant in self._variants.values():
+            variant.close()
+
+
+def _refuse_geometric_program(gp: bool) -> None:
+    """cvxpylayers' ``gp=True``: cbo has no log-log (DGP) reformulation; say how to write the problem instead."""
+    if gp:
+        raise ProblemDefinitionError(
+            "gp=True: cbo does not differentiate geometric programs. Write the problem in log-log form as a "
+            "DCP problem (variables u = log y, parameters a = log x, posynomials as log_sum_exp of affine "
+            "terms) and pass the parameters' logarithms, or use cvxpylayers.torch.CvxpyLayer(..., gp=True)."
+        )
 
 
 class _ArgminFunction(torch.autograd.Function):

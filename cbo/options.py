@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import CboWarning, external_stacklevel
 
-__all__ = ["Options", "OptionIgnoredWarning", "resolve_options"]
+__all__ = ["Options", "OptionIgnoredWarning", "resolve_options", "with_solver_args", "SOLVER_ARG_KEYS"]
 
 
 class OptionIgnoredWarning(CboWarning):
@@ -117,3 +117,70 @@ def resolve_options(options: Options | None, **settings) -> Options:
     if not settings:
         return options or DEFAULT_OPTIONS
     return dataclasses.replace(options or DEFAULT_OPTIONS, **settings)
+
+
+# cvxpylayers' generic solver_args keys, per inner solver: the tolerance "eps" and the iteration cap
+# "max_iters" under that solver's own names (the same names on cvxpy's interface and cbo's QP backends).
+SOLVER_ARG_KEYS = {
+    "CLARABEL": {"eps": ("tol_gap_abs", "tol_gap_rel", "tol_feas"), "max_iters": ("max_iter",)},
+    "PIQP": {"eps": ("eps_abs", "eps_rel"), "max_iters": ("max_iter",)},
+    "OSQP": {"eps": ("eps_abs", "eps_rel"), "max_iters": ("max_iter",)},
+    "SCS": {"eps": ("eps_abs", "eps_rel"), "max_iters": ("max_iters",)},
+    "ECOS": {"eps": ("abstol", "reltol", "feastol"), "max_iters": ("max_iters",)},
+    "MOREAU": {"max_iters": ("max_iter",)},
+}
+# Keys of diffcp's derivative computation: cbo differentiates the KKT system its own way.
+_DIFFERENTIATION_KEYS = ("mode", "n_jobs_forward", "n_jobs_backward", "gpu")
+
+
+def with_solver_args(options: Options, solver_args: dict | None) -> Options:
+    """``options`` with cvxpylayers' ``solver_args`` on top (:class:`cbo.ArgminLayer` takes them as
+    ``CvxpyLayer`` does, at construction and per call).
+
+    * ``solve_method`` names the inner solver (``"Clarabel"`` -> ``solver="CLARABEL"``);
+    * ``eps`` and ``max_iters`` become the named solver's tolerance and iteration cap
+      (:data:`SOLVER_ARG_KEYS`: ``eps`` -> Clarabel's ``tol_gap_abs``, ``tol_gap_rel``, ``tol_feas``);
+    * every other key (``verbose``, ``acceleration_lookback``, ...) goes to the named solver as it is,
+      in ``solver_options``.
+
+    Solver keys need a named solver (``solver=`` or ``solve_method``): where cbo picks the solver per
+    problem (a QP solver on the fast path, Clarabel elsewhere) they are ignored with an
+    :class:`OptionIgnoredWarning`, as are diffcp's derivative keys (``mode``, ``n_jobs_backward``, ...).
+    Every solution is Newton-polished on its KKT system whatever the solver's tolerance.
+    """
+    if not solver_args:
+        return options
+    args = dict(solver_args)
+    method = args.pop("solve_method", None)
+    solver = method.upper() if isinstance(method, str) else options.solver
+    ignored = {key: args.pop(key) for key in _DIFFERENTIATION_KEYS if key in args}
+    if ignored:
+        _warn_ignored(ignored, "cbo differentiates the KKT system of the inner problem, not diffcp's cone program")
+    if args and solver is None:
+        _warn_ignored(args, "they are settings of a named inner solver, and cbo picks the solver per problem; "
+                      "name one with solver='CLARABEL' (or solver_args={'solve_method': 'Clarabel'})")
+        args = {}
+    translated, unknown = _solver_keys(solver, args)
+    if unknown:
+        _warn_ignored(unknown, f"cbo does not know {solver}'s name for them: pass its own setting instead")
+    if not translated and solver == options.solver:
+        return options
+    solver_options = {**(options.solver_options or {}), **translated} or options.solver_options
+    return dataclasses.replace(options, solver=solver, solver_options=solver_options)
+
+
+def _solver_keys(solver: str | None, args: dict) -> tuple[dict, dict]:
+    """``args`` under ``solver``'s own names, and the generic keys (eps, max_iters) it has no name for."""
+    names = SOLVER_ARG_KEYS.get(solver or "", {})
+    translated, unknown = {}, {}
+    for key, value in args.items():
+        if key in ("eps", "max_iters") and key not in names:
+            unknown[key] = value
+        else:
+            translated.update({name: value for name in names.get(key, (key,))})
+    return translated, unknown
+
+
+def _warn_ignored(args: dict, why: str) -> None:
+    given = ", ".join(f"{key}={value!r}" for key, value in args.items())
+    warnings.warn(f"solver_args {given} ignored: {why}.", OptionIgnoredWarning, stacklevel=external_stacklevel())

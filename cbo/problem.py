@@ -10,6 +10,7 @@ so that the Lagrangian is ``L = g + mu . p + nu . q``.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -45,20 +46,30 @@ class ConstraintBlock:
     index: int
     origin: str = ""
 
-    def label(self, entry: int | None = None) -> str:
-        """Human-readable name: ``constraint 2 (`var1 <= param3`), entry 5``, 2 its position in the problem;
-        for a constraint added by the epigraph reformulation, its ``origin``: ``epigraph of abs(var1) in
-        the objective (`var1 <= epi_abs_0`), entry 5``."""
-        text = str(self.constraint)
-        text = text if len(text) <= 60 and "\n" not in text else f"{type(self.constraint).__name__} of shape {self.constraint.shape}"
+    def label(self, entry: int | None = None, entries: str = "") -> str:
+        """Human-readable name: ``constraint 2, entry 5: var1 <= param3``, 2 its position in the problem
+        (``entries``: the text of several entries, as ``entries 0, 3``); for a constraint added by the
+        epigraph reformulation, its ``origin``: ``epigraph of abs(var1) in the objective, entry 5:
+        var1 <= epi_abs_0``. The expression is cvxpy's, on one line, shortened in the middle when long."""
         name = self.origin or f"constraint {self.index}"
-        return f"{name} (`{text}`){self._entry_text(entry)}"
+        where = f", {entries}" if entries else self._entry_text(entry)
+        return f"{name}{where}: {short_expression(str(self.constraint))}"
 
     def _entry_text(self, entry: int | None) -> str:
         if entry is None or self.size == 1:
             return ""
         position = tuple(int(i) for i in np.unravel_index(entry, self.constraint.shape))
         return f", entry {position[0] if len(position) == 1 else position}"
+
+
+def short_expression(text: str, limit: int = 60) -> str:
+    """cvxpy's text of an expression on one line; when longer than ``limit``, its start and end around
+    " ... " (the relation and the right-hand side stay visible)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]}"
 
 
 class BilevelProblem:
@@ -121,6 +132,7 @@ class BilevelProblem:
                 f"`outer` must be callable as outer(*parameters, *variables) -> scalar tensor, "
                 f"got {type(outer).__name__}."
             )
+        _check_outer_arity(outer, outer_argument_count(self.parameters, self.variables))
         self.outer = outer
         _check_dcp(inner)
         # The problem cbo solves and differentiates: the user's, with piecewise-linear atoms rewritten
@@ -134,7 +146,7 @@ class BilevelProblem:
         self.is_linear = bool(self.inner.objective.expr.is_affine()) and all(
             _constraint_is_affine(c) for c in self.inner.constraints)
         # The compiled QP of the fast path (cbo.qp), or None and why not.
-        self.qp_program, self.qp_reason = compile_qp(self)
+        self.qp_program, self.qp_reason = _compile_qp_unless_symmetric(self)
 
     @property
     def route(self) -> str:
@@ -247,7 +259,7 @@ class BilevelProblem:
 
     def describe_entries(self, flat_indices, equality: bool = False) -> str:
         """Names of several stacked entries, grouped by constraint:
-        ``constraint 2 (`G @ y <= h`), entries 0, 3``."""
+        ``constraint 2, entries 0, 3: G @ y <= h``."""
         groups: dict[int, list[int]] = {}
         for i in flat_indices:
             block = self._block_of(int(i), equality)
@@ -259,7 +271,7 @@ class BilevelProblem:
                 parts.append(block.label())
             else:
                 positions = [block._entry_text(e).removeprefix(", entry ") for e in entries]
-                parts.append(f"{block.label()}, entr{'y' if len(entries) == 1 else 'ies'} {', '.join(positions)}")
+                parts.append(block.label(entries=f"entr{'y' if len(entries) == 1 else 'ies'} {', '.join(positions)}"))
         return "; ".join(parts)
 
     def _block_of(self, flat_index: int, equality: bool) -> ConstraintBlock:
@@ -293,7 +305,60 @@ def _check_parameters(inner: cp.Problem, parameters) -> list[cp.Parameter]:
             )
     if len({p.id for p in parameters}) != len(parameters):
         raise ProblemDefinitionError("`parameters` lists the same cp.Parameter twice.")
+    _check_constant_values(inner, parameters)
     return parameters
+
+
+def _compile_qp_unless_symmetric(problem: BilevelProblem):
+    """:func:`cbo.qp.compile_qp`, except for symmetric matrix parameters: cvxpy's QP data holds only their
+    upper triangle, which the compiled map does not read yet; the general route takes those problems."""
+    symmetric = [p.name() for p in problem.inner.parameters()
+                 if any(p.attributes.get(a) for a in ("symmetric", "PSD", "NSD"))]
+    if symmetric:
+        return None, f"symmetric matrix parameter(s) {', '.join(symmetric)} (not on the compiled QP path yet)"
+    return compile_qp(problem)
+
+
+def _check_constant_values(inner: cp.Problem, parameters: Sequence[cp.Parameter]) -> None:
+    """Every parameter of ``inner`` not in ``parameters`` is a constant: it must have a value."""
+    inputs = {p.id for p in parameters}
+    missing = [p.name() for p in inner.parameters() if p.id not in inputs and p.value is None]
+    if missing:
+        raise ProblemDefinitionError(
+            f"Parameter(s) {', '.join(missing)} of the inner problem are neither in `parameters` nor given a "
+            f"value. List each in `parameters=[...]` to make it an input (x), or set its value "
+            f"(`{missing[0]}.value = ...`) to hold it constant."
+        )
+
+
+def outer_argument_count(parameters: Sequence[cp.Parameter], variables: Sequence[cp.Variable]) -> int:
+    """How many positional arguments ``outer`` receives: one tensor per parameter, then one per output
+    (a variable or a constraint's multiplier)."""
+    return len(parameters) + len(variables)
+
+
+def _check_outer_arity(outer: Callable | None, expected: int) -> None:
+    """Raise if ``outer``'s signature cannot take ``expected`` positional arguments (``*args`` takes any
+    number; callables without a readable signature, such as some builtins, are not checked)."""
+    if outer is None:
+        return
+    try:
+        signature = inspect.signature(outer)
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    required_keywords = [p.name for p in signature.parameters.values()
+                         if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    takes_any = any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values())
+    if len(required) > expected or (len(positional) < expected and not takes_any) or required_keywords:
+        raise ProblemDefinitionError(
+            f"`outer` is called as outer(*parameters, *variables) with {expected} positional argument(s) "
+            f"(one tensor per parameter, then one per variable), but its signature is "
+            f"{getattr(outer, '__name__', type(outer).__name__)}{signature}. Give it {expected} arguments "
+            "(or *args)."
+        )
 
 
 def _check_variables(inner: cp.Problem, variables) -> list[cp.Variable]:
@@ -397,7 +462,7 @@ def _constraint_blocks(constraints, origins: dict[int, str]) -> tuple[list[Const
             fn, sign, equality = to_torch(c.args[0]), 1.0, True
         else:
             raise ProblemDefinitionError(
-                f"{type(c).__name__} constraint {index} has no smooth Lagrangian form (`{c}`)."
+                f"{type(c).__name__} constraint {index} has no smooth Lagrangian form (`{short_expression(str(c))}`)."
             )
         if equality:
             equalities.append(ConstraintBlock(c, fn, n_eq, c.size, sign, index, origins.get(c.id, "")))

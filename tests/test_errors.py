@@ -78,8 +78,30 @@ def test_parameter_not_in_problem():
 def test_variable_not_in_problem():
     x, y = cp.Parameter(2), cp.Variable(2)
     inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)))
-    with pytest.raises(cbo.ProblemDefinitionError, match="does not appear"):
-        cbo.BilevelProblem(inner, [x], [cp.Variable(2)])
+    with pytest.raises(cbo.ProblemDefinitionError, match="Variable stranger .*inner problem"):
+        cbo.BilevelProblem(inner, [x], [cp.Variable(2, name="stranger")])
+
+
+def test_a_constant_parameter_needs_a_value():
+    x, c, y = cp.Parameter(2), cp.Parameter(2, name="c"), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x) + c @ y))
+    with pytest.raises(cbo.ProblemDefinitionError, match="c of the inner problem are neither in `parameters` nor"):
+        cbo.BilevelProblem(inner, [x], [y])
+    c.value = np.ones(2)
+    assert cbo.BilevelProblem(inner, [x], [y]).parameters == [x]
+
+
+@pytest.mark.parametrize("outer", [lambda x: x.sum(), lambda x, y, z: y.sum(), lambda x, y, *, scale: y.sum()])
+def test_outer_with_the_wrong_arguments_is_refused_at_construction(outer):
+    x, y = cp.Parameter(2), cp.Variable(2)
+    with pytest.raises(cbo.ProblemDefinitionError, match="2 positional argument.*signature is <lambda>"):
+        cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], [y], outer=outer)
+
+
+@pytest.mark.parametrize("outer", [lambda *a: a[1].sum(), lambda x, y, z=1.0: z * y.sum(), lambda x, *rest: x.sum()])
+def test_outer_with_varargs_or_defaults_is_accepted(outer):
+    x, y = cp.Parameter(2), cp.Variable(2)
+    cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], [y], outer=outer)
 
 
 def test_other_variable_attributes_go_conic():
@@ -141,6 +163,50 @@ def test_non_finite_x_raises(bad):
         cbo.hypergrad(problem, x)
 
 
+def integer_problem():
+    """F = 0.37 ||y*||^2, y* = min(x, 1.5) entrywise: dF/dx = 0.74 x where x < 1.5, 0 above."""
+    x, y = cp.Parameter(4), cp.Variable(4)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y <= 1.5])
+    return cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: 0.37 * (y ** 2).sum())
+
+
+@pytest.mark.parametrize("value", [torch.tensor([1, 2, 0, -1]), torch.tensor([1, 2, 0, -1], dtype=torch.int32),
+                                   np.array([1, 2, 0, -1]), [torch.tensor([True, False, True, True])]])
+def test_integer_and_bool_input_give_float64_gradients(value):
+    problem = integer_problem()
+    reference_x = torch.as_tensor(np.asarray(value[0] if isinstance(value, list) else value), dtype=torch.float64)
+    reference = cbo.hypergrad(problem, reference_x)
+    g = cbo.hypergrad(problem, value)
+    g = g[0] if isinstance(value, list) else g
+    assert g.dtype == torch.float64 and torch.equal(g, reference)
+    assert torch.allclose(reference, 0.74 * reference_x.clamp(max=1.5) * (reference_x < 1.5), atol=1e-9)
+
+
+def test_minimize_from_an_integer_start_returns_float64():
+    problem = integer_problem()
+    result = cbo.minimize(problem, torch.tensor([1, 2, 0, -1]), steps=3)
+    reference = cbo.minimize(problem, torch.tensor([1.0, 2.0, 0.0, -1.0], dtype=torch.float64), steps=3)
+    assert result.x.dtype == result.grad.dtype == torch.float64
+    assert torch.allclose(result.x, reference.x, atol=1e-12)
+
+
+def test_complex_input_is_refused():
+    with pytest.raises(TypeError, match="expected a real tensor"):
+        cbo.hypergrad(integer_problem(), torch.ones(4, dtype=torch.complex128))
+
+
+def test_symmetric_parameter_gradient_is_that_of_the_symmetric_function():
+    """y* = sym(C) for min ||y - C||^2 with C symmetric=True, F = <W, y*>: dF/dC = sym(W), for any C."""
+    C, y = cp.Parameter((3, 3), symmetric=True), cp.Variable((3, 3))
+    W = torch.tensor(np.random.default_rng(0).standard_normal((3, 3)))
+    problem = cbo.BilevelProblem(cp.Problem(cp.Minimize(cp.sum_squares(y - C))), [C], [y],
+                                 outer=lambda C, y: (W * y).sum())
+    C_t = torch.arange(9.0, dtype=torch.float64).reshape(3, 3)  # not symmetric
+    g, info = cbo.hypergrad(problem, C_t, return_info=True)
+    assert torch.allclose(info.y[0], (C_t + C_t.T) / 2, atol=1e-8)
+    assert torch.allclose(g, (W + W.T) / 2, atol=1e-8)
+
+
 def test_unknown_method_lists_known_ones():
     with pytest.raises(ValueError, match="minres"):
         cbo.hypergrad(simple_problem(), torch.ones(3), method="gmress")
@@ -172,9 +238,31 @@ def test_weakly_active_constraint_is_named():
     with pytest.warns(cbo.DegenerateKKTWarning, match="weakly active") as record:
         g, info = cbo.hypergrad(problem, torch.ones(3), return_info=True)
     message = str(record[0].message)
-    assert "<= 1.0`), entries 0, 1, 2" in message
-    assert len(info.active_set.weakly_active) == 3
+    assert "constraint 0, entries 0, 1, 2: var" in message and "<= 1.0 touch" in message
+    assert torch.equal(info.active_set.weakly_active, torch.tensor([0, 1, 2]))
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("method", [None, "minres"])  # the QP fast path and the general route
+def test_active_set_entries_are_tensors_on_every_path(method):
+    problem = simple_problem(lambda y, x: [y <= 1])
+    with pytest.warns(cbo.DegenerateKKTWarning):
+        _, info = cbo.hypergrad(problem, torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64), method=method,
+                                warm_start=False, return_info=True)
+    assert info.active_set.active.dtype == info.active_set.weakly_active.dtype == torch.long
+    assert info.active_set.active.tolist() == [1] and info.active_set.weakly_active.tolist() == [0]
+
+
+def test_labels_show_the_constraint_expression():
+    x, y = cp.Parameter(3, name="x"), cp.Variable(6, name="y")
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y)), [y >= -5, y[0:3] <= x, cp.sum(y) == 1])
+    problem = cbo.BilevelProblem(inner, [x], [y])
+    assert problem.constraint_label(6 + 1) == "constraint 1, entry 1: y[0:3] <= x"
+    assert problem.describe_entries([6, 8]) == "constraint 1, entries 0, 2: y[0:3] <= x"
+    long = cp.Problem(cp.Minimize(cp.sum_squares(y)), [np.arange(60.0).reshape(10, 6) @ y <= x[0]])
+    label = cbo.BilevelProblem(long, [x], [y]).constraint_label(3)
+    assert label.startswith("constraint 0, entry 3: [[") and label.endswith("<= x[0]")
+    assert " ... " in label and "\n" not in label and len(label.split(": ", 1)[1]) <= 60
 
 
 def test_dependent_active_constraints_warn_licq():

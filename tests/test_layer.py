@@ -157,6 +157,26 @@ def test_float32_inputs_give_float32_outputs_and_grads(rng):
     assert y.dtype == torch.float32 and q.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("to_input", [lambda t: t.round().long(), lambda t: t.round().int(),
+                                      lambda t: t.round().long().numpy(), lambda t: t > 0])
+def test_integer_and_bool_inputs_give_float64_outputs(rng, to_input):
+    problem, params, variables, inputs = qp(rng)
+    layer = cbo.ArgminLayer(problem, params, variables, n_workers=1)
+    q = to_input(3 * inputs[0])
+    (y,) = layer(q, inputs[1])
+    (y_ref,) = layer(torch.as_tensor(np.asarray(q), dtype=torch.float64), inputs[1])
+    assert y.dtype == torch.float64 and torch.allclose(y, y_ref, atol=1e-12)
+
+
+def test_init_documents_its_own_parameters():
+    import inspect
+
+    doc = inspect.getdoc(cbo.ArgminLayer.__init__)
+    assert "solver_args" in doc and "parameters : sequence of cvxpy.Parameter" in doc
+    assert "Initialize internal Module state" not in doc
+    assert list(inspect.signature(cbo.ArgminLayer.__init__).parameters)[1:4] == ["inner", "parameters", "variables"]
+
+
 # ---------------------------------------------------------------- parallel forward
 
 def test_worker_pool_matches_in_process(rng):

@@ -153,7 +153,7 @@ def test_weakly_active_point_is_kept_inactive_with_a_warning():
     point = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
     with pytest.warns(cbo.DegenerateKKTWarning, match=r"weakly active"):
         grad, info = cbo.hypergrad(problem, point, return_info=True)
-    assert info.path == "compiled QP" and info.active_set.weakly_active == [0]
+    assert info.path == "compiled QP" and info.active_set.weakly_active.tolist() == [0]
     assert "constraint 0" in info.active_set.labels[0]
     with pytest.warns(cbo.DegenerateKKTWarning):
         general = cbo.hypergrad(problem, point, method="cg")
@@ -175,6 +175,22 @@ def test_dependent_active_constraints():
             grad, info = cbo.hypergrad(problem, point, solver=solver, return_info=True)
         assert info.path == path
         assert torch.allclose(grad, torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-7)
+
+
+def test_sparse_factorization_of_a_singular_kkt_matrix_hands_over(monkeypatch):
+    """The duplicated bound of test_dependent_active_constraints with the sparse factorization forced: the
+    refined LDL^T cannot solve the singular K_S, SuperLU finds it singular, and the general route reports it."""
+    monkeypatch.setattr(cbo.qp, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(cbo.qp, "DENSE_FILL_LIMIT", 0)
+    x, y = cp.Parameter(2), cp.Variable(2)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y[0] <= 0, 2 * y[0] <= 0])
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: y.sum())
+    assert not problem.qp_program.dense
+    with pytest.warns(cbo.DegenerateKKTWarning):
+        grad, info = cbo.hypergrad(problem, torch.tensor([1.0, 0.5], dtype=torch.float64), solver="CLARABEL",
+                                   return_info=True)
+    assert info.path == "general"
+    assert torch.allclose(grad, torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-7)
 
 
 def test_infeasible_inner_problem_raises_on_the_fast_path():
