@@ -5,6 +5,8 @@ the :class:`cbo.BilevelProblem`, a starting point, the constraints on x, the
 recommended :func:`cbo.minimize` settings, and a reference answer that a test
 checks the driver reaches. ``size="small"`` is the fast test (seconds);
 ``size="large"`` is the setting used by the module's example in ``examples/``.
+``problems.bolib`` holds published test problems instead: ``bolib.build(name)``
+for each name of ``bolib.NAMES``.
 """
 from __future__ import annotations
 
