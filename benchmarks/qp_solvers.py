@@ -16,7 +16,8 @@ strictly complementary multipliers. The reference active set is therefore S (exa
   row in a window of 20 columns that slides along the variables: local coupling (time-indexed or
   discretized models), whose KKT factors stay sparse (~50 nonzeros per row at n = 20000). The
   fast path's sparse factorization is chosen on this class: QDLDL's LDL' of the regularized
-  quasi-definite matrix, refined, was 3-5x faster than SuperLU from n = 5000 on (2-core machine).
+  quasi-definite matrix, refined, took 1.7 / 16 / 67 ms against SuperLU's 4.3 / 43 / 254 ms at
+  n = 1000 / 5000 / 20000 (factor + 2 solves; 2-core Xeon, busy: load ~7).
 * sparse: P = M'M + I with M = scipy.sparse.random(n, n, density=10/n); A_eq, A_in with 10 gaussian
   nonzeros per row. M'M has ~100 nonzeros per row on a random pattern, which fills in almost
   completely in any sparse LDL'/LU (random graphs have no small separators): from n = 1000 on,

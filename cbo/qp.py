@@ -65,8 +65,8 @@ __all__ = ["QPProgram", "QPPoint", "GeneralPathNeeded", "compile_qp"]
 # The data and K_S are dense (LAPACK LU) up to DENSE_LIMIT rows of K, and up to DENSE_FILL_LIMIT rows
 # where K is more than DENSE_FILL_DENSITY full (random sparsity patterns fill a sparse LU in almost
 # completely: at n + m = 2700, 66 % fill, SuperLU 1.3 s against 0.2 s for the dense LU); sparse otherwise:
-# QDLDL's LDL^T of the regularized K_S, refined (3-5x faster than SuperLU from n = 5000 on banded patterns,
-# benchmarks/qp_solvers.py), SuperLU where the refinement does not converge.
+# QDLDL's LDL^T of the regularized K_S, refined (2.5-3.8x faster than SuperLU at n = 1000-20000 on banded
+# patterns, benchmarks/qp_solvers.py), SuperLU where the refinement does not converge.
 DENSE_LIMIT, DENSE_FILL_LIMIT, DENSE_FILL_DENSITY = 600, 4000, 0.02
 # Default QP solver (benchmarks/qp_solvers.py): DAQP, a dense active-set method, for QPs with n + m up to
 # SMALL_QP, and up to WARM_DAQP_LIMIT where P and A are constant (its model is set up once and restarts
