@@ -345,7 +345,8 @@ class QPProgram:
         # Warm-start state, per batch item: the last active set and, while P and A are constant, its factorization.
         self._last_active: dict[int, np.ndarray] = {}
         self._factor_cache: dict[bytes, _Factor] = {}
-        self._scales_cache: tuple[np.ndarray, np.ndarray] | None = None
+        # The equilibration of constant P and A is part of the compilation (:meth:`_scales`).
+        self._scales_cache = equilibration(self._P_const, self._A_const) if self._constant_matrices else None
         self._range_space: tuple[np.ndarray, np.ndarray] | bool | None = None
         self._solver_state: dict = {}
 
