@@ -44,8 +44,10 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Sequence
 
+import clarabel
 import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
@@ -177,6 +179,7 @@ class ConicProgram:
         self.param_prob = data["param_prob"]
         self._entries = None  # of A that depend on the parameters: cached by _parametric_entries
         self.blocks = _blocks(self.param_prob, _user_constraint_names(self.problem.inner, inverse_data), shape[0])
+        self.inverse_data, self._multiplier_map = inverse_data, None
 
     def _canonicalize(self) -> tuple[dict, object, list]:
         """cvxpy's (data, chain, inverse_data) for ``problem.inner`` at the parameters' current values."""
@@ -322,17 +325,77 @@ class ConicProgram:
     def _lowered_ids(self) -> list[int]:
         return list(self.param_prob.var_id_to_col)
 
+    # ------------------------------------------------------------ multipliers
+
+    def multiplier_values(self, point: ConicPoint) -> np.ndarray:
+        """The multipliers asked for as outputs (``problem.outputs``), stacked: M y (:meth:`multiplier_map`)."""
+        return self.multiplier_map() @ point.y
+
+    def multiplier_map(self) -> sp.csr_array:
+        r"""The linear map M from the cone program's dual y to the multiplier outputs, stacked in output order.
+
+        cvxpy recovers each constraint's ``dual_value`` from y linearly (a selection, signs, the scaling of a
+        PSD cone's vectorization); M is that recovery, probed once: one probe per cone block finds the
+        blocks that feed a requested constraint, then one unit vector per row of those blocks."""
+        if self._multiplier_map is None:
+            requested = [o for o in self.problem.outputs if o.multiplier]
+            n_rows = self.size[1]
+            M = np.zeros((sum(o.size for o in requested), n_rows))
+            for row in self._multiplier_rows(requested):
+                M[:, row] = self._output_duals(self._recover_duals(_unit(n_rows, [row])), requested)
+            self._multiplier_map = sp.csr_array(M)
+        return self._multiplier_map
+
+    def _multiplier_rows(self, requested) -> list[int]:
+        """The rows of y that reach the requested constraints' dual values (whole cone blocks)."""
+        ids = {self.problem.inner.constraints[o.constraint].id for o in requested}
+        rows, start = [], 0
+        for constraint in self.param_prob.constraints:
+            block = list(range(start, start + constraint.size))
+            duals = self._recover_duals(_unit(self.size[1], block))
+            if any(np.any(np.asarray(duals[i]) != 0) for i in ids if i in duals):
+                rows += block
+            start += constraint.size
+        return rows
+
+    def _recover_duals(self, y: np.ndarray) -> dict:
+        """cvxpy's dual values of ``problem.inner``'s constraints (by id) for the cone program's dual ``y``: the
+        solver's and the reductions' own inversions, as ``Problem.solve`` runs them."""
+        raw = SimpleNamespace(status=clarabel.SolverStatus.Solved, x=np.zeros(self.size[0]), z=y,
+                              s=np.zeros_like(y), solve_time=0.0, iterations=0, obj_val=0.0)
+        solution = self.chain.solver.invert(raw, self.inverse_data[-1])
+        for reduction, data in reversed(list(zip(self.chain.reductions[:-1], self.inverse_data[:-1]))):
+            solution = reduction.invert(solution, data)
+        return solution.dual_vars
+
+    def _output_duals(self, duals: dict, requested) -> np.ndarray:
+        """The requested outputs' entries of recovered dual values, stacked, each flattened in C order; a
+        constraint with several dual variables (an SOC's t and X) is split by cvxpy's ``save_dual_value``
+        (the constraint's own dual values are restored after)."""
+        parts = []
+        for o in requested:
+            constraint = self.problem.inner.constraints[o.constraint]
+            saved = [d.value for d in constraint.dual_variables]
+            constraint.save_dual_value(np.asarray(duals.get(constraint.id, np.zeros(constraint.size)), dtype=float))
+            parts.append(np.asarray(constraint.dual_variables[o.part].value, dtype=float).reshape(-1))
+            for d, value in zip(constraint.dual_variables, saved):
+                d.save_value(value)
+        return np.concatenate(parts)
+
     # ------------------------------------------------------------ derivative
 
     def vjp(self, points: Sequence[ConicPoint], grads_y: Sequence[Sequence[np.ndarray]], method: str = "cg", *,
             tol: float = 1e-10, maxiter: int | None = None, on_nonconvergence: str = "raise",
-            like: torch.Tensor | None = None) -> tuple[list[list[np.ndarray]], SolveInfo]:
+            like: torch.Tensor | None = None, grads_multipliers: Sequence[np.ndarray] | None = None
+            ) -> tuple[list[list[np.ndarray]], SolveInfo]:
         r"""(dy*/dx)^T g at each of a batch of solutions: per item, one array per parameter; and the solve's info.
 
         Carries each g = ``grads_y[b]`` (one array per ``problem.all_variables``) to d = dF/dz, solves
         the reduced adjoint systems K (w_z, w_mu) = (d, 0) of all items at once with ``method`` (any of
         :data:`cbo.linsolve.ADJOINT_SOLVERS`) in torch, on the device and in the dtype of ``like``
-        (default float64 on the CPU), then maps (dc, dA, db) to the parameters.
+        (default float64 on the CPU), then maps (dc, dA, db) to the parameters. With gradients of
+        multiplier outputs (``grads_multipliers[b]``, stacked like :meth:`multiplier_values`), the adjoint
+        of the residual map itself (:meth:`_residual_map_vjp`).
 
         Raises
         ------
@@ -341,6 +404,8 @@ class ConicProgram:
         StrictComplementarityError
             If K is singular along a direction that changes the derivative.
         """
+        if grads_multipliers is not None and any(np.any(g) for g in grads_multipliers):
+            return self._residual_map_vjp(points, grads_y, grads_multipliers)
         like = torch.zeros((), dtype=torch.float64) if like is None else like
         op = ConeKKT([p.A for p in points], [p.pieces for p in points], [p.z for p in points], like)
         d = torch.as_tensor(np.stack([self._variable_adjoint(g) for g in grads_y])).to(op.w)
@@ -358,6 +423,37 @@ class ConicProgram:
         info.extra["active_pieces"] = [p.pieces.sizes for p in points]
         v = v.detach().cpu().double().numpy()
         return [self._parameter_gradients(p, op.data_adjoint(v[b], b)) for b, p in enumerate(points)], info
+
+    def _residual_map_vjp(self, points: Sequence[ConicPoint], grads_y, grads_multipliers
+                          ) -> tuple[list[list[np.ndarray]], SolveInfo]:
+        r"""dF/dx where F takes multipliers: the adjoint of the residual map N(z, v) (dense, size n + m).
+
+        The multiplier outputs are M y with y = Pi(v) (:meth:`multiplier_map`), so with D = dPi(v),
+        dF = g_z . dz + (D^T M^T g_mu) . dv and the adjoint of N(z, v; c, A, b) = 0 is
+
+            J^T lam = (g_z, D^T M^T g_mu),   J = dN/d(z, v) = [[0, A^T D], [A, D - I]],
+
+        whose lam = (w_z, w_b) gives dF/dx as the reduced adjoint does (:meth:`_parameter_gradients`).
+        J is singular where a variable of cvxpy's canonicalization is not unique: its least-squares
+        (minimum-norm) solution then, which must solve the system (else the derivative does not exist).
+        """
+        M = self.multiplier_map()
+        grads, residual = [], 0.0
+        for point, g_y, g_mu in zip(points, grads_y, grads_multipliers):
+            D = projection_jacobian(point.y - point.s, point.y, self.blocks)
+            J = _jacobian(point.A, D)
+            rhs = np.concatenate([self._variable_adjoint(g_y), D.T @ (M.T @ np.asarray(g_mu, dtype=float))])
+            lam = np.linalg.lstsq(J.T, rhs, rcond=None)[0]
+            item_residual = float(np.linalg.norm(J.T @ lam - rhs) / max(np.linalg.norm(rhs), 1e-300))
+            if item_residual > 1e-8:
+                raise StrictComplementarityError(
+                    "The derivative of the multipliers does not exist at this x: the cone program's optimality "
+                    f"conditions are singular and inconsistent with the outer gradient (relative residual "
+                    f"{item_residual:.1e}), so strict complementarity or uniqueness fails. Move x, or add a "
+                    "strongly convex term to the inner objective.")
+            residual = max(residual, item_residual)
+            grads.append(self._parameter_gradients(point, lam))
+        return grads, SolveInfo("direct", True, 1, residual, 0.0, {"system": "residual map N(z, v), dense"})
 
     def _variable_adjoint(self, grad_y: Sequence[np.ndarray]) -> np.ndarray:
         """dF/dz from dF/d(user variables) (one array per ``problem.all_variables``)."""
@@ -615,6 +711,13 @@ def _power_exponents(constraint, count: int, label: str) -> list[float]:
 
 
 # ---------------------------------------------------------------- residual map
+
+def _unit(size: int, rows: Sequence[int]) -> np.ndarray:
+    """A vector of ``size`` zeros with ones at ``rows``."""
+    e = np.zeros(size)
+    e[list(rows)] = 1.0
+    return e
+
 
 def _cone_data(data: dict) -> tuple[np.ndarray, sp.csc_array, np.ndarray]:
     """(c, A, b) of cvxpy's problem data for Clarabel (A z + s = b form), at the values it was made with."""

@@ -164,21 +164,24 @@ def hypergrad(
     options = resolve_options(options, method=method, **settings)
     if options.method is not None and options.method not in METHODS:
         raise ValueError(f"Unknown method {options.method!r}. Known methods: {', '.join(METHODS)}.")
+    if problem.uses_multipliers and options.method in (*UNROLLED_METHODS, *PENALTY_METHODS):
+        raise ValueError(f"method={options.method!r} does not differentiate multipliers, and `outer` takes one. "
+                         f"Use an implicit method ({', '.join(ADJOINT_SOLVERS)}) or the default.")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     xs, like = as_parameter_tensors(problem, x)
     _warn_if_linear(problem)
     route, reason = select_route(problem, options.route)
     solved = solve_at(problem, xs, route, reason, options, timings)
-    outer_value, dF_dx, dF_dy = _outer_gradients(problem, xs, solved.y)
+    outer_value, dF_dx, dF_dw = _outer_gradients(problem, xs, solved.w)
     with timed(timings, "adjoint_solve"):
-        grads, solve_info = solved.gradient(dF_dx, dF_dy)
+        grads, solve_info = solved.gradient(dF_dx, dF_dw)
     timings["total"] = time.perf_counter() - start
     result = like_input(grads, x, like, problem.parameters)
     if not return_info:
         return result
-    info = HypergradInfo(outer_value=outer_value, y=problem.user_y(solved.y), linear_solve=solve_info,
-                         timings=timings, route=solved.route or reason, **solved.info)
+    info = HypergradInfo(outer_value=outer_value, y=problem.user_y(solved.w[:problem.n_y]), linear_solve=solve_info,
+                         timings=timings, route=solved.route or reason, **solved.info())
     return result, info
 
 
@@ -186,14 +189,16 @@ def hypergrad(
 class Solved:
     """The inner solution at x on one route, and how the gradient follows from it.
 
-    ``y`` stacks all variables (flat); ``gradient(dF_dx, dF_dy)`` returns
-    dF/dx (a list, one per parameter) and the :class:`SolveInfo` of its linear
-    solve; ``info`` holds the route's fields of :class:`HypergradInfo`.
+    ``w`` stacks all variables and the multipliers, w = (y, mu, nu) on the
+    smooth route, (y, the multiplier outputs) on the conic route;
+    ``gradient(dF_dx, dF_dw)`` returns dF/dx (a list, one per parameter) and
+    the :class:`SolveInfo` of its linear solve; ``info()`` the route's fields of
+    :class:`HypergradInfo` (built only when asked for: ``return_info``).
     """
 
-    y: torch.Tensor
+    w: torch.Tensor
     gradient: Callable[[list[torch.Tensor], torch.Tensor], tuple[list[torch.Tensor], SolveInfo]]
-    info: dict
+    info: Callable[[], dict]
     route: str | None = None  # the reason of a hand-over from the smooth to the conic route
 
 
@@ -246,16 +251,18 @@ def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: d
     timings.update(point.timings)
     device = xs[0].device
 
-    def gradient(dF_dx, dF_dy):
-        implicit = program.vjp(point, dF_dy.cpu().numpy())
+    def gradient(dF_dx, dF_dw):
+        implicit = program.vjp(point, dF_dw.cpu().numpy())
         grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
         return grads, qp_solve_info([point])
 
-    info = dict(method="direct", solver=point.how, solver_status=point.status,
-                mu=torch.as_tensor(point.mu, device=device), nu=torch.as_tensor(point.nu, device=device),
-                active_set=qp_active_set(program, point), licq=qp_licq(point), reduced_hessian_extremes=None,
-                kkt_residual=point.kkt_residual, polish=qp_polish_info(point), path="compiled QP")
-    return Solved(torch.as_tensor(point.y, device=device), gradient, info)
+    def info() -> dict:
+        return dict(method="direct", solver=point.how, solver_status=point.status,
+                    mu=torch.as_tensor(point.mu, device=device), nu=torch.as_tensor(point.nu, device=device),
+                    active_set=qp_active_set(program, point), licq=qp_licq(point), reduced_hessian_extremes=None,
+                    kkt_residual=point.kkt_residual, polish=qp_polish_info(point), path="compiled QP")
+
+    return Solved(torch.as_tensor(np.concatenate([point.y, point.mu, point.nu]), device=device), gradient, info)
 
 
 def _solve_smooth(problem: BilevelProblem, xs, options: Options, timings: dict) -> Solved:
@@ -275,16 +282,19 @@ def _solve_smooth(problem: BilevelProblem, xs, options: Options, timings: dict) 
     if method in PENALTY_METHODS:
         options.warn_ignored(("solver", "solver_options"), "the penalized problem is solved with Clarabel")
 
-    def gradient(dF_dx, dF_dy):
+    def gradient(dF_dx, dF_dw):
         if method in ADJOINT_SOLVERS:
-            return _adjoint_gradients(problem, op, active, method, options, dF_dx, dF_dy)
+            return _adjoint_gradients(problem, op, active, method, options, dF_dx, dF_dw)
         return _unrolled_or_penalty_gradients(problem, xs, op, method, options)
 
-    y, mu, nu = torch.split(op.w.detach()[0], [problem.n_y, problem.n_ineq, problem.n_eq])
-    info = dict(method=method, solver=sol.solver, solver_status=sol.status, mu=mu, nu=nu, active_set=active,
-                licq=licq, reduced_hessian_extremes=curvature, kkt_residual=polish_info.residual_after,
-                polish=polish_info)
-    return Solved(y, gradient, info)
+    w = op.w.detach()[0]
+    _, mu, nu = torch.split(w, [problem.n_y, problem.n_ineq, problem.n_eq])
+    def info() -> dict:
+        return dict(method=method, solver=sol.solver, solver_status=sol.status, mu=mu, nu=nu, active_set=active,
+                    licq=licq, reduced_hessian_extremes=curvature, kkt_residual=polish_info.residual_after,
+                    polish=polish_info)
+
+    return Solved(w, gradient, info)
 
 
 def _solve_conic(problem: BilevelProblem, xs, reason: str, options: Options, timings: dict) -> Solved:
@@ -300,26 +310,31 @@ def _solve_conic(problem: BilevelProblem, xs, reason: str, options: Options, tim
     with timed(timings, "inner_solve"):
         point = program.solve([t.detach().cpu().numpy() for t in xs], options.solver_options,
                               options.polish_solution)
-    y = torch.as_tensor(np.concatenate(program.variable_values(point)), dtype=torch.float64, device=xs[0].device)
+    w = np.concatenate([*program.variable_values(point), program.multiplier_values(point)])
 
-    def gradient(dF_dx, dF_dy):
+    def gradient(dF_dx, dF_dw):
+        dF_dy, dF_dmultipliers = dF_dw[:problem.n_y], dF_dw[problem.n_y:]
         (implicit,), solve_info = program.vjp(
             [point], [[g.cpu().numpy() for g in problem.split_y(dF_dy)]], method, tol=options.tol,
-            maxiter=options.maxiter, on_nonconvergence=options.on_nonconvergence, like=xs[0])
+            maxiter=options.maxiter, on_nonconvergence=options.on_nonconvergence, like=xs[0],
+            grads_multipliers=[dF_dmultipliers.cpu().numpy()])
         return [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)], \
             solve_info
 
     polish_info = PolishInfo(point.polish_steps, point.residual_before, point.residual_after, True,
                              "" if options.polish_solution else "disabled")
-    info = dict(method=method, solver="CLARABEL", solver_status=point.status, mu=None, nu=None, active_set=None,
-                licq=None, reduced_hessian_extremes=None, kkt_residual=point.residual_after, polish=polish_info,
-                cones=point.cones)
-    return Solved(y, gradient, info)
+    def info() -> dict:
+        return dict(method=method, solver="CLARABEL", solver_status=point.status, mu=None, nu=None,
+                    active_set=None, licq=None, reduced_hessian_extremes=None, kkt_residual=point.residual_after,
+                    polish=polish_info, cones=point.cones)
+
+    return Solved(torch.as_tensor(w, dtype=torch.float64, device=xs[0].device), gradient, info)
 
 
-def _adjoint_gradients(problem, op, active, method, options: Options, dF_dx, dF_dy):
-    """dF/dx = d_x F - (dR/dx)^T v with K v = (d_y F, 0) solved by ``method``."""
-    b = torch.cat([dF_dy, torch.zeros(op.n_dual, dtype=dF_dy.dtype, device=dF_dy.device)]).unsqueeze(0)
+def _adjoint_gradients(problem, op, active, method, options: Options, dF_dx, dF_dw):
+    """dF/dx = d_x F - (dR/dx)^T v with K v = (d_y F, d_mu F, d_nu F) solved by ``method`` (d_mu F, d_nu F
+    zero unless F takes multipliers; an inactive mu_i's row is mu_i = 0, which does not move with x)."""
+    b = dF_dw.unsqueeze(0)
     x0 = _warm_start(problem, method, active) if options.warm_start else None
     v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=options.tol, maxiter=options.maxiter,
                                   on_nonconvergence=options.on_nonconvergence)
@@ -381,17 +396,21 @@ def select_route(problem: BilevelProblem, route: str | None) -> tuple[str, str]:
         raise ValueError(f"Unknown route {route!r}. Known routes: {', '.join(ROUTES)} (or None: automatic).")
     if route == "smooth" and problem.smooth_error is not None:
         raise problem.smooth_error
+    if route == "conic" and problem.uses_multipliers and problem.smooth_error is None:
+        raise ValueError("route='conic' on a problem that takes the smooth route does not give its multipliers "
+                         "(the two routes stack them differently), and a multiplier is among the outputs. Leave "
+                         "route at its default or ask for variables only.")
     return route, problem.route_reason if route == problem.route else "conic: requested"
 
 
-def _outer_gradients(problem, xs, y_flat):
-    """F(x, y), d_x F (list), d_y F (flat)."""
+def _outer_gradients(problem, xs, w):
+    """F(x, w), d_x F (list), d_w F (flat, like w = (y, mu, nu))."""
     x_req = [t.detach().requires_grad_(True) for t in xs]
-    y_req = y_flat.detach().requires_grad_(True)
+    w_req = w.detach().requires_grad_(True)
     with torch.enable_grad():
-        F = problem.outer_value(x_req, y_req)
-        grads = torch.autograd.grad(F, [*x_req, y_req], allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip([*x_req, y_req], grads)]
+        F = problem.outer_value(x_req, w_req)
+        grads = torch.autograd.grad(F, [*x_req, w_req], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip([*x_req, w_req], grads)]
     return float(F.detach()), grads[:-1], grads[-1]
 
 

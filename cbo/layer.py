@@ -260,7 +260,7 @@ class _ArgminFunction(torch.autograd.Function):
         info_box.append(info)
         ctx.layer, ctx.op, ctx.info, ctx.batch_shape = layer, op, info, batch_shape
         ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
-        return problem.variable_outputs(op.w.detach()[:, : problem.n_y], batch_shape, inputs[0])
+        return problem.output_values(op.w.detach(), batch_shape, inputs[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -268,8 +268,7 @@ class _ArgminFunction(torch.autograd.Function):
         layer, op, problem = ctx.layer, ctx.op, ctx.layer.problem
         start = time.perf_counter()
         batch = op.batch_size
-        dy = _stacked_output_gradients(problem, grad_outputs, batch, op.w.dtype, op.w.device)
-        b = torch.cat([dy, torch.zeros(batch, op.n_dual, dtype=dy.dtype, device=dy.device)], -1)
+        b = problem.output_cotangent(grad_outputs, batch, op.w.dtype, op.w.device)
         v, solve_info = adjoint_solve(op, b, layer.method, tol=layer.options.tol, maxiter=layer.options.maxiter,
                                       on_nonconvergence=layer.options.on_nonconvergence)
         grads = _input_gradients([-g for g in op.vjp_x(v)], ctx)
@@ -305,16 +304,16 @@ class _QPArgminFunction(torch.autograd.Function):
         info_box.append(info)
         ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
         ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
-        y = torch.as_tensor(np.stack([p.y for p in points]), device=x[0].device)
-        return problem.variable_outputs(y, batch_shape, inputs[0])
+        w = torch.as_tensor(np.stack([np.concatenate([p.y, p.mu, p.nu]) for p in points]), device=x[0].device)
+        return problem.output_values(w, batch_shape, inputs[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
         problem, program = ctx.layer.problem, ctx.layer.problem.qp_program
         start = time.perf_counter()
-        dy = _stacked_output_gradients(problem, grad_outputs, len(ctx.points), torch.float64, "cpu").numpy()
-        per_item = [program.vjp(point, dy[b]) for b, point in enumerate(ctx.points)]
+        dw = problem.output_cotangent(grad_outputs, len(ctx.points), torch.float64, "cpu").numpy()
+        per_item = [program.vjp(point, dw[b]) for b, point in enumerate(ctx.points)]
         grads = _input_gradients(_stacked_items(per_item), ctx)
         ctx.info.linear_solve = qp_solve_info(ctx.points)
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
@@ -338,8 +337,8 @@ class _ConicArgminFunction(torch.autograd.Function):
         points = [program.solve([t[b].cpu().numpy() for t in x], layer.options.solver_options,
                                 layer.options.polish_solution,
                                 where(b)) for b in range(x[0].shape[0])]
-        y = torch.as_tensor(np.stack([np.concatenate(program.variable_values(p)) for p in points]),
-                            dtype=torch.float64, device=x[0].device)
+        w = torch.as_tensor(np.stack([np.concatenate([*program.variable_values(p), program.multiplier_values(p)])
+                                      for p in points]), dtype=torch.float64, device=x[0].device)
         polish = [PolishInfo(p.polish_steps, p.residual_before, p.residual_after, True) for p in points]
         info = LayerInfo(batch_shape, [p.status for p in points], [], polish, [], [],
                          [p.residual_after for p in points], timings={"inner_solve": time.perf_counter() - start},
@@ -347,7 +346,7 @@ class _ConicArgminFunction(torch.autograd.Function):
         info_box.append(info)
         ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
         ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
-        return problem.variable_outputs(y, batch_shape, inputs[0])
+        return problem.output_values(w, batch_shape, inputs[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -356,14 +355,13 @@ class _ConicArgminFunction(torch.autograd.Function):
         problem, program = layer.problem, conic_program(layer.problem)
         start = time.perf_counter()
         batch = len(ctx.points)
-        by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
-        grads_y = [[np.zeros(v.size) if by_id.get(v.id) is None
-                    else by_id[v.id].detach().reshape(batch, v.size)[b].cpu().double().numpy()
-                    for v in problem.all_variables] for b in range(batch)]
+        dw = problem.output_cotangent(grad_outputs, batch, torch.float64, "cpu")
+        grads_y = [[g.numpy() for g in problem.split_y(dw[b, :problem.n_y])] for b in range(batch)]
         like = next(g for g in grad_outputs if g is not None)
         per_item, ctx.info.linear_solve = program.vjp(
             ctx.points, grads_y, layer.method, tol=layer.options.tol, maxiter=layer.options.maxiter,
-            on_nonconvergence=layer.options.on_nonconvergence, like=like.to(torch.float64))
+            on_nonconvergence=layer.options.on_nonconvergence, like=like.to(torch.float64),
+            grads_multipliers=list(dw[:, problem.n_y:].numpy()))
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
         return (None, None, *_input_gradients(_stacked_items(per_item), ctx))
 
@@ -382,12 +380,3 @@ def _stacked_items(per_item: list[list[np.ndarray]]) -> list[torch.Tensor]:
     """Per-item gradients (one numpy array per input) stacked over the batch, one tensor per input."""
     return [torch.as_tensor(np.stack(items)) for items in zip(*per_item)]
 
-
-def _stacked_output_gradients(problem: BilevelProblem, grad_outputs, batch: int, dtype, device) -> torch.Tensor:
-    """dL/dy stacked over all variables of the inner problem, (batch, n_y); zero for variables not returned."""
-    by_id = {v.id: g for v, g in zip(problem.inner_variables, grad_outputs)}
-    return torch.cat([
-        torch.zeros(batch, v.size, dtype=dtype, device=device) if by_id.get(v.id) is None
-        else by_id[v.id].reshape(batch, v.size).to(dtype=dtype, device=device)
-        for v in problem.all_variables
-    ], -1)

@@ -23,7 +23,7 @@ from .qp import compile_qp
 from .reformulate import epigraph_reformulation
 from .translate import Env, TorchFn, to_torch
 
-__all__ = ["BilevelProblem", "ConstraintBlock"]
+__all__ = ["BilevelProblem", "ConstraintBlock", "Output"]
 
 _ALLOWED_VARIABLE_ATTRIBUTES = {"complex": False, "imag": False, "bounds": None, "sparsity": False}
 
@@ -86,10 +86,15 @@ class BilevelProblem:
     variables : sequence of cvxpy.Variable, optional
         The inner variables passed to ``outer`` (default: all variables of
         ``inner``, in ``inner.variables()`` order). All variables take part in
-        the KKT system either way.
+        the KKT system either way. A constraint's multiplier is asked for by
+        its dual variable, ``constraint.dual_variables[0]``: F then receives
+        mu >= 0 (inequality, in cvxpy's sign convention, zero where inactive)
+        or nu (equality), shaped like the constraint, differentiated from the
+        same KKT solve (smooth route and QP fast path).
     outer : callable, optional
         ``outer(*x_tensors, *y_tensors) -> scalar tensor``: the outer objective
-        F. Needed by :func:`cbo.hypergrad`, not by :class:`cbo.ArgminLayer`.
+        F, with one tensor per entry of ``variables``. Needed by
+        :func:`cbo.hypergrad`, not by :class:`cbo.ArgminLayer`.
 
     Notes
     -----
@@ -127,6 +132,8 @@ class BilevelProblem:
             )
         self.parameters = _check_parameters(inner, parameters)
         self.variables = _check_variables(inner, variables)
+        # Multipliers asked for as outputs: dual variable id -> index of its constraint in inner.constraints.
+        self._dual_owners = _dual_owners(inner, self.variables)
         if outer is not None and not callable(outer):
             raise ProblemDefinitionError(
                 f"`outer` must be callable as outer(*parameters, *variables) -> scalar tensor, "
@@ -141,8 +148,14 @@ class BilevelProblem:
         self.inner = self.reformulation.problem
         self.all_variables = list(self.inner.variables())
         # The user's variables as they appear in `inner` (a nonneg=True variable is replaced there).
-        self.inner_variables = [self.reformulation.inner_variable(v) for v in self.variables]
+        self.inner_variables = [self.reformulation.inner_variable(v) for v in self.variables
+                                if v.id not in self._dual_owners]
         self.smooth_error = _smooth_setup(self)
+        self.outputs = _outputs(self)
+        self.uses_multipliers = any(o.multiplier for o in self.outputs)  # a constraint's dual variable is an output
+        # The length of the stacked solution w: (y, mu, nu) on the smooth route, (y, multiplier outputs) on the conic.
+        self.n_w = self.n_y + self.n_ineq + self.n_eq + sum(
+            o.size for o in self.outputs if o.multiplier and self.smooth_error is not None)
         self.is_linear = bool(self.inner.objective.expr.is_affine()) and all(
             _constraint_is_affine(c) for c in self.inner.constraints)
         # The compiled QP of the fast path (cbo.qp), or None and why not.
@@ -186,14 +199,22 @@ class BilevelProblem:
         sizes = [v.size for v in self.all_variables]
         return [t.reshape(v.shape) for t, v in zip(torch.split(y_flat, sizes), self.all_variables)]
 
-    def variable_outputs(self, y: torch.Tensor, batch_shape: Sequence[int], like: torch.Tensor) -> tuple:
-        """The user's variables from a batch of stacked y (B, n_y): one tensor each, shaped
-        (*batch_shape, *variable.shape), in the dtype (float64 for integer input) and on the device of ``like``."""
-        by_id = dict(zip([v.id for v in self.all_variables],
-                         torch.split(y, [v.size for v in self.all_variables], dim=-1)))
+    def output_values(self, w: torch.Tensor, batch_shape: Sequence[int], like: torch.Tensor) -> tuple:
+        """The outputs (``self.variables``) from a batch of stacked solutions w = (y, mu, nu), (B, n_w): one
+        tensor each, shaped (*batch_shape, *shape), in the dtype (float64 for integer input) and on the device
+        of ``like``. Without multiplier outputs, w may stop after y."""
         dtype = like.dtype if like.is_floating_point() else torch.float64
-        return tuple(by_id[v.id].reshape(torch.Size([*batch_shape, *v.shape])).to(dtype=dtype, device=like.device)
-                     for v in self.inner_variables)
+        return tuple(w[..., o.start:o.start + o.size].reshape(torch.Size([*batch_shape, *o.shape]))
+                     .to(dtype=dtype, device=like.device) for o in self.outputs)
+
+    def output_cotangent(self, grad_outputs: Sequence[torch.Tensor | None], batch: int, dtype, device) -> torch.Tensor:
+        """dL/dw for the gradients of the outputs (None: zero), (batch, n_w): zero for the variables and
+        multipliers that are not outputs."""
+        cotangent = torch.zeros(batch, self.n_w, dtype=dtype, device=device)
+        for o, g in zip(self.outputs, grad_outputs):
+            if g is not None:
+                cotangent[:, o.start:o.start + o.size] += g.reshape(batch, o.size).to(dtype=dtype, device=device)
+        return cotangent
 
     def user_y(self, y_flat: torch.Tensor) -> list[torch.Tensor]:
         """``split_y`` without the epigraph variables: one tensor per variable of the user's problem."""
@@ -235,15 +256,15 @@ class BilevelProblem:
             L = L + nu @ self.stack(self.equalities, env)
         return L
 
-    def outer_value(self, x, y_flat) -> torch.Tensor:
-        """F(x, y) with y restricted to ``self.variables``."""
+    def outer_value(self, x, w) -> torch.Tensor:
+        """F(x, outputs) with the outputs (``self.variables``) read from w = (y, mu, nu) (or y alone when no
+        multiplier is an output)."""
         if self.outer is None:
             raise ProblemDefinitionError(
                 "This BilevelProblem has no outer objective. Pass "
                 "`outer=lambda *params_then_vars: scalar` to BilevelProblem to use cbo.hypergrad."
             )
-        by_id = {v.id: t for v, t in zip(self.all_variables, self.split_y(y_flat))}
-        value = self.outer(*x, *[by_id[v.id] for v in self.inner_variables])
+        value = self.outer(*x, *self.output_values(w, (), w))
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ProblemDefinitionError(
                 f"`outer` must return a scalar torch tensor, got {type(value).__name__}"
@@ -362,22 +383,78 @@ def _check_outer_arity(outer: Callable | None, expected: int) -> None:
 
 
 def _check_variables(inner: cp.Problem, variables) -> list[cp.Variable]:
+    """The outputs asked for: variables of ``inner`` or dual variables of its constraints."""
     all_variables = inner.variables()
     if variables is None:
         variables = all_variables
     if isinstance(variables, cp.Variable):
         variables = [variables]
     variables = list(variables)
-    known = {v.id for v in all_variables}
+    known = {v.id for v in all_variables} | {d.id for c in inner.constraints for d in c.dual_variables}
     for v in variables:
         if not isinstance(v, cp.Variable):
             raise ProblemDefinitionError(f"Every entry of `variables` must be a cp.Variable, got {type(v).__name__}.")
         if v.id not in known:
             raise ProblemDefinitionError(
-                f"Variable {v.name()} does not appear in the inner problem. "
-                f"Its variables are: {[w.name() for w in all_variables]}."
+                f"Variable {v.name()} is neither a variable of the inner problem nor the dual variable of one "
+                f"of its constraints. Its variables are: {[w.name() for w in all_variables]}; a constraint's "
+                "multiplier is `constraint.dual_variables[0]` of a constraint in the problem."
             )
     return variables
+
+
+def _dual_owners(inner: cp.Problem, variables: Sequence[cp.Variable]) -> dict[int, tuple[int, int]]:
+    """For each dual variable in ``variables``: the index of its constraint in ``inner.constraints`` and its
+    position among the constraint's dual variables (an SOC constraint has two: t's and X's)."""
+    owner = {d.id: (index, part) for index, c in enumerate(inner.constraints) for part, d in enumerate(c.dual_variables)}
+    return {v.id: owner[v.id] for v in variables if v.id in owner}
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output of the inner solution: a variable y_j or a constraint's multiplier.
+
+    The inner solution is stacked as w = (y, mu, nu) on the smooth route (all
+    variables, then the inequality and the equality multipliers in
+    :class:`ConstraintBlock` order) and as w = (y, the multiplier outputs) on
+    the conic route; the output is ``w[start:start + size]`` reshaped (C order)
+    to ``shape``. ``constraint`` is the index in ``inner.constraints`` of a
+    multiplier's constraint (None for a variable), ``part`` the position of its
+    dual variable in ``constraint.dual_variables``.
+    """
+
+    name: str
+    shape: tuple
+    start: int
+    size: int
+    constraint: int | None = None
+    part: int = 0
+
+    @property
+    def multiplier(self) -> bool:
+        return self.constraint is not None
+
+
+def _outputs(problem: BilevelProblem) -> list[Output]:
+    """The :class:`Output` of each entry of ``problem.variables``, in order."""
+    starts = np.cumsum([0] + [v.size for v in problem.all_variables])
+    start_of = {v.id: int(s) for v, s in zip(problem.all_variables, starts)}
+    outputs, conic_start = [], problem.n_y
+    for v in problem.variables:
+        if v.id not in problem._dual_owners:
+            inner_v = problem.reformulation.inner_variable(v)
+            outputs.append(Output(v.name(), v.shape, start_of[inner_v.id], v.size))
+            continue
+        index, part = problem._dual_owners[v.id]
+        if problem.smooth_error is not None:  # the conic route: the multipliers follow y in the order asked
+            name = f"multiplier {part} of constraint {index} (`{' '.join(str(problem.inner.constraints[index]).split())[:60]}`)"
+            outputs.append(Output(name, v.shape, conic_start, v.size, index, part))
+            conic_start += v.size
+            continue
+        block = next(b for b in problem.inequalities + problem.equalities if b.index == index)
+        start = problem.n_y + block.offset + (problem.n_ineq if block in problem.equalities else 0)
+        outputs.append(Output(f"multiplier of {block.label()}", block.constraint.shape, start, block.size, index))
+    return outputs
 
 
 def _smooth_setup(problem: BilevelProblem) -> ProblemDefinitionError | None:
