@@ -447,7 +447,7 @@ def _outputs(problem: BilevelProblem) -> list[Output]:
             continue
         index, part = problem._dual_owners[v.id]
         if problem.smooth_error is not None:  # the conic route: the multipliers follow y in the order asked
-            name = f"multiplier {part} of constraint {index} (`{' '.join(str(problem.inner.constraints[index]).split())[:60]}`)"
+            name = f"multiplier {part} of constraint {index}: {short_expression(str(problem.inner.constraints[index]))}"
             outputs.append(Output(name, v.shape, conic_start, v.size, index, part))
             conic_start += v.size
             continue
