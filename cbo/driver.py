@@ -550,9 +550,9 @@ class _LineSearchLoop(_Loop):
                 "between active and inactive there, a kink that may be the solution) or the hypergradient is "
                 "inaccurate (tighten the inner solver's tolerance)")
 
-
     def _spg(self, point: _Point, steps: int) -> str:
-        """At most ``steps`` SPG2 iterations from ``point``; why they ended (unless by :class:`_Stop`)."""
+        """At most ``steps`` SPG2 iterations from ``point``, with a step along the kink where the line search
+        along -g stalls on one; why they ended (unless by :class:`_Stop`)."""
         self.current = point
         recent = collections.deque([point.f], maxlen=SPG_MEMORY)
         best = collections.deque([point.f], maxlen=SPG_MEMORY + 1)  # the lowest F after each of the last updates
@@ -560,11 +560,11 @@ class _LineSearchLoop(_Loop):
         for _ in range(steps):
             direction = self._direction(point, point.grads, step)
             slope = _dot(point.grads, direction)
-            trial, rejected = self._line_search(point, direction, max(recent), slope, stop_at_kink=True)
-            if trial is None and rejected is not None:
+            trial, rejected, at_kink = self._line_search(point, direction, max(recent), slope, stop_at_kink=True)
+            if trial is None and at_kink:
                 trial = self._across_kink(point, rejected)
-            if trial is None and rejected is not None:  # no descent along the kink: approach it along d
-                trial, _ = self._line_search(point, direction, max(recent), slope)
+            if trial is None and at_kink:  # no descent along the kink: approach it along d
+                trial = self._line_search(point, direction, max(recent), slope)[0]
             if trial is None:
                 return self._stalled("SPG's line search found no decrease of F")
             step = _spectral_step(point, trial, step)
@@ -583,10 +583,10 @@ class _LineSearchLoop(_Loop):
         return [p - x for x, p in zip(point.xs, self._project([x - step * g for x, g in zip(point.xs, grads)]))]
 
     def _line_search(self, point: _Point, direction: list[torch.Tensor], reference: float, slope: float,
-                     stop_at_kink: bool = False) -> tuple[_Point | None, _Point | None]:
+                     stop_at_kink: bool = False) -> tuple[_Point | None, _Point | None, bool]:
         r"""(The first x + t d, t = 1, then backtracking, with F(x + t d) <= reference + gamma t slope, or None if
         t d shrinks to round-off, the decrease it promises, -t slope, to below SPG_FTOL (1 + |F|), or
-        SPG_MAX_BACKTRACKS trials fail; the last rejected trial, or None).
+        SPG_MAX_BACKTRACKS trials fail; the last rejected trial, or None; whether it stopped at a kink).
 
         With ``stop_at_kink``, give up early where x sits on a kink of F along d: the secant slope
         (F(x + t d) - F(x)) / t of two rejected trials stays positive and does not halve as t shrinks (for a
@@ -595,13 +595,14 @@ class _LineSearchLoop(_Loop):
         for _ in range(SPG_MAX_BACKTRACKS):
             trial = self._visit([x + t * d for x, d in zip(point.xs, direction)])
             if trial.f <= reference + SPG_GAMMA * t * slope:
-                return trial, rejected
+                return trial, rejected, False
             rejected, previous, secant = trial, secant, (trial.f - point.f) / t
-            if (_negligible(t * length, point.xs) or -slope * t <= SPG_FTOL * (1.0 + abs(point.f))
-                    or (stop_at_kink and 0 < 2 * secant and 2 * secant >= previous)):
+            if stop_at_kink and 0 < 2 * secant and 2 * secant >= previous:
+                return None, rejected, True
+            if _negligible(t * length, point.xs) or -slope * t <= SPG_FTOL * (1.0 + abs(point.f)):
                 break
             t = _backtrack(t, slope, trial.f - point.f)
-        return None, rejected
+        return None, rejected, False
 
     def _across_kink(self, point: _Point, rejected: _Point) -> _Point | None:
         r"""Where the line search along -g fails, x sits on a kink of F (the gradient g_r at the last rejected
@@ -648,7 +649,8 @@ class _LBFGSBLoop(_LineSearchLoop):
             return points[key].f, flat.vector(points[key].grads)
 
         result = scipy.optimize.minimize(
-            fun, flat.vector(xs), jac=True, method="L-BFGS-B", callback=lambda v: self._accept(points[v.tobytes()]),
+            fun, flat.vector(xs), jac=True, method="L-BFGS-B",
+            callback=lambda v: self._accept(points.get(v.tobytes(), next(reversed(points.values())))),
             bounds=scipy.optimize.Bounds(flat.vector(lower), flat.vector(upper)),
             options=dict(maxiter=self.steps, maxfun=(LBFGSB_MAX_LINE_SEARCH + 1) * (self.steps + 1), ftol=0.0,
                          gtol=0.0, maxls=LBFGSB_MAX_LINE_SEARCH))
