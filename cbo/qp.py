@@ -200,39 +200,140 @@ def _factor(K, n: int) -> _Factor:
 
 def _quasidefinite_factor(K: sp.csc_array, n: int) -> _Factor | None:
     r"""K = [[P, A_S^T], [A_S, 0]] (equilibrated) by QDLDL's sparse LDL^T of the quasi-definite
-    K + E, E = diag(delta I_n, -delta I_k), each solve refined on K itself: x += (K + E)^{-1} (r - K x).
-    The error contracts by rho ~ delta ||K^{-1}|| per step, so a test solve gives both the check and the
-    conditioning: None where it does not reach REFINE_TOL in REFINE_STEPS (K near singular: the caller
-    falls back to an LU); else rcond ~ delta / (rho ||K||_1), the observed rate read as ||K^{-1}||."""
+    K + diag(delta I_n, -delta I_k), each solve refined on K itself (:func:`_refined_solver`); None where the
+    refinement does not converge (K near singular: the caller falls back to an LU)."""
     import qdldl
 
     regularization = np.concatenate([np.full(n, QUASIDEFINITE_DELTA), np.full(K.shape[0] - n, -QUASIDEFINITE_DELTA)])
     ldl = qdldl.Solver(sp.csc_array(K + sp.diags_array(regularization)))
+    solve, rcond = _refined_solver(ldl.solve, K.__matmul__, K.shape[0])
+    return None if solve is None else _Factor(solve, rcond, K.__matmul__, K.shape[0], "sparse LDL^T (QDLDL, refined)")
 
-    def refined(rhs: np.ndarray) -> tuple[np.ndarray, list[float]]:
-        x, residuals = ldl.solve(rhs), []
-        for _ in range(REFINE_STEPS):
-            residual = rhs - K @ x
+
+class _PatternLDL:
+    r"""The sparse K_S of every active set S inside one fixed pattern, so that QDLDL orders and analyses it once.
+
+    K(a) = [[P, A^T diag(a)], [diag(a) A, -diag(1 - a)]] (n + m rows, a_i = 1 on the equalities and the active
+    rows) has K_S's solution on the active rows and zero multipliers on the others, and the same nonzero
+    pattern for every a (entries multiplied by 0 stay stored). Its equilibrated, quasi-definite
+    regularization D K D + diag(delta I, -delta I) is analysed (AMD ordering, symbolic factorization) at the
+    first call and only refactored numerically after (``qdldl.Solver.update``); solves are refined on D K D
+    as in :func:`_quasidefinite_factor`. One solver serves all factorizations: a factor whose numbers are no
+    longer the solver's is refactored before it solves (a layer's backward pass over its batch items).
+    """
+
+    def __init__(self, P: sp.csr_array, A: sp.csr_array):
+        n, m = P.shape[0], A.shape[0]
+        self.n, self.m, self.size = n, m, n + m
+        P_rows, P_cols = _csr_coordinates(P)
+        A_rows, A_cols = _csr_coordinates(A)
+        self.P_upper = P_rows <= P_cols
+        self.A_rows = A_rows
+        rows = np.concatenate([P_rows[self.P_upper], A_cols, np.arange(n + m)])
+        cols = np.concatenate([P_cols[self.P_upper], n + A_rows, np.arange(n + m)])
+        keys, self.slots = np.unique(cols.astype(np.int64) * (n + m) + rows, return_inverse=True)
+        self.indices = (keys % (n + m)).astype(np.int32)
+        self.indptr = np.searchsorted(keys // (n + m), np.arange(n + m + 1)).astype(np.int32)
+        self.entry_rows, self.entry_cols = self.indices, np.repeat(np.arange(n + m), np.diff(self.indptr))
+        self.diagonal = self.slots[-(n + m):]
+        self.signs = np.concatenate([np.ones(n), -np.ones(m)])
+        self.solver, self.current = None, None
+
+    def factor(self, P: sp.csr_array, A: sp.csr_array, active_rows: np.ndarray) -> _Factor | None:
+        """The factorization of K_S for the QP's rows ``active_rows`` (equalities first), or None where the
+        refinement does not converge (K_S near singular) or P and A do not have the pattern analysed."""
+        import qdldl
+
+        n, size = self.n, self.size
+        if P.nnz != self.P_upper.size or A.nnz != self.A_rows.size:
+            return None
+        a = np.zeros(self.m)
+        a[active_rows] = 1.0
+        values = np.concatenate([P.data[self.P_upper], A.data * a[self.A_rows], np.zeros(n), a - 1.0])
+        data = np.bincount(self.slots, weights=values, minlength=self.indices.size)
+        magnitude = np.zeros(size)
+        np.maximum.at(magnitude, self.entry_rows, np.abs(data))
+        np.maximum.at(magnitude, self.entry_cols, np.abs(data))
+        d = 1.0 / np.sqrt(np.maximum(magnitude, 1e-300))
+        upper = sp.csc_array((data, self.indices, self.indptr), shape=(size, size))
+        scaled = sp.csc_array((data * d[self.entry_rows] * d[self.entry_cols], self.indices, self.indptr),
+                              shape=(size, size))
+        regularized = scaled.copy()
+        regularized.data[self.diagonal] += QUASIDEFINITE_DELTA * self.signs
+        key = object()
+
+        def ldl_solve(rhs: np.ndarray) -> np.ndarray:
+            if self.current is not key:  # another factorization's numbers are loaded: refactor
+                if self.solver is None:
+                    self.solver = qdldl.Solver(regularized, upper=True)
+                else:
+                    self.solver.update(regularized, upper=True)
+                self.current = key
+            return self.solver.solve(rhs)
+
+        refined, rcond = _refined_solver(ldl_solve, lambda x: _symmetric_matvec(scaled, x), size)
+        if refined is None:
+            return None
+        rows = np.asarray(active_rows)
+
+        def full(v: np.ndarray) -> np.ndarray:
+            out = np.zeros(size)
+            out[:n], out[n + rows] = v[:n], v[n:]
+            return out
+
+        def solve(rhs: np.ndarray) -> np.ndarray:
+            x = d * refined(d * full(rhs))
+            return np.concatenate([x[:n], x[n + rows]])
+
+        def matvec(v: np.ndarray) -> np.ndarray:
+            y = _symmetric_matvec(upper, full(v))
+            return np.concatenate([y[:n], y[n + rows]])
+
+        return _Factor(solve, rcond, matvec, n + rows.size, "sparse LDL^T (QDLDL, pattern analysed once, refined)")
+
+
+def _symmetric_matvec(upper: sp.csc_array, x: np.ndarray) -> np.ndarray:
+    """K x for the symmetric K whose upper triangle (diagonal included) is ``upper``."""
+    return upper @ x + upper.T @ x - upper.diagonal() * x
+
+
+def _refined_solver(ldl_solve: Callable[[np.ndarray], np.ndarray], matvec: Callable[[np.ndarray], np.ndarray],
+                    size: int) -> tuple[Callable[[np.ndarray], np.ndarray] | None, float]:
+    r"""Iterative refinement x += M^{-1} (r - K x) of solves with M = K + diag(delta I, -delta I) (``ldl_solve``)
+    on K (``matvec``). The error contracts by rho ~ delta ||K^{-1}|| per step, so a test solve from a random
+    right-hand side gives both the check and the conditioning: (None, 0) where it does not reach REFINE_TOL
+    in REFINE_STEPS (K near singular); else the refined solve (raising GeneralPathNeeded should a later
+    right-hand side not converge) and rcond ~ delta / (rho ||K||_1), the observed rate read as ||K^{-1}||."""
+    def refine(rhs: np.ndarray) -> tuple[np.ndarray, list[float]]:
+        x, residuals = ldl_solve(rhs), []
+        for _ in range(REFINE_STEPS + 1):
+            residual = rhs - matvec(x)
             residuals.append(float(np.abs(residual).max(initial=0)))
-            if residuals[-1] <= REFINE_TOL * max(float(np.abs(rhs).max(initial=0)), 1e-300):
+            if residuals[-1] <= REFINE_TOL * max(float(np.abs(rhs).max(initial=0)), 1e-300) or len(residuals) > REFINE_STEPS:
                 break
-            x = x + ldl.solve(residual)
+            x = x + ldl_solve(residual)
         return x, residuals
 
-    test = np.random.default_rng(0).standard_normal(K.shape[0])
-    _, residuals = refined(test)
+    test = np.random.default_rng(0).standard_normal(size)
+    _, residuals = refine(test)
     if residuals[-1] > REFINE_TOL * np.abs(test).max():
-        return None
+        return None, 0.0
     rate = max([after / before for before, after in zip(residuals, residuals[1:]) if before > 0], default=0.0)
-    rcond = min(1.0, QUASIDEFINITE_DELTA / rate if rate > 0 else 1.0) / max(float(abs(K).sum(axis=0).max()), 1.0)
+    norm = max(float(np.abs(matvec(np.ones(size))).max()), 1.0)  # ||K||_inf >= this; = ||K||_1 for K >= 0
+    rcond = min(1.0, QUASIDEFINITE_DELTA / rate if rate > 0 else 1.0) / norm
 
     def solve(rhs: np.ndarray) -> np.ndarray:
-        x, residuals = refined(rhs)
+        x, residuals = refine(rhs)
         if residuals[-1] > REFINE_TOL * 10 * max(float(np.abs(rhs).max(initial=0)), 1e-300):
             raise GeneralPathNeeded("the refined LDL^T solve of the active-set KKT matrix did not converge")
         return x
 
-    return _Factor(solve, rcond, K.__matmul__, K.shape[0], "sparse LDL^T (QDLDL, refined)")
+    return solve, rcond
+
+
+def _csr_coordinates(M: sp.csr_array) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the stored entries of a CSR matrix, in ``M.data``'s order."""
+    return np.repeat(np.arange(M.shape[0]), np.diff(M.indptr)), M.indices
 
 
 def _sparse_lu(K: sp.csc_array) -> _Factor:
@@ -348,6 +449,7 @@ class QPProgram:
         # The equilibration of constant P and A is part of the compilation (:meth:`_scales`).
         self._scales_cache = equilibration(self._P_const, self._A_const) if self._constant_matrices else None
         self._range_space: tuple[np.ndarray, np.ndarray] | bool | None = None
+        self._pattern: _PatternLDL | None = None  # sparse programs: K_S's pattern, analysed at the first factorization
         self._solver_state: dict = {}
 
     # ------------------------------------------------------------ data
@@ -478,7 +580,10 @@ class QPProgram:
             K[: self.n, : self.n], K[self.n:, : self.n], K[: self.n, self.n:] = P, A_S, A_S.T
             factor = _factor(K, self.n)
         else:
-            factor = _factor(sp.block_array([[P, A_S.T], [A_S, None]], format="csc"), self.n)
+            if self._pattern is None:
+                self._pattern = _PatternLDL(P, A)
+            factor = (self._pattern.factor(P, A, rows)
+                      or _factor(sp.block_array([[P, A_S.T], [A_S, None]], format="csc"), self.n))
         factor.rows = rows
         if factor.rcond < SINGULAR_RCOND:
             raise GeneralPathNeeded(f"the active-set KKT matrix is singular (rcond {factor.rcond:.1e})")

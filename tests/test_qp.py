@@ -52,6 +52,32 @@ def test_sparse_factorization(monkeypatch):
     assert relative_error(grad, dense_kkt_hypergrad(case)) < 1e-7
 
 
+def test_sparse_layer_batch_shares_one_analysed_pattern(monkeypatch):
+    """The sparse LDL^T analyses K_S's pattern once and refactors per active set; a layer's backward pass
+    solves with each batch item's factorization in turn (each refactored before use): its gradients must
+    equal those of the dense factorization, item by item."""
+    case = random_qp(30, seed=9)
+    dense = cbo.ArgminLayer(case.problem.inner, case.problem.parameters, case.problem.variables)
+    monkeypatch.setattr(cbo.qp, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(cbo.qp, "DENSE_FILL_LIMIT", 0)
+    sparse = cbo.ArgminLayer(case.problem.inner, case.problem.parameters, case.problem.variables)
+    assert dense.problem.qp_program.dense and not sparse.problem.qp_program.dense
+    rng = np.random.default_rng(3)
+    x = torch.as_tensor(np.stack([case.x[0] + s * rng.standard_normal(30) for s in (0.0, 1.0, 3.0)]))
+    r = torch.as_tensor(case.x[1])
+    weights = torch.as_tensor(rng.standard_normal((3, 30)))
+    grads = []
+    for layer in (dense, sparse):
+        inputs = [x.clone().requires_grad_(True), r.clone().requires_grad_(True)]
+        (y,), info = layer(*inputs, return_info=True)
+        (weights * y).sum().backward()
+        grads.append([t.grad.numpy() for t in inputs])
+    assert len({tuple(a.active.tolist()) for a in info.active_sets}) == 3, "the items must differ in active set"
+    assert info.linear_solve.extra["factorization"].startswith("sparse LDL")
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-11)
+
+
 def test_range_space_factorization(monkeypatch):
     """P positive definite and constant: K_S solved through the Cholesky factors of P and of A_S P^-1 A_S^T."""
     monkeypatch.setattr(cbo.qp, "RANGE_SPACE_MIN", 0)
