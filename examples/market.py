@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cbo  # noqa: E402
+from figures import save_figures  # noqa: E402
 from problems import market  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,17 +67,25 @@ def plot(instance, before: dict, after: dict, added: np.ndarray, history, path: 
 def main() -> None:
     instance = market.build("large")
     x0 = instance.x0.numpy()
-    print(f"dF/dx vs central differences of cvxpy's dual values: max relative difference "
-          f"{check_gradient(instance, x0 + 5.0):.1e}")
+    gradient_error = check_gradient(instance, x0 + 5.0)
+    print(f"dF/dx vs central differences of cvxpy's dual values: max relative difference {gradient_error:.1e}")
     result = instance.minimize(progress=True)
     added = result.x.numpy()
     before, after = instance.evaluate(x0), instance.evaluate(added)
+    F_after = after["bill"] + after["investment"]
     print(result)
-    print(f"capacity added: {np.round(added, 2)} MW; bill {before['bill']:.0f} -> {after['bill']:.0f}, "
-          f"investment {after['investment']:.0f}; F {before['bill']:.0f} -> {after['bill'] + after['investment']:.0f}")
+    print(f"capacity added: {np.round(added, 1)} MW; bill {before['bill']:.0f} -> {after['bill']:.0f}, "
+          f"investment {after['investment']:.0f}; F {before['bill']:.0f} -> {F_after:.0f}; peak price "
+          f"{before['prices'].max():.1f} -> {after['prices'].max():.1f}")
     plot(instance, before, after, added, result.history, OUTPUT / "market.png")
     plot(instance, before, after, added, result.history, ROOT / "docs" / "img" / "market.png", dpi=60)
     print(f"saved {OUTPUT / 'market.png'}")
+    figures = {"gradient_error": f"{gradient_error:.0e}", "F_before": f"{before['bill']:.0f}",
+               "F_after": f"{F_after:.0f}", "bill_after": f"{after['bill']:.0f}",
+               "investment": f"{after['investment']:.0f}", "steps": str(result.n_steps),
+               "peak_before": f"{before['prices'].max():.1f}", "peak_after": f"{after['prices'].max():.1f}",
+               **{f"added_{k}": f"{a:.1f}" for k, a in enumerate(added)}}
+    print(f"figures quoted by the documentation: {save_figures(__file__, figures, ('gradient_error',))}")
 
 
 if __name__ == "__main__":
