@@ -13,6 +13,7 @@ from .errors import (
     DivergenceError,
     InaccurateSolutionWarning,
     InnerSolveError,
+    NoneInputError,
     NonSmoothAtomError,
     ProblemDefinitionError,
     StrictComplementarityError,
@@ -38,6 +39,6 @@ __all__ = [
     "fixed_point_hypergrad", "UnrollInfo", "minimize", "MinimizeResult", "History", "plot_history", "OPTIMIZERS", "ROUTES",
     "ConeStatus",
     "CboError", "CboWarning", "ConvergenceError", "ConvergenceWarning", "DegenerateKKTWarning", "DivergenceError",
-    "InaccurateSolutionWarning", "InnerSolveError", "NonSmoothAtomError", "ProblemDefinitionError",
+    "InaccurateSolutionWarning", "InnerSolveError", "NoneInputError", "NonSmoothAtomError", "ProblemDefinitionError",
     "StrictComplementarityError", "UnsupportedAtomError",
 ]

@@ -72,8 +72,26 @@ class StrictComplementarityError(CboError, ValueError):
     """
 
 
-class InnerSolveError(CboError, RuntimeError):
-    """cvxpy could not solve the inner problem (infeasible, unbounded, solver failure)."""
+def _peer_solver_errors() -> tuple[type, ...]:
+    """(diffcp.SolverError,) where diffcp is installed (cvxpy loads it as one of its solvers), else ()."""
+    try:
+        from diffcp import SolverError
+    except ImportError:
+        return ()
+    return (SolverError,)
+
+
+class InnerSolveError(CboError, RuntimeError, *_peer_solver_errors()):
+    """cvxpy could not solve the inner problem (infeasible, unbounded, solver failure).
+
+    Where diffcp is installed it is also a ``diffcp.SolverError``, which cvxpylayers' CvxpyLayer raises in
+    these cases: code written for CvxpyLayer that catches that error catches this one.
+    """
+
+
+class NoneInputError(CboError, TypeError, AttributeError):
+    """An input is None where a tensor is expected: a TypeError, and also an AttributeError, which is what
+    cvxpylayers' CvxpyLayer raises for it (code written for it that catches that keeps working)."""
 
 
 class ConvergenceError(CboError, RuntimeError):

@@ -193,6 +193,16 @@ def _item_state(states: dict[int, dict], index: int) -> dict:
     return states.setdefault(index, {})
 
 
+def _named_item(error: Exception, index: int) -> Exception:
+    """``error`` of batch item ``index``, its message prefixed with "batch item i: " (same type); an error
+    whose constructor takes other arguments (a solver's own, such as a pydantic ValidationError) becomes an
+    InnerSolveError that names its type."""
+    try:
+        return type(error)(f"batch item {index}: {error}")
+    except TypeError:
+        return InnerSolveError(f"batch item {index}: the solver raised {type(error).__name__}: {error}")
+
+
 class BatchSolver:
     """Solve the inner problem for a batch of parameter values, in parallel.
 
@@ -237,7 +247,7 @@ class BatchSolver:
         solutions = []
         for index, result in sorted(results, key=lambda r: r[0]):
             if isinstance(result, Exception):
-                raise type(result)(f"batch item {index}: {result}") from result
+                raise _named_item(result, index) from result
             solutions.append(result)
         return solutions
 

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import NoneInputError
+
 __all__ = ["as_parameter_tensors", "broadcast_inputs", "check_finite", "layer_inputs", "like_input",
            "result_dtype", "symmetric_part", "timed", "item_names"]
 
@@ -79,8 +81,8 @@ def broadcast_inputs(problem, inputs: Sequence[torch.Tensor]):
     for param, t in zip(problem.parameters, tensors):
         if t.dim() < param.ndim or tuple(t.shape[t.dim() - param.ndim:]) != tuple(param.shape):
             raise ValueError(
-                f"Input for parameter {param.name()} has shape {tuple(t.shape)}; expected {tuple(param.shape)} "
-                f"or (*batch, {', '.join(map(str, param.shape))})."
+                f"Invalid parameter shape: the input for parameter {param.name()} has shape {tuple(t.shape)}; "
+                f"expected {tuple(param.shape)} or (*batch, {', '.join(map(str, param.shape))})."
             )
         batch_shapes.append(tuple(t.shape[: t.dim() - param.ndim]))
         check_finite(param, t)
@@ -88,7 +90,8 @@ def broadcast_inputs(problem, inputs: Sequence[torch.Tensor]):
         batch_shape = torch.broadcast_shapes(*batch_shapes)
     except RuntimeError as err:
         described = ", ".join(f"{p.name()}: {s}" for p, s in zip(problem.parameters, batch_shapes))
-        raise ValueError(f"The inputs' batch shapes do not broadcast ({described}).") from err
+        raise ValueError(f"Inconsistent batch sizes: the inputs' batch shapes do not broadcast ({described}).") \
+            from err
     batch = int(torch.Size(batch_shape).numel())
     flat = [t.detach().to(device=device, dtype=torch.float64).expand(torch.Size([*batch_shape, *p.shape]))
             .reshape(batch, *p.shape) for p, t in zip(problem.parameters, tensors)]
@@ -131,8 +134,8 @@ def _as_real_tensor(param, value) -> torch.Tensor:
     """``value`` as a tensor (numpy arrays and numbers as float64); TypeError naming ``param`` for None
     or complex values."""
     if value is None:
-        raise TypeError(f"The value of parameter {param.name()} is None: pass a tensor of shape "
-                        f"{tuple(param.shape)} (or with leading batch dimensions, for ArgminLayer).")
+        raise NoneInputError(f"The value of parameter {param.name()} is None: pass a tensor of shape "
+                             f"{tuple(param.shape)} (or with leading batch dimensions, for ArgminLayer).")
     if not isinstance(value, torch.Tensor):
         array = np.asarray(value)
         value = torch.as_tensor(array if array.dtype.kind == "c" else array.astype(float))

@@ -196,8 +196,9 @@ class ArgminLayer(torch.nn.Module):
         """
         if len(inputs) != len(self.problem.parameters):
             raise ValueError(
-                f"ArgminLayer takes {len(self.problem.parameters)} input(s) "
-                f"{[p.name() for p in self.problem.parameters]}, got {len(inputs)}."
+                f"A tensor must be provided for each CVXPY parameter in `parameters`: this ArgminLayer takes "
+                f"{len(self.problem.parameters)} input(s) {[p.name() for p in self.problem.parameters]}, got "
+                f"{len(inputs)}."
             )
         layer = self._with_solver_args(solver_args)
         info_box: list[LayerInfo] = []

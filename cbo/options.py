@@ -172,13 +172,27 @@ def with_solver_args(options: Options, solver_args: dict | None) -> Options:
 def _solver_keys(solver: str | None, args: dict) -> tuple[dict, dict]:
     """``args`` under ``solver``'s own names, and the generic keys (eps, max_iters) it has no name for."""
     names = SOLVER_ARG_KEYS.get(solver or "", {})
+    known = _solver_settings(solver)
     translated, unknown = {}, {}
     for key, value in args.items():
-        if key in ("eps", "max_iters") and key not in names:
+        if key in ("eps", "max_iters") and key not in names or known is not None and key not in known:
             unknown[key] = value
         else:
             translated.update({name: value for name in names.get(key, (key,))})
     return translated, unknown
+
+
+def _solver_settings(solver: str | None) -> set[str] | None:
+    """The settings ``solver`` accepts, where its interface rejects others (Moreau's validated Settings;
+    cvxpylayers' Moreau interface drops the keys it does not know, and so does cbo, with a warning);
+    None where any key is passed on."""
+    if solver != "MOREAU":
+        return None
+    try:
+        import moreau
+    except ImportError:
+        return None
+    return set(moreau.Settings.model_fields) | set(SOLVER_ARG_KEYS["MOREAU"])
 
 
 def _warn_ignored(args: dict, why: str) -> None:

@@ -347,7 +347,8 @@ def _check_constant_values(inner: cp.Problem, parameters: Sequence[cp.Parameter]
     if missing:
         raise ProblemDefinitionError(
             f"Parameter(s) {', '.join(missing)} of the inner problem are neither in `parameters` nor given a "
-            f"value. List each in `parameters=[...]` to make it an input (x), or set its value "
+            f"value: `parameters` must exactly match problem.parameters() but for the parameters held constant "
+            f"by a value. List each in `parameters=[...]` to make it an input (x), or set its value "
             f"(`{missing[0]}.value = ...`) to hold it constant."
         )
 
@@ -397,7 +398,8 @@ def _check_variables(inner: cp.Problem, variables) -> list[cp.Variable]:
         if v.id not in known:
             raise ProblemDefinitionError(
                 f"Variable {v.name()} is neither a variable of the inner problem nor the dual variable of one "
-                f"of its constraints. Its variables are: {[w.name() for w in all_variables]}; a constraint's "
+                f"of its constraints: `variables` must be a subset of problem.variables() and of the constraints' "
+                f"dual variables. Its variables are: {[w.name() for w in all_variables]}; a constraint's "
                 "multiplier is `constraint.dual_variables[0]` of a constraint in the problem."
             )
     return variables
