@@ -265,6 +265,20 @@ def small_qp(n=4):
     return cp.Problem(cp.Minimize(cp.sum_squares(y) + q @ y), [y <= 0.3, cp.sum(y) == 1]), q, y
 
 
+def test_moreau_gets_only_its_own_settings():
+    """cvxpylayers' Moreau interface drops keys that are not Moreau settings (their tests pass tol=...);
+    cbo drops them with a warning instead of letting Moreau's validation fail the solve."""
+    pytest.importorskip("moreau")
+    problem, q, y = small_qp()
+    layer = CvxpyLayer(problem, [q], [y], solver="MOREAU", n_workers=1)
+    q_t = torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=torch.float64)
+    with pytest.warns(cbo.OptionIgnoredWarning, match="tol"):
+        (ours,) = layer(q_t, solver_args={"tol": 1e-12, "max_iters": 500})
+    q.value = q_t.numpy()
+    problem.solve(solver=cp.CLARABEL)
+    np.testing.assert_allclose(ours.numpy(), y.value, atol=1e-6)
+
+
 def test_call_time_solver_args_reach_the_named_solver():
     problem, q, y = small_qp()
     layer = CvxpyLayer(problem, [q], [y], n_workers=1, warm_start=False)
