@@ -57,7 +57,7 @@ def run(spec: dict) -> dict:
         result = instance.minimize(callback=record, progress=True)
     seconds = time.perf_counter() - start
     distance = [float(np.abs(x[0].numpy() - ref["x_star"]).max()) for x in result.history.x]
-    return dict(spec=spec, result=result, optimizer=instance.settings["optimizer"], seconds=seconds,
+    return dict(spec=spec, result=result, optimizer=result.optimizer, seconds=seconds,
                 distance=distance, gap=np.array(result.history.f) - ref["F_star"], active_sets=len(set(active_sets)),
                 margin=ref["certificate_margin"], F_star=ref["F_star"])
 
