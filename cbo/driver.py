@@ -512,7 +512,7 @@ class _LineSearchLoop(_Loop):
 
     def run(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], _Point, str, bool, int]:
         """(last x, its point, why the loop stopped, converged, updates made)."""
-        self.current, self.updates = None, 0
+        self.current, self.updates, self.failed_trials = None, 0, 0
         try:
             message, converged = self._iterate(xs), False
         except _Stop as stop:
@@ -533,6 +533,16 @@ class _LineSearchLoop(_Loop):
         if point.stationarity <= self.tol:
             raise _Stop(f"||x - P_C(x - g)|| = {point.stationarity:.2e} <= tol = {self.tol:g}", point, True)
         return point
+
+    def _trial(self, xs: list[torch.Tensor]) -> _Point | None:
+        """:meth:`_visit` at a trial point of a line search, or None where F is not defined there: F or
+        dF/dx non-finite (e.g. exp(c) overflowing far out) or no inner solution. The line search then
+        shrinks its step, as it does for a trial point with too little decrease."""
+        try:
+            return self._visit(xs)
+        except (DivergenceError, InnerSolveError):
+            self.failed_trials += 1
+            return None
 
     def _accept(self, point: _Point) -> None:
         """point is the next iterate."""
@@ -593,7 +603,10 @@ class _LineSearchLoop(_Loop):
         smooth F it tends to g^T d < 0)."""
         length, rejected, t, secant = _norm(direction), None, 1.0, math.inf
         for _ in range(SPG_MAX_BACKTRACKS):
-            trial = self._visit([x + t * d for x, d in zip(point.xs, direction)])
+            trial = self._trial([x + t * d for x, d in zip(point.xs, direction)])
+            if trial is None:  # F undefined there: a much shorter step
+                t *= SPG_SHRINK[0]
+                continue
             if trial.f <= reference + SPG_GAMMA * t * slope:
                 return trial, rejected, False
             rejected, previous, secant = trial, secant, (trial.f - point.f) / t
@@ -624,13 +637,17 @@ class _LineSearchLoop(_Loop):
                 if _norm([b - x for x, b in zip(point.xs, best.xs)]) < _norm(direction):
                     return best  # backtracked: a was too long
             else:
-                trial = self._visit([x + d for x, d in zip(point.xs, direction)])
-                if not trial.f <= best.f + SPG_GAMMA * slope / 2:
+                trial = self._trial([x + d for x, d in zip(point.xs, direction)])
+                if trial is None or not trial.f <= best.f + SPG_GAMMA * slope / 2:
                     return best
                 best = trial
             self._kink_step = a
             a *= 2
         return best
+
+
+class _UndefinedTrial(Exception):
+    """L-BFGS-B's line search tried a point where F is undefined: scipy's loop is left for SPG's."""
 
 
 class _LBFGSBLoop(_LineSearchLoop):
@@ -645,15 +662,21 @@ class _LBFGSBLoop(_LineSearchLoop):
         def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
             key = v.tobytes()
             if key not in points:
-                points[key] = self._visit(flat.tensors(v))
+                points[key] = self._trial(flat.tensors(v))
+                if points[key] is None:  # scipy's line search cannot shrink past an undefined F: SPG's can
+                    raise _UndefinedTrial
             return points[key].f, flat.vector(points[key].grads)
 
-        result = scipy.optimize.minimize(
-            fun, flat.vector(xs), jac=True, method="L-BFGS-B",
-            callback=lambda v: self._accept(points.get(v.tobytes(), next(reversed(points.values())))),
-            bounds=scipy.optimize.Bounds(flat.vector(lower), flat.vector(upper)),
-            options=dict(maxiter=self.steps, maxfun=(LBFGSB_MAX_LINE_SEARCH + 1) * (self.steps + 1), ftol=0.0,
-                         gtol=0.0, maxls=LBFGSB_MAX_LINE_SEARCH))
+        try:
+            result = scipy.optimize.minimize(
+                fun, flat.vector(xs), jac=True, method="L-BFGS-B",
+                callback=lambda v: self._accept(points.get(v.tobytes(), next(reversed(points.values())))),
+                bounds=scipy.optimize.Bounds(flat.vector(lower), flat.vector(upper)),
+                options=dict(maxiter=self.steps, maxfun=(LBFGSB_MAX_LINE_SEARCH + 1) * (self.steps + 1), ftol=0.0,
+                             gtol=0.0, maxls=LBFGSB_MAX_LINE_SEARCH))
+        except _UndefinedTrial:
+            return ("L-BFGS-B tried a point where F is undefined (non-finite, or no inner solution), then "
+                    + self._spg(self.current, self.steps - self.updates))
         if self.updates >= self.steps:
             return self._reached_steps()
         if "ABNORMAL" in str(result.message):  # a kink: SPG's step along it takes over

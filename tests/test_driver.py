@@ -348,3 +348,19 @@ def test_non_differentiable_iterate_names_step_and_keeps_the_history():
         cbo.minimize(problem, torch.tensor(4.3, dtype=torch.float64), optimizer="sgd", lr=0.5, steps=5,
                      progress=False)
     assert len(caught.value.history) == 1
+
+
+def test_a_trial_point_where_F_is_undefined_shrinks_the_step():
+    """F = (y - 2)^2 + 1e-3 log(3 - y) with y*(x) = x is undefined (NaN) for x >= 3. From x = -2.5 the first
+    trial step of L-BFGS-B lands at 6.5: the default optimizer must treat that point as a failed trial (SPG's
+    line search shrinks the step) and reach the minimizer, found here by a root bracket on dF/dx = 0."""
+    import scipy.optimize
+
+    x, y = cp.Parameter(1), cp.Variable(1)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)))
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: ((y - 2) ** 2 + 1e-3 * torch.log(3 - y)).sum())
+    result = cbo.minimize(problem, torch.tensor([-2.5], dtype=torch.float64), outer_constraints=[x >= -100, x <= 100],
+                          progress=False)
+    root = scipy.optimize.brentq(lambda t: 2 * (t - 2) - 1e-3 / (3 - t), 1.0, 2.999)
+    assert result.converged, result.message
+    assert abs(float(result.x[0]) - root) < 1e-6
