@@ -651,13 +651,23 @@ class _UndefinedTrial(Exception):
 
 
 class _LBFGSBLoop(_LineSearchLoop):
-    """L-BFGS-B (scipy.optimize) on the bounds lo <= x <= hi of C; x as one float64 vector."""
+    """L-BFGS-B (scipy.optimize) on the bounds lo <= x <= hi of C; x as one float64 vector.
+
+    Its first step is x - g (on bounds, the Cauchy point of the model with Hessian I), whose length is
+    that of g: scale-dependent, and on a bounded problem it is taken in full (revenue tolls jumped onto
+    a plateau where a link carries no flow). With bounds, F is therefore handed to it divided by
+    ||g_0||_inf, so that the first step has the length of SPG's, 1 in the largest entry (without bounds
+    scipy's first step is g / ||g|| already); the curvature pairs take over from the second step on, and
+    cbo's own rule stops it.
+    """
 
     def _iterate(self, xs: list[torch.Tensor]) -> str:
         flat = _FlatView(xs)
         lower, upper = self.project.box()
         self.current = self._visit(xs)
         points = {flat.vector(xs).tobytes(): self.current}
+        bounded = any(bool(np.isfinite(np.asarray(t)).any()) for t in (*lower, *upper))
+        scale = max(_inf_norm(self.current.grads), 1e-300) if bounded else 1.0  # unbounded: scipy's first step is 1/||g||
 
         def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
             key = v.tobytes()
@@ -665,7 +675,7 @@ class _LBFGSBLoop(_LineSearchLoop):
                 points[key] = self._trial(flat.tensors(v))
                 if points[key] is None:  # scipy's line search cannot shrink past an undefined F: SPG's can
                     raise _UndefinedTrial
-            return points[key].f, flat.vector(points[key].grads)
+            return points[key].f / scale, flat.vector(points[key].grads) / scale
 
         try:
             result = scipy.optimize.minimize(

@@ -352,9 +352,9 @@ def build(size: str = "small", seed: int = 0, objective: str | None = None, toll
         net = parallel_network(**SMALL)
         objective = objective or "revenue"
         reference = parallel_piece_optimum(net, SMALL_SATURATED) if objective == "revenue" else {}
-        # Short projected-gradient steps: revenue is flat (zero hypergradient) where a toll prices its link
-        # out, and the first L-BFGS-B step of the default optimizer lands on such a plateau (F = -3).
-        settings = dict(optimizer="sgd", lr=0.1, steps=500, tol=1e-8, method="cg")
+        # The default optimizer. Revenue is flat (zero hypergradient) where a toll prices its link out; a
+        # first L-BFGS-B step of the length of g landed on such a plateau (F = -3), one scaled to 1 does not.
+        settings = dict(steps=100, tol=1e-8)
     elif size == "large":
         net = grid_network(tolled=tolled, seed=seed)
         objective = objective or "system_cost"
