@@ -311,7 +311,7 @@ def build_from(data: QPData) -> Instance:
     reference["certificate_margin"] = certificate_margin(data, reference)
     bounded = data.lower is not None
     outer_constraints = [x >= data.lower, x <= data.upper] if bounded else []
-    settings = dict(steps=100, tol=1e-8, method="cg")  # the default optimizer: L-BFGS-B on the bounds
+    settings = dict(steps=100, tol=1e-8)  # the default optimizer (L-BFGS-B on the bounds) and method (the QP fast path)
     x_star = reference["x_star"]
 
     def evaluate(xv) -> dict:

@@ -359,7 +359,7 @@ def build(size: str = "small", seed: int = 0, objective: str | None = None, toll
         net = grid_network(tolled=tolled, seed=seed)
         objective = objective or "system_cost"
         reference = {}
-        settings = dict(steps=120, tol=1e-6, method="cg")
+        settings = dict(steps=120, tol=1e-6)
     else:
         raise ValueError(f"size must be 'small' or 'large', got {size!r}.")
     problem, x = bilevel_problem(net, objective)
