@@ -111,15 +111,15 @@ SVM_EPS = 1e-3  # strongly convex term eps/2 (b^2 + ||xi||^2) of the hinge SVM
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "ridge": {
         "small": dict(n_features=10, n_relevant=3, n_train=30, n_val=200, n_test=2000, noise=0.5, bound=1.0,
-                      x0=math.log(1e-1), settings=dict(optimizer="adam", lr=0.3, steps=30, method="cg")),
+                      x0=math.log(1e-1), settings=dict(optimizer="adam", lr=0.3, steps=30)),
         "large": dict(n_features=50, n_relevant=5, n_train=60, n_val=200, n_test=5000, noise=0.5, bound=1.0,
-                      x0=math.log(1e-1), settings=dict(optimizer="adam", lr=0.3, steps=80, method="cg")),
+                      x0=math.log(1e-1), settings=dict(optimizer="adam", lr=0.3, steps=80)),
     },
     "svm": {
         "small": dict(n_features=20, n_informative=3, n_train=40, n_val=40, n_test=2000, shift=0.5, flip=0.15,
-                      x0=0.0, settings=dict(optimizer="adam", lr=0.3, steps=20, method="cg")),
+                      x0=0.0, settings=dict(optimizer="adam", lr=0.3, steps=20)),
         "large": dict(n_features=20, n_informative=3, n_train=150, n_val=150, n_test=5000, shift=0.5, flip=0.15,
-                      x0=0.0, settings=dict(optimizer="adam", lr=0.3, steps=40, method="cg")),
+                      x0=0.0, settings=dict(optimizer="adam", lr=0.3, steps=40)),
     },
 }
 
