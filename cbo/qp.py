@@ -173,18 +173,17 @@ def _blas_threads(size: int):
         yield
 
 
-def _factor(K, n: int) -> _Factor:
-    """Factor K_S (``n`` rows of P first) with row/column equilibration D K D (D = 1/sqrt(max |row|)), so
-    that the reciprocal condition number does not depend on the scales of the variables and constraints:
-    dense, LAPACK's LU (its symmetric indefinite LDL^T, dsytrf, was 1.4x faster single-threaded in
-    benchmarks/qp_solvers.py but 2-5x slower than LU with two threads on a busy machine); sparse, QDLDL's
-    LDL^T of the regularized matrix (:func:`_quasidefinite_factor`), or SuperLU's LU where that does not
-    reach machine precision (K_S near singular)."""
+def _factor(K) -> _Factor:
+    """Factor K_S with row/column equilibration D K D (D = 1/sqrt(max |row|)), so that the reciprocal
+    condition number does not depend on the scales of the variables and constraints: dense, LAPACK's LU
+    (its symmetric indefinite LDL^T, dsytrf, was 1.4x faster single-threaded in benchmarks/qp_solvers.py
+    but 2-5x slower than LU with two threads on a busy machine); sparse, SuperLU's LU (:func:`_sparse_lu`),
+    which the fast path uses where the refined LDL^T of :class:`_PatternLDL` does not reach machine
+    precision (K_S near singular)."""
     if sp.issparse(K):
         K = sp.csc_array(K)
         d = 1.0 / np.sqrt(np.maximum(abs(K).max(axis=1).toarray().ravel(), 1e-300))
-        scaled = sp.csc_array(sp.diags_array(d) @ K @ sp.diags_array(d))
-        factor = _quasidefinite_factor(scaled, n) or _sparse_lu(scaled)
+        factor = _sparse_lu(sp.csc_array(sp.diags_array(d) @ K @ sp.diags_array(d)))
         solve = factor.solve
         return _Factor(lambda rhs: d * solve(d * rhs), factor.rcond, K.__matmul__, K.shape[0], factor.kind)
     d = 1.0 / np.sqrt(np.maximum(np.abs(K).max(axis=1), 1e-300))
@@ -198,18 +197,6 @@ def _factor(K, n: int) -> _Factor:
                    "dense LU (LAPACK)")
 
 
-def _quasidefinite_factor(K: sp.csc_array, n: int) -> _Factor | None:
-    r"""K = [[P, A_S^T], [A_S, 0]] (equilibrated) by QDLDL's sparse LDL^T of the quasi-definite
-    K + diag(delta I_n, -delta I_k), each solve refined on K itself (:func:`_refined_solver`); None where the
-    refinement does not converge (K near singular: the caller falls back to an LU)."""
-    import qdldl
-
-    regularization = np.concatenate([np.full(n, QUASIDEFINITE_DELTA), np.full(K.shape[0] - n, -QUASIDEFINITE_DELTA)])
-    ldl = qdldl.Solver(sp.csc_array(K + sp.diags_array(regularization)))
-    solve, rcond = _refined_solver(ldl.solve, K.__matmul__, K.shape[0])
-    return None if solve is None else _Factor(solve, rcond, K.__matmul__, K.shape[0], "sparse LDL^T (QDLDL, refined)")
-
-
 class _PatternLDL:
     r"""The sparse K_S of every active set S inside one fixed pattern, so that QDLDL orders and analyses it once.
 
@@ -218,7 +205,7 @@ class _PatternLDL:
     pattern for every a (entries multiplied by 0 stay stored). Its equilibrated, quasi-definite
     regularization D K D + diag(delta I, -delta I) is analysed (AMD ordering, symbolic factorization) at the
     first call and only refactored numerically after (``qdldl.Solver.update``); solves are refined on D K D
-    as in :func:`_quasidefinite_factor`. One solver serves all factorizations: a factor whose numbers are no
+    (:func:`_refined_solver`). One solver serves all factorizations: a factor whose numbers are no
     longer the solver's is refactored before it solves (a layer's backward pass over its batch items).
     """
 
@@ -578,12 +565,12 @@ class QPProgram:
             k = A_S.shape[0]
             K = np.zeros((self.n + k, self.n + k))
             K[: self.n, : self.n], K[self.n:, : self.n], K[: self.n, self.n:] = P, A_S, A_S.T
-            factor = _factor(K, self.n)
+            factor = _factor(K)
         else:
             if self._pattern is None:
                 self._pattern = _PatternLDL(P, A)
-            factor = (self._pattern.factor(P, A, rows)
-                      or _factor(sp.block_array([[P, A_S.T], [A_S, None]], format="csc"), self.n))
+            factor = (self._pattern.factor(P, A, rows)  # None where K_S is near singular: SuperLU decides
+                      or _factor(sp.block_array([[P, A_S.T], [A_S, None]], format="csc")))
         factor.rows = rows
         if factor.rcond < SINGULAR_RCOND:
             raise GeneralPathNeeded(f"the active-set KKT matrix is singular (rcond {factor.rcond:.1e})")
