@@ -117,6 +117,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import cbo  # noqa: E402
 from cvxpylayers.torch import CvxpyLayer  # noqa: E402
+from qp_solvers import local_rows  # noqa: E402
 from vs_cvxpylayers import ForeignLoad, QPData, build_inner, make_qp, qp_around_optimum, reference_gradient  # noqa: E402,E501
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -771,13 +772,6 @@ def traced_peak(function: Callable[[], Any]) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-
-
-def local_rows(rows: int, n: int, rng: np.random.Generator, width: int = 20, per_row: int = 10) -> sp.csr_matrix:
-    """rows x n, 10 nonzeros per row within a window of 20 columns that slides along the variables."""
-    starts = np.linspace(0, n - width, rows).astype(int)
-    cols = np.concatenate([s + np.sort(rng.choice(width, per_row, replace=False)) for s in starts])
-    return sp.csr_matrix((rng.standard_normal(rows * per_row), cols, np.arange(rows + 1) * per_row), shape=(rows, n))
 
 
 def make_banded_qp(n: int, batch: int, rng: np.random.Generator) -> QPData:
