@@ -347,7 +347,10 @@ class ConicProgram:
         return self._multiplier_map
 
     def _multiplier_rows(self, requested) -> list[int]:
-        """The rows of y that reach the requested constraints' dual values (whole cone blocks)."""
+        """The rows of y that reach the requested constraints' dual values (whole cone blocks); none, without
+        probing, where no multiplier is requested (a non-DPP program is recompiled, and its map rebuilt, per x)."""
+        if not requested:
+            return []
         ids = {self.problem.inner.constraints[o.constraint].id for o in requested}
         rows, start = [], 0
         for constraint in self.param_prob.constraints:
