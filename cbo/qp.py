@@ -82,10 +82,10 @@ DENSE_MAP_LIMIT = 200_000
 # Dense programs with at least this many variables, constant P and A and P positive definite solve K_S in
 # range-space form (P factored once, then the Schur complement A_S P^-1 A_S^T per active set: at n = 1000,
 # about 4x cheaper than an LU of K_S); smaller ones factor K_S whole.
-RANGE_SPACE_MIN = 200
+RANGE_SPACE_MIN = 50
 # Dense factorizations of K_S with this many rows run on one BLAS thread (_blas_threads).
 SINGLE_THREAD_SIZES = (64, 2000)
-_THREADPOOLS = None
+_BLAS_LIBRARIES = None
 # A multiplier or slack below -SIGN_TOL (equilibrated, relative units) is a sign the polish contradicts.
 SIGN_TOL = 1e-9
 # K_S counts as singular below this reciprocal condition number (of its equilibrated form).
@@ -160,17 +160,25 @@ class _Factor:
 @contextlib.contextmanager
 def _blas_threads(size: int):
     """One BLAS thread for a mid-sized dense factorization: with several threads, OpenBLAS's LU of a
-    140-600-row matrix stalled for ~0.1 s on a busy 2-core machine (no speed-up to lose at these sizes)."""
+    140-600-row matrix stalled for ~0.1 s on a busy 2-core machine (no speed-up to lose at these sizes).
+    threadpoolctl finds the BLAS libraries once; their thread counts are then set directly (its ``limit``
+    context re-inspects every library on each entry, ~10 us)."""
     if not SINGLE_THREAD_SIZES[0] <= size <= SINGLE_THREAD_SIZES[1]:
         yield
         return
-    global _THREADPOOLS
-    if _THREADPOOLS is None:
+    global _BLAS_LIBRARIES
+    if _BLAS_LIBRARIES is None:
         from threadpoolctl import ThreadpoolController
 
-        _THREADPOOLS = ThreadpoolController()
-    with _THREADPOOLS.limit(limits=1, user_api="blas"):
+        _BLAS_LIBRARIES = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    threads = [lib.get_num_threads() for lib in _BLAS_LIBRARIES]
+    for lib in _BLAS_LIBRARIES:
+        lib.set_num_threads(1)
+    try:
         yield
+    finally:
+        for lib, count in zip(_BLAS_LIBRARIES, threads):
+            lib.set_num_threads(count)
 
 
 def _factor(K) -> _Factor:
@@ -353,9 +361,9 @@ def _range_space_factor(L: np.ndarray, W: np.ndarray, P: np.ndarray, A_S: np.nda
     n = L.shape[0]
 
     def solve(rhs: np.ndarray) -> np.ndarray:
-        u = la.solve_triangular(L, rhs[:n], lower=True, check_finite=False)
+        u = la.lapack.dtrtrs(L, rhs[:n], lower=1)[0]
         omega = d * la.lapack.dpotrs(C, d * (W_S.T @ u - rhs[n:]), lower=1)[0]
-        z = la.solve_triangular(L, u - W_S @ omega, lower=True, trans="T", check_finite=False)
+        z = la.lapack.dtrtrs(L, u - W_S @ omega, lower=1, trans=1)[0]
         return np.concatenate([z, omega])
 
     def matvec(v: np.ndarray) -> np.ndarray:
@@ -524,7 +532,7 @@ class QPProgram:
                 with _blas_threads(self.n):
                     L, info = la.lapack.dpotrf(P, lower=1)
                 if info == 0:
-                    L = np.tril(L)
+                    L = np.asfortranarray(np.tril(L))  # LAPACK's layout: dtrtrs solves without a copy
                     self._range_space = (L, la.solve_triangular(L, A.T, lower=True, check_finite=False))
         return self._range_space or None
 
