@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 import cbo  # noqa: E402
-from figures import save_figures, table  # noqa: E402
+from problems.figures import save_figures, table  # noqa: E402
 from problems import graph_learning as gl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

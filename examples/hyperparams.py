@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cbo  # noqa: E402
-from figures import save_figures, table  # noqa: E402
+from problems.figures import save_figures, table  # noqa: E402
 from problems import hyperparams as hp  # noqa: E402
 
 OUTPUT = Path(__file__).parent / "output"

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cbo  # noqa: E402
-from figures import save_figures  # noqa: E402
+from problems.figures import save_figures  # noqa: E402
 from problems import qp_families as qp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

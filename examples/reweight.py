@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cbo  # noqa: E402
-from figures import save_figures, table  # noqa: E402
+from problems.figures import save_figures, table  # noqa: E402
 from problems import reweight  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cbo  # noqa: E402
-from figures import save_figures  # noqa: E402
+from problems.figures import save_figures  # noqa: E402
 from problems import toy_llc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

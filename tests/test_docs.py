@@ -31,8 +31,9 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def _load_figures():
-    """examples/figures.py, the record of the figures the documentation quotes."""
-    spec = importlib.util.spec_from_file_location("figures", ROOT / "examples" / "figures.py")
+    """problems/figures.py, the record of the figures the documentation quotes (loaded alone: without the
+    imports of the problems package)."""
+    spec = importlib.util.spec_from_file_location("figures", ROOT / "problems" / "figures.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,7 +57,6 @@ def test_every_page_is_there_and_in_the_nav():
 @pytest.mark.parametrize("page", [p.name for p in PAGES if python_blocks(p)])
 def test_page_code_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # the examples import figures.py beside them
     monkeypatch.setenv("CBO_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace: dict = {"__name__": "__docs__"}
@@ -117,7 +117,7 @@ def test_site_builds_strict(tmp_path):
 
 def test_every_marked_figure_is_the_one_its_script_printed():
     """Each figure marked ``value<!--script.key-->`` in README.md and docs/*.md equals the stored output of
-    its script (examples/results/script.json). To update: python examples/figures.py --run."""
+    its script (results/script.json beside the script). To update: python -m problems.figures --run [script]."""
     assert FIGURES.marks((ROOT / "README.md").read_text()), "README.md quotes no marked figure"
     assert not FIGURES.drift(), "\n".join(FIGURES.drift())
 
@@ -125,13 +125,14 @@ def test_every_marked_figure_is_the_one_its_script_printed():
 def test_figure_marks_are_read_and_rewritten(tmp_path):
     results, page = tmp_path / "results", tmp_path / "page.md"
     results.mkdir()
-    (results / "demo.json").write_text(json.dumps({"figures": {"a.b": "-0.25", "n": "3"}, "varies": []}))
+    (results / "demo.json").write_text(json.dumps({"command": ["examples/demo.py"], "figures": {"a.b": "-0.25", "n": "3"},
+                                                  "varies": []}))
     page.write_text("| F -0.2712<!--demo.a.b--> | (n = 2–4<!--demo.n-->) | 5.0<!--demo.gone--> |")
     assert FIGURES.marks(page.read_text()) == [("demo.a.b", "-0.2712"), ("demo.n", "4"), ("demo.gone", "5.0")]
-    assert len(FIGURES.drift([page], results)) == 3
-    assert FIGURES.rewrite([page], results) == 2
+    assert len(FIGURES.drift([page], [results])) == 3
+    assert FIGURES.rewrite([page], [results]) == 2
     assert page.read_text() == "| F -0.25<!--demo.a.b--> | (n = 2–3<!--demo.n-->) | 5.0<!--demo.gone--> |"
-    assert FIGURES.drift([page], results) == ["page.md: demo.gone is marked but no script records it"]
+    assert FIGURES.drift([page], [results]) == ["page.md: demo.gone is marked but no script records it"]
 
 
 # Results quoted in the example pages must be marked; these decimals are inputs (settings, data), not results.
@@ -142,7 +143,7 @@ UNQUOTED = re.compile(r"^```.*?^```|\$\$.*?\$\$|\$[^$\n]*\$|`[^`\n]*`|^    .*?$"
 
 def test_every_result_in_the_example_pages_is_marked():
     """No unmarked decimal in README's gallery or docs/examples.md (code and math aside): a result quoted there
-    must be marked (examples/figures.py), or, if it is an input, listed in INPUTS."""
+    must be marked (problems/figures.py), or, if it is an input, listed in INPUTS."""
     readme = (ROOT / "README.md").read_text()
     texts = {"README.md": readme[readme.index("## Gallery"):readme.index("## Use")],
              "docs/examples.md": (DOCS / "examples.md").read_text()}
@@ -152,10 +153,12 @@ def test_every_result_in_the_example_pages_is_marked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(FIGURES.stored()))
+@pytest.mark.parametrize("name", FIGURES.examples())
 def test_example_prints_its_stored_figures(name, tmp_path):
-    """Rerun the example: it prints the stored figures (but those recorded as varying from run to run)."""
-    FIGURES.run_example(name, tmp_path)
+    """Rerun the example: it prints the stored figures (but those recorded as varying from run to run). Only
+    the examples: the benchmarks' results (benchmarks/results/, problems/results/) take minutes to rerun and are
+    mostly timings; the fast test checks their marks against the stored results."""
+    FIGURES.run_script(name, tmp_path)
     fresh, kept = FIGURES.stored(tmp_path)[name], FIGURES.stored()[name]
     steady = set(kept["figures"]) - set(kept["varies"])
     assert {k: fresh["figures"].get(k) for k in steady} == {k: kept["figures"][k] for k in steady}
