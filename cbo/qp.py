@@ -234,6 +234,20 @@ class _PatternLDL:
         self.signs = np.concatenate([np.ones(n), -np.ones(m)])
         self.solver, self.current = None, None
 
+    def analyse(self, P: sp.csr_array, A: sp.csr_array) -> None:
+        """Order and analyse the pattern now (QDLDL's AMD ordering and symbolic factorization, at the
+        compilation), so that the first :meth:`factor` only refactors numerically."""
+        import qdldl
+
+        data = self._upper_values(P, A, np.ones(self.m))
+        self.solver = qdldl.Solver(sp.csc_array((data, self.indices, self.indptr), shape=(self.size, self.size))
+                                   + QUASIDEFINITE_DELTA * sp.diags_array(self.signs), upper=True)
+
+    def _upper_values(self, P: sp.csr_array, A: sp.csr_array, a: np.ndarray) -> np.ndarray:
+        """The stored entries of K(a)'s upper triangle, in the pattern's order."""
+        values = np.concatenate([P.data[self.P_upper], A.data * a[self.A_rows], np.zeros(self.n), a - 1.0])
+        return np.bincount(self.slots, weights=values, minlength=self.indices.size)
+
     def factor(self, P: sp.csr_array, A: sp.csr_array, active_rows: np.ndarray) -> _Factor | None:
         """The factorization of K_S for the QP's rows ``active_rows`` (equalities first), or None where the
         refinement does not converge (K_S near singular) or P and A do not have the pattern analysed."""
@@ -244,8 +258,7 @@ class _PatternLDL:
             return None
         a = np.zeros(self.m)
         a[active_rows] = 1.0
-        values = np.concatenate([P.data[self.P_upper], A.data * a[self.A_rows], np.zeros(n), a - 1.0])
-        data = np.bincount(self.slots, weights=values, minlength=self.indices.size)
+        data = self._upper_values(P, A, a)
         magnitude = np.zeros(size)
         np.maximum.at(magnitude, self.entry_rows, np.abs(data))
         np.maximum.at(magnitude, self.entry_cols, np.abs(data))
@@ -444,7 +457,12 @@ class QPProgram:
         # The equilibration of constant P and A is part of the compilation (:meth:`_scales`).
         self._scales_cache = equilibration(self._P_const, self._A_const) if self._constant_matrices else None
         self._range_space: tuple[np.ndarray, np.ndarray] | bool | None = None
-        self._pattern: _PatternLDL | None = None  # sparse programs: K_S's pattern, analysed at the first factorization
+        # Sparse programs: K_S's pattern, ordered and analysed here where P and A are constant (else at the first
+        # factorization), so that a first call factors numerically only.
+        self._pattern: _PatternLDL | None = None
+        if not self.dense and self._constant_matrices:
+            self._pattern = _PatternLDL(self._P_const, self._A_const)
+            self._pattern.analyse(self._P_const, self._A_const)
         self._solver_state: dict = {}
 
     # ------------------------------------------------------------ data
