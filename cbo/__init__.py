@@ -23,7 +23,8 @@ from .conic import ConeStatus
 from .driver import OPTIMIZERS, History, MinimizeResult, minimize, plot_history
 from .hypergrad import METHODS
 from .approximate import PENALTY_METHODS, UNROLLED_METHODS
-from .hypergrad import ROUTES, HypergradInfo, forget_warm_starts, hypergrad
+from .compiled import forget_warm_starts
+from .hypergrad import ROUTES, HypergradInfo, hypergrad
 from .layer import ArgminLayer, LayerInfo
 from .linsolve import ADJOINT_SOLVERS, SolveInfo
 from .options import OptionIgnoredWarning, Options

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Sequence
@@ -61,7 +60,7 @@ from .inner import DEFAULT_SOLVER_OPTIONS
 from .kkt import curvature_check, licq_check
 from .linsolve import SolveInfo, _relative_residual, adjoint_solve
 
-__all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityError", "conic_program"]
+__all__ = ["ConicProgram", "ConicPoint", "ConeStatus", "StrictComplementarityError"]
 
 _SOLVED = ("Solved", "AlmostSolved")
 _KINDS = {"Zero": "zero", "NonNeg": "nonneg", "SOC": "soc", "SvecPSD": "psd", "PSD": "psd", "ExpCone": "exp",
@@ -76,16 +75,6 @@ _TIGHT_TOL, _WEAK_TOL, _ZERO_TOL = 1e-7, 1e-4, 1e-9
 # The reduced K counts as singular where its equilibrated form has a singular value below _SINGULAR of its
 # largest; systems up to _DENSE_CHECK_SIZE are checked densely (an SVD), larger ones by Lanczos.
 _SINGULAR, _DENSE_CHECK_SIZE = 1e-9, 300
-
-
-_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def conic_program(problem) -> "ConicProgram":
-    """The compiled cone program of ``problem`` for the conic route, built on first use and kept."""
-    if problem not in _PROGRAMS:
-        _PROGRAMS[problem] = ConicProgram(problem)
-    return _PROGRAMS[problem]
 
 
 @dataclass

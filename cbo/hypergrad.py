@@ -11,7 +11,6 @@ dimension of x.
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -20,7 +19,8 @@ import torch
 
 from .errors import DegenerateKKTWarning, one_warning_per_category, warn
 from .inner import solve_inner
-from .conic import ConeStatus, conic_program
+from .compiled import compiled
+from .conic import ConeStatus
 from .kkt import ActiveSet, LICQInfo, PolishInfo, curvature_check, kkt_at_solutions, licq_check
 from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .approximate import UNROLLED_METHODS, PENALTY_METHODS, iterative_hypergrad, penalty_hypergrad
@@ -31,13 +31,11 @@ from .qp import GeneralPathNeeded, QPPoint
 from .qp_solvers import QP_SOLVERS
 from .translate import kink_at, kinks
 
-__all__ = ["hypergrad", "HypergradInfo", "Solved", "solve_at", "forget_warm_starts", "METHODS", "ROUTES"]
+__all__ = ["hypergrad", "HypergradInfo", "Solved", "solve_at", "METHODS", "ROUTES"]
 
 TensorLike = torch.Tensor | np.ndarray | float | Sequence[float]
 METHODS = (*ADJOINT_SOLVERS, *UNROLLED_METHODS, *PENALTY_METHODS)
 ROUTES = ("smooth", "conic")
-# The last adjoint vector of each method per problem, to warm-start the next iterative solve.
-_ADJOINT_CACHE: "weakref.WeakKeyDictionary[BilevelProblem, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -126,7 +124,7 @@ def hypergrad(
 
     Solves the inner problem at x, polishes (y*, mu_A, nu) on the KKT system of
     the active set, then solves the adjoint system K v = (d_y F, 0, 0) and
-    returns dF/dx = d_x F - (dR/dx)^T v. On an inner QP (``problem.qp_program``)
+    returns dF/dx = d_x F - (dR/dx)^T v. On an inner QP (``compiled(problem).qp``)
     one factorization of K serves the polish, the checks and the adjoint
     (:mod:`cbo.qp`); elsewhere the KKT operator of :mod:`cbo.kkt` (smooth
     route) or the reduced cone program of :mod:`cbo.conic` (conic route).
@@ -236,7 +234,7 @@ def _warn_if_linear(problem: BilevelProblem) -> None:
 def uses_qp_path(problem: BilevelProblem, method: str | None, solver: str | None, polish_solution: bool) -> bool:
     """Whether a call takes the compiled QP fast path of :mod:`cbo.qp`: the problem compiles to a QP,
     the method is the default or "direct", the solver is one that path calls, and the polish is on."""
-    return (problem.qp_program is not None and method in (None, "direct") and polish_solution
+    return (compiled(problem).qp is not None and method in (None, "direct") and polish_solution
             and (solver is None or solver.upper() in QP_SOLVERS))
 
 
@@ -244,7 +242,7 @@ def uses_qp_path(problem: BilevelProblem, method: str | None, solver: str | None
 
 def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: dict) -> Solved:
     """The compiled QP (:mod:`cbo.qp`): dF/dx = d_x F + theta-map^T (dF/d data), one factorization of K_S."""
-    program = problem.qp_program
+    program = compiled(problem).qp
     point = program.solve([t.detach().cpu().numpy() for t in xs], solver=options.solver,
                           solver_options=options.solver_options, active_tol=options.active_tol,
                           warm_start=options.warm_start)
@@ -306,7 +304,7 @@ def _solve_conic(problem: BilevelProblem, xs, reason: str, options: Options, tim
             f"have ({reason}). The conic route takes the adjoint solvers: {', '.join(ADJOINT_SOLVERS)}.")
     options.warn_ignored(("solver", "active_tol"), "the conic route solves the cone program with Clarabel and "
                          "reads each cone's activity at the polished solution")
-    program = conic_program(problem)
+    program = compiled(problem).conic
     with timed(timings, "inner_solve"):
         point = program.solve([t.detach().cpu().numpy() for t in xs], options.solver_options,
                               options.polish_solution)
@@ -338,7 +336,7 @@ def _adjoint_gradients(problem, op, active, method, options: Options, dF_dx, dF_
     x0 = _warm_start(problem, method, active) if options.warm_start else None
     v, solve_info = adjoint_solve(op, b, method, x0=x0, tol=options.tol, maxiter=options.maxiter,
                                   on_nonconvergence=options.on_nonconvergence)
-    _ADJOINT_CACHE.setdefault(problem, {})[method] = (active.signature, v.detach())
+    compiled(problem).adjoint_warm_starts[method] = (active.signature, v.detach())
     return [gx - gr[0] for gx, gr in zip(dF_dx, op.vjp_x(v))], solve_info
 
 
@@ -441,15 +439,8 @@ def check_kinks(problem: BilevelProblem, xs: Sequence[torch.Tensor], y: np.ndarr
         raise ConicRouteNeeded(f"conic: {kink.atom} is at its kink ({kink.what}) at the inner solution")
 
 
-def forget_warm_starts(problem: BilevelProblem) -> None:
-    """Drop the adjoint vectors and active sets kept from earlier calls on ``problem`` (the next call starts cold)."""
-    _ADJOINT_CACHE.pop(problem, None)
-    if problem.qp_program is not None:
-        problem.qp_program.forget_warm_starts()
-
-
 def _warm_start(problem, method, active: ActiveSet):
-    cached = _ADJOINT_CACHE.get(problem, {}).get(method)
+    cached = compiled(problem).adjoint_warm_starts.get(method)
     if cached is not None and cached[0] == active.signature:
         return cached[1]
     return None

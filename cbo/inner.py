@@ -21,14 +21,16 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cvxpy as cp
 import numpy as np
 from cvxpy.lin_ops import lin_utils
 
 from .errors import InnerSolveError, check_status
-from .problem import BilevelProblem
+
+if TYPE_CHECKING:
+    from .problem import BilevelProblem
 
 __all__ = ["InnerSolution", "solve_inner", "BatchSolver", "DEFAULT_SOLVER", "DEFAULT_SOLVER_OPTIONS"]
 

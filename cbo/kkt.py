@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,9 @@ from torch.func import vmap
 
 from .errors import DegenerateKKTWarning, InaccurateSolutionWarning, warn, warn_weakly_active
 from .linsolve import NullSpaceSystem, equilibrated_solve
-from .problem import BilevelProblem
+
+if TYPE_CHECKING:
+    from .problem import BilevelProblem
 
 __all__ = [
     "ActiveSet", "active_set", "KKTOperator", "EquilibratedKKT", "equilibration", "ConstraintGram", "curvature_check",

@@ -21,7 +21,8 @@ import cvxpy as cp
 import numpy as np
 import torch
 
-from .conic import ConeStatus, conic_program
+from .compiled import compiled
+from .conic import ConeStatus
 from .hypergrad import (ConicRouteNeeded, check_kinks, qp_active_set, qp_licq, qp_polish_info, qp_solve_info,
                         select_route, uses_qp_path)
 from .inputs import broadcast_inputs, item_names, layer_inputs, timed
@@ -284,7 +285,7 @@ class _QPArgminFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layer: ArgminLayer, info_box: list, *inputs):
-        problem, program = layer.problem, layer.problem.qp_program
+        problem, program = layer.problem, compiled(layer.problem).qp
         x, batch_shape = broadcast_inputs(problem, inputs)
         values = [[t[b].cpu().numpy() for t in x] for b in range(x[0].shape[0])]
         points = []
@@ -311,7 +312,7 @@ class _QPArgminFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
-        problem, program = ctx.layer.problem, ctx.layer.problem.qp_program
+        problem, program = ctx.layer.problem, compiled(ctx.layer.problem).qp
         start = time.perf_counter()
         dw = problem.output_cotangent(grad_outputs, len(ctx.points), torch.float64, "cpu").numpy()
         per_item = [program.vjp(point, dw[b]) for b, point in enumerate(ctx.points)]
@@ -331,7 +332,7 @@ class _ConicArgminFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layer, info_box: list, *inputs):
-        problem, program = layer.problem, conic_program(layer.problem)
+        problem, program = layer.problem, compiled(layer.problem).conic
         start = time.perf_counter()
         x, batch_shape = broadcast_inputs(problem, inputs)
         where = item_names(batch_shape)
@@ -353,7 +354,7 @@ class _ConicArgminFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
         layer = ctx.layer
-        problem, program = layer.problem, conic_program(layer.problem)
+        problem, program = layer.problem, compiled(layer.problem).conic
         start = time.perf_counter()
         batch = len(ctx.points)
         dw = problem.output_cotangent(grad_outputs, batch, torch.float64, "cpu")

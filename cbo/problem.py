@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ProblemDefinitionError
-from .qp import compile_qp
+from .compiled import compiled
 from .reformulate import epigraph_reformulation
 from .translate import Env, TorchFn, to_torch
 
@@ -158,8 +158,7 @@ class BilevelProblem:
             o.size for o in self.outputs if o.multiplier and self.smooth_error is not None)
         self.is_linear = bool(self.inner.objective.expr.is_affine()) and all(
             _constraint_is_affine(c) for c in self.inner.constraints)
-        # The compiled QP of the fast path (cbo.qp), or None and why not.
-        self.qp_program, self.qp_reason = _compile_qp_unless_symmetric(self)
+        compiled(self)  # the QP of the fast path, compiled now (cbo.compiled): the first call only moves numbers
 
     @property
     def route(self) -> str:
@@ -328,16 +327,6 @@ def _check_parameters(inner: cp.Problem, parameters) -> list[cp.Parameter]:
         raise ProblemDefinitionError("`parameters` lists the same cp.Parameter twice.")
     _check_constant_values(inner, parameters)
     return parameters
-
-
-def _compile_qp_unless_symmetric(problem: BilevelProblem):
-    """:func:`cbo.qp.compile_qp`, except for symmetric matrix parameters: cvxpy's QP data holds only their
-    upper triangle, which the compiled map does not read yet; the general route takes those problems."""
-    symmetric = [p.name() for p in problem.inner.parameters()
-                 if any(p.attributes.get(a) for a in ("symmetric", "PSD", "NSD"))]
-    if symmetric:
-        return None, f"symmetric matrix parameter(s) {', '.join(symmetric)} (not on the compiled QP path yet)"
-    return compile_qp(problem)
 
 
 def _check_constant_values(inner: cp.Problem, parameters: Sequence[cp.Parameter]) -> None:

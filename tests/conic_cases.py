@@ -207,7 +207,7 @@ def finite_difference_cvxpy(case: NonsmoothCase, direction, h: float = 1e-4) -> 
 def finite_difference_polished(case: NonsmoothCase, direction, h: float = 1e-5) -> float:
     """The same with y* from cbo's polished cone-program solution (accurate to ~1e-14, checked
     against cvxpy's in the tests), so that the quotient's error is O(h^2)."""
-    program = cbo.conic.conic_program(case.problem)
+    program = cbo.compiled.compiled(case.problem).conic
     index = [v.id for v in case.problem.all_variables].index(case.problem.inner_variables[0].id)
 
     def F(sign):

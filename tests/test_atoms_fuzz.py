@@ -41,7 +41,7 @@ import torch
 from cvxpy.atoms.atom import Atom
 
 import cbo
-from cbo.conic import conic_program
+from cbo.compiled import compiled
 from cbo.errors import CboError
 from cbo.translate import Env, to_torch
 
@@ -495,7 +495,7 @@ def classify(name: str) -> tuple[str, str]:
         try:
             problem = cbo.BilevelProblem(inner, [x])
             if problem.route == "conic":
-                conic_program(problem)
+                compiled(problem).conic
         except CboError as err:
             return "refused", re.split(r"[,:(.]", str(err))[0].strip()
     if problem.route == "conic":

@@ -57,7 +57,7 @@ def residual_map_gradients(program, point, grad_y) -> list[np.ndarray]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_reduced_system_matches_the_full_residual_map(name):
     case = CASES[name]()
-    program = cbo.conic.conic_program(case.problem)
+    program = cbo.compiled.compiled(case.problem).conic
     point = program.solve(case.x)
     rng = np.random.default_rng(0)
     grad_y = [rng.standard_normal(v.size) for v in case.problem.all_variables]
@@ -197,7 +197,7 @@ def test_polish_on_the_reduced_system_alone(name, monkeypatch):
     """Newton on the reduced conditions brings Clarabel's solution to ||N||_inf ~ 1e-15 without the full
     residual-map Jacobian; with the reduced step failing, the full one still does (the fallback)."""
     case = CASES[name]()
-    program = cbo.conic.conic_program(case.problem)
+    program = cbo.compiled.compiled(case.problem).conic
 
     def unavailable(*args):
         raise np.linalg.LinAlgError("disabled in this test")

@@ -45,7 +45,7 @@ def test_sparse_factorization(monkeypatch):
     case = random_qp(30, seed=6)
     problem = cbo.BilevelProblem(case.problem.inner, case.problem.parameters, case.problem.variables,
                                  outer=case.problem.outer)
-    assert not problem.qp_program.dense
+    assert not cbo.compiled.compiled(problem).qp.dense
     case.problem = problem
     grad, info = fast(case)
     assert info.linear_solve.extra["factorization"].startswith("sparse")
@@ -61,7 +61,7 @@ def test_sparse_layer_batch_shares_one_analysed_pattern(monkeypatch):
     monkeypatch.setattr(cbo.qp, "DENSE_LIMIT", 0)
     monkeypatch.setattr(cbo.qp, "DENSE_FILL_LIMIT", 0)
     sparse = cbo.ArgminLayer(case.problem.inner, case.problem.parameters, case.problem.variables)
-    assert dense.problem.qp_program.dense and not sparse.problem.qp_program.dense
+    assert cbo.compiled.compiled(dense.problem).qp.dense and not cbo.compiled.compiled(sparse.problem).qp.dense
     rng = np.random.default_rng(3)
     x = torch.as_tensor(np.stack([case.x[0] + s * rng.standard_normal(30) for s in (0.0, 1.0, 3.0)]))
     r = torch.as_tensor(case.x[1])
@@ -211,7 +211,7 @@ def test_sparse_factorization_of_a_singular_kkt_matrix_hands_over(monkeypatch):
     x, y = cp.Parameter(2), cp.Variable(2)
     inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y[0] <= 0, 2 * y[0] <= 0])
     problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: y.sum())
-    assert not problem.qp_program.dense
+    assert not cbo.compiled.compiled(problem).qp.dense
     with pytest.warns(cbo.DegenerateKKTWarning):
         grad, info = cbo.hypergrad(problem, torch.tensor([1.0, 0.5], dtype=torch.float64), solver="CLARABEL",
                                    return_info=True)
@@ -223,7 +223,7 @@ def test_infeasible_inner_problem_raises_on_the_fast_path():
     x, y = cp.Parameter(2), cp.Variable(2)
     inner = cp.Problem(cp.Minimize(cp.sum_squares(y)), [y >= x, y <= 0])
     problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: y.sum())
-    assert problem.qp_program is not None
+    assert cbo.compiled.compiled(problem).qp is not None
     with pytest.raises(cbo.InnerSolveError, match="infeasible"):
         cbo.hypergrad(problem, torch.tensor([1.0, 1.0]))
 
@@ -239,7 +239,31 @@ def test_non_qp_problems_are_not_compiled():
     x, y = cp.Parameter(3), cp.Variable(3)
     logistic = cp.Problem(cp.Minimize(cp.sum(cp.logistic(y)) + cp.sum_squares(y - x)))
     problem = cbo.BilevelProblem(logistic, [x], [y])
-    assert problem.qp_program is None and "quadratic" in problem.qp_reason
+    compiled = cbo.compiled.compiled(problem)
+    assert compiled.qp is None and "quadratic" in compiled.qp_reason
+
+
+def test_the_compiled_problem_is_shared_and_freed_with_its_problem():
+    """BilevelProblem is a description: its compiled QP (compiled at construction) and the warm starts live in
+    cbo.compiled, shared by hypergrad and the layer's calls, dropped by forget_warm_starts, and freed with the
+    problem (the registry holds it weakly)."""
+    import gc
+    import weakref
+
+    x, y = cp.Parameter(3), cp.Variable(3)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: y.sum())
+    compiled = cbo.compiled.compiled(problem)
+    assert compiled.qp is not None and cbo.compiled.compiled(problem) is compiled
+    assert not any(isinstance(value, cbo.compiled.CompiledProblem) for value in vars(problem).values())
+    cbo.hypergrad(problem, torch.tensor([1.0, -1.0, 2.0]))
+    assert compiled.qp._last_active  # the active set is kept for the next call
+    cbo.forget_warm_starts(problem)
+    assert not compiled.qp._last_active
+    alive = weakref.ref(problem)
+    del problem, compiled
+    gc.collect()
+    assert alive() is None
 
 
 def test_layer_on_the_fast_path_passes_gradcheck():
