@@ -681,10 +681,12 @@ class QPProgram:
         d_theta += self._b.transpose(d_b)
         v_rows = np.zeros(self.m)
         v_rows[rows] = v_omega
-        i, j = self._A_pos
-        d_theta += self._A.transpose(point.lam[i] * v_z[j] - v_rows[i] * point.z[j])
-        i, j = self._P_pos
-        d_theta += self._P.transpose(-v_z[i] * point.z[j])
+        if self._A.value is None:  # A moves with theta (a constant map's cotangent is the dropped last entry)
+            i, j = self._A_pos
+            d_theta += self._A.transpose(point.lam[i] * v_z[j] - v_rows[i] * point.z[j])
+        if self._P.value is None:
+            i, j = self._P_pos
+            d_theta += self._P.transpose(-v_z[i] * point.z[j])
         return self._split(d_theta, point.lifted)
 
     def _split(self, d_theta: np.ndarray, graph: "_LiftedGraph | None") -> list[np.ndarray]:
