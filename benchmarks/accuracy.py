@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import cbo
+from problems.figures import save_figures
 
 N_RHS_PARAMETERS = 10
 ACTIVE_FRACTION = 0.4
@@ -358,6 +359,23 @@ def write_markdown(path: Path, args, checks: list[str], fd_lines: list[str], row
     path.write_text("\n".join(text))
 
 
+def quoted_figures(results: list[MethodResult]) -> tuple[dict[str, str], list[str]]:
+    """The figures README quotes (problems/figures.py), and those that vary from run to run: per size and
+    method the error against the exact hypergradient, the iterations and backward / inner solve time; and the
+    largest error of all."""
+    figures, varies = {}, []
+    for r in results:
+        key = f"n{r.n}.{r.method}"
+        figures[f"{key}.iterations"] = "n/a" if r.iterations is None else str(r.iterations)
+        figures[f"{key}.vs_exact"] = f"{r.exact_error:.1e}" if np.isfinite(r.exact_error) else "n/a"
+        figures[f"{key}.backward_over_inner"] = (f"{r.backward_over_inner:.2f}×" if np.isfinite(r.backward_over_inner)
+                                                 else "n/a")
+        varies += [f"{key}.vs_exact", f"{key}.backward_over_inner"]
+    errors = [r.exact_error for r in results]
+    figures["vs_exact_max"] = f"{max(errors):.1e}" if np.isfinite(errors).all() else "n/a"  # n/a: a method failed
+    return figures, varies + ["vs_exact_max"]
+
+
 # ---------------------------------------------------------------- main
 
 def describe_reference(data: QPData, reference: Reference, exact: Reference) -> str:
@@ -392,6 +410,7 @@ def main():
     args = parse_args()
     start = time.perf_counter()
     rows: list[list[str]] = []
+    results: list[MethodResult] = []
     checks: list[str] = []
     fd_lines: list[str] = []
     progress = tqdm(total=len(args.sizes) * len(cbo.ADJOINT_METHODS), desc="hypergrad runs", unit="run")
@@ -409,7 +428,8 @@ def main():
         problem = make_bilevel(data)
         for method in cbo.ADJOINT_METHODS:
             progress.set_postfix_str(f"n={n}: {method}")
-            rows.append(format_row(run_method(problem, data, reference, exact, method)))
+            results.append(run_method(problem, data, reference, exact, method))
+            rows.append(format_row(results[-1]))
             progress.update()
     progress.close()
     runtime = time.perf_counter() - start
@@ -417,6 +437,7 @@ def main():
     print(plain_table(rows))
     write_markdown(OUTPUT, args, checks, fd_lines, rows, runtime)
     print(f"\nTotal runtime {runtime:.1f} s. Markdown table written to {OUTPUT}.")
+    print(f"figures quoted by the documentation: {save_figures(__file__, *quoted_figures(results))}")
     if args.nonsmooth_and_conic:
         import conic_accuracy  # benchmarks/ is on sys.path when this script runs
 

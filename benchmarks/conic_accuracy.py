@@ -25,6 +25,7 @@ Run:  python benchmarks/conic_accuracy.py
 """
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import cbo  # noqa: E402
 from conic_cases import (ALL_CASES, directional, finite_difference_cvxpy, finite_difference_polished,  # noqa: E402
                          symmetric_direction)
+from problems.figures import save_figures, slug  # noqa: E402
 
 CVXPYLAYERS_ARGS = dict(solve_method="Clarabel", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
 OUTPUT = Path(__file__).resolve().parent / "output" / "conic_accuracy.md"
@@ -58,11 +60,27 @@ def relative(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-12)
 
 
+def quoted_figures(errors: dict[str, dict[str, float | None]]) -> dict[str, str]:
+    """The figures docs/conic.md and README quote (problems/figures.py): per problem the relative errors against
+    FD (polished) of cbo, cbo on the conic route and cvxpylayers ("failed" where it raised), their extremes, and
+    cvxpylayers' version."""
+    figures = {f"{slug(case)}.{method}": "failed" if error is None else f"{error:.1e}"
+               for case, row in errors.items() for method, error in row.items()}
+    ours = [row[m] for row in errors.values() for m in ("cbo", "conic")]
+    theirs = [row["cvxpylayers"] for row in errors.values() if row["cvxpylayers"] is not None]
+    figures["cbo_max"] = f"{max(ours):.1e}"
+    figures["cvxpylayers_version"] = importlib.metadata.version("cvxpylayers")
+    if theirs:
+        figures["cvxpylayers_min"], figures["cvxpylayers_max"] = f"{min(theirs):.1e}", f"{max(theirs):.1e}"
+    return figures
+
+
 def main() -> None:
     torch.set_num_threads(1)
     rows = ["| problem | cbo route | FD (polished) | FD (cvxpy) vs polished | cbo vs FD (polished) | cbo vs FD (cvxpy) "
             "| cbo, conic route forced, vs FD (polished) | cvxpylayers vs FD (polished) | cvxpylayers vs FD (cvxpy) |",
             "|---|---|---|---|---|---|---|---|---|"]
+    errors: dict[str, dict[str, float | None]] = {}
     for build in ALL_CASES:
         case = build()
         direction = symmetric_direction(case.problem)
@@ -73,9 +91,11 @@ def main() -> None:
         ours = directional(grad, direction)
         polished = finite_difference_polished(case, direction)
         plain = finite_difference_cvxpy(case, direction)
+        errors[case.name] = {"cbo": relative(ours, polished), "conic": relative(conic, polished), "cvxpylayers": None}
         try:
             theirs = cvxpylayers_directional(case, direction)
             theirs_errors = f"{relative(theirs, polished):.1e} | {relative(theirs, plain):.1e}"
+            errors[case.name]["cvxpylayers"] = relative(theirs, polished)
         except Exception as err:  # report, do not stop the table
             theirs_errors = f"failed ({type(err).__name__}: {str(err)[:60]}) | failed"
         route = "conic" if info.route.startswith("conic") else \
@@ -87,6 +107,9 @@ def main() -> None:
     print(table)
     OUTPUT.parent.mkdir(exist_ok=True)
     OUTPUT.write_text(table + "\n")
+    figures = quoted_figures(errors)
+    # all vary (round-off); no arguments: accuracy.py --nonsmooth-and-conic calls this main too
+    print(f"figures quoted by the documentation: {save_figures(__file__, figures, figures, arguments=[])}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ at n = 400 one is at every lam tried, hence the DegenerateKKTWarning), L1-regula
 regression, soft-margin SVM, an SOCP with cp.SOC, an SDP (min tr(CX) + 0.1 ||X||_F^2,
 X >> 0, tr X = 1, C a symmetric k x k parameter) and maximum entropy with cp.ExpCone.
 The smooth-route problems (lasso, logistic, SVM) are forced onto the conic route with
-``cbo.conic.conic_program(problem)``.
+``cbo.compiled.compiled(problem).conic``.
 
 Run:  python benchmarks/conic_adjoint.py [--quick] [--repeats 5]
 Writes benchmarks/output/conic_adjoint.md (the command that made it in its last line).
@@ -69,6 +69,7 @@ from cbo.cones import projection_jacobian  # noqa: E402
 from cbo.conic import _TIGHT_TOL, ConicPoint, ConicProgram  # noqa: E402
 from cbo.linsolve import adjoint_solve  # noqa: E402
 from conic_cases import NonsmoothCase, entropy, l1_logistic, lasso, sdp, socp, svm  # noqa: E402
+from problems.figures import save_figures, slug  # noqa: E402
 
 METHODS = ("direct", "cg", "minres")
 OUTPUT = ROOT / "benchmarks" / "output"
@@ -208,7 +209,7 @@ def solve_times(program: ConicProgram, x: list[np.ndarray], repeats: int) -> dic
 
 def measure(case: Case, repeats: int) -> Result:
     built = case.build()
-    program = cbo.conic.conic_program(built.problem)
+    program = cbo.compiled.compiled(built.problem).conic
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", cbo.CboWarning)
         point = program.solve(built.x)
@@ -261,6 +262,35 @@ def tables(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def quoted_figures(results: list[Result]) -> tuple[dict[str, str], list[str]]:
+    """The figures docs/conic.md quotes (problems/figures.py) and those that vary from run to run: per problem
+    n + m, the times (ms) and speed-ups of the peer and each method, the iterations, the differences from the
+    peer and the forward solve's speed-up; over the problems their ranges."""
+    figures: dict[str, str] = {}
+    for r in results:
+        key = slug(r.case)
+        solve_x = r.phases["solve: residual-map polish"] / r.phases["solve: reduced polish"]
+        figures.update({f"{key}.size": str(r.n + r.m), f"{key}.peer_ms": ms(r.peer), f"{key}.solve_x": f"{solve_x:.2f}×"})
+        for method in METHODS:
+            figures.update({f"{key}.{method}_ms": ms(r.times[method]),
+                            f"{key}.{method}_x": f"{r.peer / r.times[method]:.2f}×",
+                            f"{key}.{method}_diff": f"{r.differences[method]:.1e}"})
+        figures.update({f"{key}.cg_it": str(r.iterations["cg"]), f"{key}.minres_it": str(r.iterations["minres"])})
+    speedups = {m: [r.peer / r.times[m] for r in results] for m in METHODS}
+    solves = [r.phases["solve: residual-map polish"] / r.phases["solve: reduced polish"] for r in results]
+    ranges = {**{f"{m}_x": speedups[m] for m in METHODS}, "solve_x": solves,
+              "cg_it": [r.iterations["cg"] for r in results], "minres_it": [r.iterations["minres"] for r in results]}
+    for name, values in ranges.items():
+        unit = "" if name.endswith("_it") else "×"
+        spec = "d" if name.endswith("_it") else ".2f"  # as the table's "x" columns
+        figures[f"all.{name}_min"], figures[f"all.{name}_max"] = (f"{min(values):{spec}}{unit}",
+                                                                  f"{max(values):{spec}}{unit}")
+    figures["all.diff_max"] = f"{max(max(r.differences.values()) for r in results):.0e}"
+    figures["all.direct_diff_max"] = f"{max(r.differences['direct'] for r in results):.0e}"
+    steady = {key for key in figures if key.endswith((".size", "_it", "_it_min", "_it_max"))}
+    return figures, sorted(set(figures) - steady)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smallest size of each problem only")
@@ -268,19 +298,29 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    results = []
+    results, failures = [], {}
     for case in cases():
         if args.quick and not case.quick:
             continue
-        results.append(measure(case, args.repeats))
-        print(f"{case.name}: done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    table = tables(results)
+        try:
+            results.append(measure(case, args.repeats))
+        except Exception as err:  # noqa: BLE001 - a problem that fails is a result: listed under the tables
+            failures[case.name] = f"{type(err).__name__}: {err}"
+        print(f"{case.name}: {'failed' if case.name in failures else 'done'} ({time.perf_counter() - start:.0f} s)",
+              file=sys.stderr, flush=True)
+    table = tables(results) + "".join(f"\n\nFailed: {name}: {why}" for name, why in failures.items())
     footer = (f"\n\n`python benchmarks/conic_adjoint.py{' --quick' if args.quick else ''} --repeats {args.repeats}`: "
-              f"{len(results)} problems, torch {torch.__version__}, numpy {np.__version__}, "
+              f"{len(results)} problems, {len(failures)} failed, torch {torch.__version__}, numpy {np.__version__}, "
               f"total {time.perf_counter() - start:.0f} s.")
     print(table + footer)
     OUTPUT.mkdir(exist_ok=True)
     (OUTPUT / "conic_adjoint.md").write_text(table + footer + "\n")
+    if args.quick:
+        print("figures not saved for the documentation, which quotes a full run (without --quick)")
+    else:
+        figures, varies = quoted_figures(results)
+        figures.update({"all.problems": str(len(results) + len(failures)), "all.failed": str(len(failures))})
+        print(f"figures quoted by the documentation: {save_figures(__file__, figures, varies)}")
 
 
 if __name__ == "__main__":

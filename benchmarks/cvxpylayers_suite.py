@@ -20,16 +20,19 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from problems.figures import save_figures
+
 TEST_FILE = "tests/test_torch.py"
 ORIGINAL_IMPORT = "from cvxpylayers.torch import CvxpyLayer"
 SWAPPED_IMPORT = "from cbo import ArgminLayer as CvxpyLayer"
 
 
 def read_test_file(repo: Path) -> tuple[str, str]:
-    """The text of cvxpylayers' torch tests and the commit it comes from ("work tree" if not known)."""
+    """The text of cvxpylayers' torch tests and the commit it comes from ("unknown" for a work tree outside git)."""
     path = repo / TEST_FILE
     if path.exists():
-        return path.read_text(), "work tree"
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return path.read_text(), head.stdout.strip() or "unknown"
     show = subprocess.run(["git", f"--git-dir={repo}", "show", f"HEAD:{TEST_FILE}"], capture_output=True, text=True)
     if show.returncode != 0:
         raise SystemExit(f"{repo} has no {TEST_FILE} (neither a cvxpylayers work tree nor its git directory).")
@@ -75,6 +78,8 @@ def main() -> None:
         print(f"  {outcome:8s} {name}{'  -- ' + why if why and outcome != 'passed' else ''}")
     counts = {o: sum(1 for r, _ in results.values() if r == o) for o in ("passed", "failed", "error", "skipped")}
     print(", ".join(f"{n} {o}" for o, n in counts.items()) + f" of {len(results)}")
+    figures = {"commit": commit, "total": str(len(results)), **{o: str(n) for o, n in counts.items()}}
+    print(f"figures quoted by the documentation (docs/layer.md): {save_figures(__file__, figures, ['commit'])}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ r"""The QP fast path (cbo/qp.py) against its targets: one hypergradient should c
 
 Measures the targets of the issue "Fast path: compile the inner problem once"
 and prints markdown tables (also written to benchmarks/output/fast_path.md).
-Every ratio is against peers measured in the SAME run, interleaved with cbo.
+Every ratio is against peers measured in the SAME run, in alternating blocks of calls.
 
 Sections (``--sections``, default all four):
 
@@ -60,9 +60,15 @@ leaves the active sets unchanged), fresh each call; cbo still
 tries the previous active set first (and pays for the failed try), as it would
 in use.
 
-How it is timed. Within a sequence, call k runs every method on the same input,
-one after the other in an order rotated at every call (interleaved), each
-timed with time.perf_counter; tables show medians. The mode column also
+How it is timed. A sequence's inputs are split into blocks of ``--block``
+consecutive calls (default 10). In each block every method runs the block's
+inputs back to back, as an outer loop calls its hypergradient, in an order
+rotated at every block; so the methods alternate, and a change of load on the
+machine reaches all of them. Each call is timed with time.perf_counter; tables
+show medians. (With ``--block 1`` every call alternates with the peers' calls,
+which leaves cbo's small-n calls to run with cold CPU caches: at n = 10 a
+cbo call then takes about 1.5x as long, a MOREAU call about as long, which
+no outer loop sees.) The mode column also
 gives the CPU cores other processes used meanwhile (busy ticks from /proc/stat
 minus this process's): on a small shared machine their load slows every method
 (OpenBLAS's threaded LU stalls for ~0.1 s on a busy 2-core machine). One warm-up call per method
@@ -117,6 +123,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import cbo  # noqa: E402
 from cvxpylayers.torch import CvxpyLayer  # noqa: E402
+from problems.figures import commit, save_figures, significant  # noqa: E402
 from qp_solvers import local_rows  # noqa: E402
 from vs_cvxpylayers import ForeignLoad, QPData, build_inner, make_qp, qp_around_optimum, reference_gradient  # noqa: E402,E501
 
@@ -221,6 +228,50 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b)) / norm if norm else float(np.linalg.norm(a - b))
 
 
+# ---------------------------------------------------------------- figures the documentation quotes
+
+# docs/speed.md and README's Speed section quote these (problems/figures.py), filled by the sections and saved by
+# main; all of them are timings or measured on timed calls, so all vary from run to run.
+QUOTED: dict[str, str] = {}
+MODE_KEYS = {"outer-loop steps": "steps", "independent x": "independent", "independent q": "independent",
+             "independent x, warm starts forgotten": "forgotten"}
+VERSIONS = ("torch", "cvxpy", "cvxpylayers", "moreau", "daqp", "clarabel", "qdldl")
+
+
+def quote(prefix: str, **figures: str) -> None:
+    """Record figures for the documentation as "prefix.name"."""
+    QUOTED.update({f"{prefix}.{name}": value for name, value in figures.items()})
+
+
+def in_ms(value: float | None) -> str:
+    """Seconds as milliseconds, 3 significant digits ("n/a" where there is no value)."""
+    return "n/a" if value is None or not np.isfinite(value) else significant(1e3 * value)
+
+
+def quoted_ratio(a: float | None, b: float | None) -> str:
+    """ratio(a, b) as the tables print it ("2.33×"), "n/a" where there is none."""
+    text = ratio(a, b)
+    return "n/a" if text == "—" else text
+
+
+def rest_share(samples: list[Sample]) -> str:
+    """The share of cbo's wall time outside the phases of info.timings (outer F, its gradient, bookkeeping), in %."""
+    wall = sum(s.total for s in samples)
+    known = sum(float(s.info.timings.get(phase, 0.0)) for s in samples for phase in PHASES)
+    return f"{100 * (wall - known) / wall:.0f}" if wall else "n/a"
+
+
+def quote_run(code: str, started_load: float, minutes: float) -> None:
+    """The run itself: the commit of its code, the versions, the load average at its start and its length; and
+    the targets the tables are read against."""
+    quote("run", commit=code, load=f"{started_load:.1f}", minutes=f"{minutes:.0f}",
+          python=platform.python_version())
+    quote("target", over_solve=f"{TARGET_OVER_SOLVE:g}×", backward_share=f"{100 * TARGET_BWD_OVER_FWD:.0f}")
+    for package in VERSIONS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            quote("version", **{package: importlib.metadata.version(package)})
+
+
 # ---------------------------------------------------------------- interleaved sequences
 
 @dataclass
@@ -302,35 +353,38 @@ def warm_up(methods: list[Method], value) -> None:
         method.warmup = time.perf_counter() - start
 
 
-def run_sequence(methods: list[Method], inputs: list, budget: float, bar: tqdm, label: str) -> float:
-    """Call k runs every method on inputs[k] in a rotated order. A method sits out once its next call
-    (predicted by its median so far) would take it past ``budget`` seconds; it always runs the first
+def run_sequence(methods: list[Method], inputs: list, budget: float, bar: tqdm, label: str, block: int) -> float:
+    """The inputs in blocks of ``block`` consecutive calls: in each block every method (in a rotated order)
+    runs the block's inputs back to back, as an outer loop calls its hypergradient, and the methods' blocks
+    alternate, so that a change of load on the machine reaches all of them. A method sits out once its next
+    call (predicted by its median so far) would take it past ``budget`` seconds; it always runs the first
     call. Stops early when every method sits out. Returns the cores other processes used meanwhile."""
     for method in methods:
         method.samples, method.spent = [], 0.0
     bar.set_description(label)
     with ForeignLoad() as load:
-        _run_calls(methods, inputs, budget, bar)
+        _run_calls(methods, inputs, budget, bar, block)
     return load.cores
 
 
-def _run_calls(methods: list[Method], inputs: list, budget: float, bar: tqdm) -> None:
-    for k, value in enumerate(inputs):
-        order = methods[k % len(methods):] + methods[: k % len(methods)]
+def _run_calls(methods: list[Method], inputs: list, budget: float, bar: tqdm, block: int) -> None:
+    for start in range(0, len(inputs), block):
+        rotation = (start // block) % len(methods)
         ran = False
-        for method in order:
-            if method.samples and method.spent + method.median() > budget:
-                continue
-            if method.disabled or (len(method.errors) >= 3 and not method.samples):
-                continue
-            ran = True
-            sample = invoke(method, value, k)
-            if sample is not None:
-                method.samples.append(sample)
-                method.spent += sample.total
-        bar.update(1)
+        for method in methods[rotation:] + methods[:rotation]:
+            for k in range(start, min(start + block, len(inputs))):
+                if method.samples and method.spent + method.median() > budget:
+                    break
+                if method.disabled or (len(method.errors) >= 3 and not method.samples):
+                    break
+                ran = True
+                sample = invoke(method, inputs[k], k)
+                if sample is not None:
+                    method.samples.append(sample)
+                    method.spent += sample.total
+        bar.update(min(block, len(inputs) - start))
         if not ran:
-            bar.update(len(inputs) - k - 1)
+            bar.update(max(0, len(inputs) - start - block))
             break
 
 
@@ -501,7 +555,7 @@ def section_dense(args, bar: tqdm) -> list[str]:
         for mode, inputs in (("outer-loop steps", walk), ("independent x", fresh)):
             cg_errors = []
             try:
-                load = run_sequence(methods, inputs, args.budget, bar, f"dense n={n} {mode}")
+                load = run_sequence(methods, inputs, args.budget, bar, f"dense n={n} {mode}", args.block)
                 best = fastest([p for p in methods if p.name in PEERS])
                 # cbo default against the general route, on about 12 of the inputs (not timed).
                 for s in ours.samples[:: max(1, len(ours.samples) // 12)]:
@@ -522,6 +576,12 @@ def section_dense(args, bar: tqdm) -> list[str]:
                 grad_rows.append([n, mode, *(f"{sci(med)} / {sci(mx)}" for med, mx, _ in errors),
                                   f"{sci(max(cg_errors))} ({len(cg_errors)} calls)" if cg_errors else "—",
                                   f"{construction * 1e3:.1f} ms"])
+                moreau = peers[PEERS.index("MOREAU")]
+                quote(f"dense.n{n}_{MODE_KEYS[mode]}", cbo=in_ms(ours.median()), moreau=in_ms(moreau.median()),
+                      ratio=quoted_ratio(moreau.median(), ours.median()), solve=in_ms(bare.median()),
+                      over_solve=quoted_ratio(ours.median(), bare.median()), rest_share=rest_share(ours.samples),
+                      moreau_error=sci(errors[PEERS.index("MOREAU")][1]).replace("—", "n/a"),
+                      cg_error=sci(max(cg_errors)) if cg_errors else "n/a")
                 notes += sequence_notes(f"n={n}, {mode}", methods, errors, peers)
             except Exception as err:  # noqa: BLE001
                 timing_rows.append([n, mode, error_text(err)] + [""] * 9)
@@ -601,7 +661,7 @@ def section_layer(args, bar: tqdm) -> list[str]:
         for mode, qs in (("outer-loop steps", walk), ("independent q", fresh)):
             try:
                 inputs = [(q, r_batch) for q in qs]
-                load = run_sequence(methods, inputs, args.budget, bar, f"layer n={n} {mode}")
+                load = run_sequence(methods, inputs, args.budget, bar, f"layer n={n} {mode}", args.block)
                 best = fastest(peers)
                 fwd, bwd = ours.median("forward"), ours.median("backward")
                 timing_rows.append([
@@ -633,6 +693,12 @@ def section_layer(args, bar: tqdm) -> list[str]:
                 errors = [peer_errors(ours, p) for p in peers]
                 grad_rows.append([n, mode, *(f"{sci(med)} / {sci(mx)}" for med, mx, _ in errors), reference_error,
                                   f"{construction:.2f} s"])
+                moreau = peers[PEERS.index("MOREAU")]
+                quote(f"layer.n{n}_{MODE_KEYS[mode]}", cbo_forward=in_ms(fwd), cbo_backward=in_ms(bwd),
+                      moreau_forward=in_ms(moreau.median("forward")), moreau_backward=in_ms(moreau.median("backward")),
+                      ratio=quoted_ratio(moreau.median(), ours.median()),
+                      backward_share=f"{100 * bwd / fwd:.1f}" if fwd and bwd is not None else "n/a",
+                      reference_error=reference_error if reference_error[0].isdigit() else "n/a")
                 notes += sequence_notes(f"n={n}, {mode}", methods, errors, peers)
             except Exception as err:  # noqa: BLE001
                 timing_rows.append([n, mode, error_text(err)] + [""] * 9)
@@ -673,7 +739,7 @@ def section_svm(args, bar: tqdm) -> list[str]:
         bare = bare_solve_method("cvxpy+Clarabel", twin.problem.inner, twin.problem.parameters, solver="CLARABEL")
         methods = [ours, bare]
         warm_up(methods, x0)
-        program = problem.qp_program
+        program = cbo.compiled.compiled(problem).qp
         shape = (f"{program.n} QP variables, {program.m} rows" if program is not None
                  else "not compiled to a QP")
     except Exception as err:  # noqa: BLE001
@@ -690,7 +756,7 @@ def section_svm(args, bar: tqdm) -> list[str]:
         try:
             if mode.endswith("forgotten"):
                 methods[0] = ours = forgetful
-            load = run_sequence(methods, inputs, args.budget, bar, f"svm {mode}")
+            load = run_sequence(methods, inputs, args.budget, bar, f"svm {mode}", args.block)
             infos = [s.info for s in ours.samples]
             solves = [i.timings["inner_solve"] for i in infos if i.timings.get("inner_solve", 0) > 0]
             own_solve = statistics.median(solves) if solves else None
@@ -703,6 +769,8 @@ def section_svm(args, bar: tqdm) -> list[str]:
                          counts(i.path for i in infos)])
             cells = phase_cells(ours.samples, rest="outer F + rest")
             phase_rows.append([mode, *(cells.get(c, "—") for c in (*PHASES, "outer F + rest")), seconds(ours.median())])
+            quote(f"svm.{MODE_KEYS[mode]}", cbo=in_ms(ours.median()), solve=in_ms(bare.median()),
+                  over_solve=quoted_ratio(ours.median(), bare.median()))
             notes += [f"{mode}: {m.note()}" for m in methods if m.note()]
             for m in methods:
                 m.errors.clear()
@@ -796,6 +864,10 @@ def scale_child(n: int, seed: int, pattern: str = "banded") -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
     warnings.simplefilter("ignore")
+    # torch starts its autograd engine at the first backward pass of a process (~2 ms, the same for any
+    # torch code): one tiny backward here, so that the first hypergradient's time is cbo's.
+    warm = torch.zeros(1, requires_grad=True)
+    torch.autograd.grad(2 * warm.sum(), warm)
     rng = np.random.default_rng(seed + n)
     data = SCALE_PATTERNS[pattern](n, 1, rng)
     w = torch.as_tensor(rng.standard_normal(n))
@@ -808,7 +880,7 @@ def scale_child(n: int, seed: int, pattern: str = "banded") -> None:
         result["skipped"] = f"construction {result['construct']:.0f} s > {CONSTRUCTION_LIMIT:.0f} s"
         report()
         return
-    program = problem.qp_program
+    program = cbo.compiled.compiled(problem).qp
     result["qp"] = f"{program.n} vars, {program.m} rows" if program is not None else "not a QP"
     q, r = torch.as_tensor(data.q[0]), torch.as_tensor(data.r[0])
 
@@ -859,6 +931,17 @@ def scale_child(n: int, seed: int, pattern: str = "banded") -> None:
         q0 = torch.as_tensor(data.q[0])
         result["hypergrad_traced"] = traced_peak(lambda: cbo.hypergrad(problem, [q0, r]))
         report()
+
+
+def quote_scale(res: dict[str, Any]) -> None:
+    """The figures of one size of the scale section (ms, MB; construction in s)."""
+    t, mb = res.get("fresh_timings", {}), (lambda v: "n/a" if v is None else f"{v / 2**20:.1f}")
+    quote(f"scale.n{res['n']}", bare=in_ms(res.get("bare")), fresh=in_ms(res.get("fresh")),
+          **{phase: in_ms(t.get(phase)) for phase in ("inner_solve", "polish", "adjoint_solve")},
+          over_solve=quoted_ratio(res.get("fresh"), t.get("inner_solve")),
+          over_bare=quoted_ratio(res.get("fresh"), res.get("bare")), step=in_ms(res.get("step")),
+          rss_bare=mb(res.get("bare_rss")), rss_cbo=mb(res.get("hypergrad_rss")),
+          construct="n/a" if res.get("construct") is None else significant(res["construct"], 2))
 
 
 def section_scale(args, bar: tqdm) -> list[str]:
@@ -915,6 +998,7 @@ def section_scale(args, bar: tqdm) -> list[str]:
                             ratio(res.get("hypergrad_traced"), res.get("bare_traced"))])
         if res.get("rss_note"):
             notes.append(res["rss_note"])
+        quote_scale(res)
     out = [f"## 4. scale: the sparse QP (batch 1, {args.scale_pattern} sparsity pattern), one x, each size in a "
            "child process", "",
            "construct = cbo.BilevelProblem (one-time); cvxpy compile = get_problem_data(CLARABEL) of a second "
@@ -953,6 +1037,8 @@ def parse_args(argv=None):
                         help="seconds per method and sequence before it sits out (default 30; --quick 4)")
     parser.add_argument("--scale-budget", type=float, default=None,
                         help="seconds for the scale section (default 300; --quick 60)")
+    parser.add_argument("--block", type=int, default=10,
+                        help="consecutive calls per method before the next method runs (default 10; see the docstring)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale-pattern", choices=sorted(SCALE_PATTERNS), default="banded",
                         help="sparsity of the scale section's QPs: banded (local coupling, a sparse LU) or random "
@@ -974,7 +1060,7 @@ def main(argv=None) -> None:
     if args.scale_child is not None:
         scale_child(args.scale_child, args.seed, args.scale_pattern)
         return
-    started = time.perf_counter()
+    started, load, code = time.perf_counter(), os.getloadavg()[0], commit()
     units = {"dense": 2 * args.repeats * len(args.dense_sizes), "layer": 2 * args.repeats * len(args.layer_sizes),
              "svm": 3 * args.repeats, "scale": len(args.scale_sizes)}
     sections = [s for s in SECTIONS if s in args.sections]
@@ -982,7 +1068,8 @@ def main(argv=None) -> None:
     lines = ["# cbo QP fast path: hypergradient and layer cost against cvxpylayers and the bare solve", "",
              *machine_lines(),
              f"- run: {' '.join(sys.argv[1:]) or '(defaults)'}; sections {', '.join(sections)}; "
-             f"{args.repeats} calls per sequence, budget {args.budget:.0f} s per method and sequence, seed {args.seed}"]
+             f"{args.repeats} calls per sequence in blocks of {args.block}, budget {args.budget:.0f} s per method and "
+             f"sequence, seed {args.seed}"]
     with tqdm(total=sum(units[s] for s in sections), unit="call", dynamic_ncols=True) as bar:
         for name in sections:
             try:
@@ -996,6 +1083,11 @@ def main(argv=None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
     print(f"written to {args.output}")
+    if args.quick or len(sections) < len(SECTIONS):
+        print("figures not saved for the documentation, which quotes a full run (every section, without --quick)")
+        return
+    quote_run(code, load, (time.perf_counter() - started) / 60)
+    print(f"figures quoted by the documentation: {save_figures(__file__, QUOTED, varies=QUOTED)}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cbo  # noqa: E402
 from fast_path import machine_lines  # noqa: E402
 from problems import data_cleaning_svm, svm_per_sample, toy_llc  # noqa: E402
+from problems.figures import commit as code_commit, save_figures, slug  # noqa: E402
 
 REPOSITORY = "SUSTech-Optimization/LV-HBA"
 MIRROR = Path("/work/.mirror/SUSTech-Optimization+LV-HBA/repo")
@@ -409,13 +410,16 @@ def _time_to(run: dict, key: str, target: float) -> float | None:
     return next((t for t, v in zip(run["time"], run[key]) if v <= target), None)
 
 
-def svm_table(runs: dict) -> list[str]:
-    """Per seed and on average: final F / 15, test accuracy, wall time; the time each cbo configuration took to
-    reach a peer's final F / 15."""
-    lines = ["| seed | method | F/15 (their 'val loss') | F/15 at y*(c) | test acc | val acc | evaluations | time (s) "
-             "| time for cbo to reach this F/15 (s): defaults; task settings |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    rows: dict[str, list] = {name: [] for name in runs}
+SVM_COLUMNS = {  # the columns of svm_table after seed and method: name, format
+    "F15": ".3f", "F15_exact": ".3f", "test_acc": ".3f", "val_acc": ".3f", "evaluations": ".0f", "seconds": ".2f",
+    "reach_defaults": ".3f", "reach_task": ".3f"}
+
+
+def svm_rows(runs: dict) -> list[dict[str, Any]]:
+    """Per seed and on average, per method: final F / 15 (theirs as printed; F / 15 at y*(c) for cbo, and at
+    y*(c0) for LV-HBA, whose c stays c0), test and validation accuracy, evaluations, wall time, and for a peer the
+    time each cbo configuration took to reach its final F / 15 (None: never, or not a peer)."""
+    rows, per_method = [], {name: [] for name in runs}
     for seed, ours in runs["cbo"].items():
         for name in runs:
             r = runs[name][seed]
@@ -423,54 +427,153 @@ def svm_table(runs: dict) -> list[str]:
             exact = final if name in CBO_CONFIGS else ours["at_c0"]["val_loss"] if name == "LV-HBA" else None
             reach = [None] * 2 if name in CBO_CONFIGS else [_time_to(runs[c][seed], "val_loss", final)
                                                             for c in CBO_CONFIGS]
-            count = r["steps"] if name in CBO_CONFIGS else len(r["time"])
-            rows[name].append((final, exact, r["test_acc"][-1], r["val_acc"][-1], count, r["time"][-1], *reach))
-            label = f"{name} ({r['optimizer']})" if name in CBO_CONFIGS else name
-            lines.append(f"| {seed} | {label} | {final:.3f} | {_fmt(exact)} | {r['test_acc'][-1]:.3f} | "
-                         f"{r['val_acc'][-1]:.3f} | {count} | {r['time'][-1]:.2f} | "
-                         f"{'' if name in CBO_CONFIGS else '; '.join(_fmt(t) for t in reach)} |")
-    for name, values in rows.items():
-        cols = list(zip(*values))
-        reach = "" if name in CBO_CONFIGS else "; ".join(_fmt(_mean_or_none(c)) for c in cols[6:])
-        lines.append(f"| mean | **{name}** | {_mean(cols[0]):.3f} | {_fmt(_mean_or_none(cols[1]))} | "
-                     f"{_mean(cols[2]):.3f} | {_mean(cols[3]):.3f} | {_mean(cols[4]):.0f} | {_mean(cols[5]):.2f} | "
-                     f"{reach} |")
+            row = dict(seed=seed, method=name, label=f"{name} ({r['optimizer']})" if name in CBO_CONFIGS else name,
+                       optimizer=r.get("optimizer"),
+                       F15=final, F15_exact=exact, test_acc=r["test_acc"][-1], val_acc=r["val_acc"][-1],
+                       evaluations=r["steps"] if name in CBO_CONFIGS else len(r["time"]), seconds=r["time"][-1],
+                       reach_defaults=reach[0], reach_task=reach[1])
+            rows.append(row)
+            per_method[name].append(row)
+    for name, seeds in per_method.items():
+        rows.append(dict(seed="mean", method=name, label=f"**{name}**",
+                         **{column: _mean_or_none([row[column] for row in seeds]) for column in SVM_COLUMNS}))
+    return rows
+
+
+def svm_table(runs: dict) -> list[str]:
+    """The rows of :func:`svm_rows` as a markdown table, and cbo's early stops."""
+    lines = ["| seed | method | F/15 (their 'val loss') | F/15 at y*(c) | test acc | val acc | evaluations | time (s) "
+             "| time for cbo to reach this F/15 (s): defaults; task settings |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in svm_rows(runs):
+        cells = [_fmt(row[column], spec) for column, spec in SVM_COLUMNS.items()]
+        reach = "" if row["method"] in CBO_CONFIGS else f"{cells[6]}; {cells[7]}"
+        lines.append(f"| {row['seed']} | {row['label']} | {' | '.join(cells[:6])} | {reach} |")
     stops = [f"{name}, seed {seed}: {r['stop']}" for name in CBO_CONFIGS for seed, r in runs[name].items() if r["stop"]]
     return lines + ([""] + [f"- {stop}" for stop in stops] if stops else [])
 
 
-def cleaning_notes(runs: dict, as_is: int) -> list[str]:
-    """The data-cleaning checks: same split, flips and c0 as GAM; their LV-HBA as it is; the flip AUCs."""
+def svm_figures(experiment: str, runs: dict) -> dict[str, str]:
+    """The table's cells as figures, "<experiment>.<seed or mean>.<method>.<column>", and what the page derives
+    from them: LV-HBA's mean time over cbo's (task settings), the range of LV-HBA's F / 15 at y*(c0) over its
+    printed F / 15 (SVM tasks), the number of cbo's early stops."""
+    rows, prefix = svm_rows(runs), slug(experiment)
+    figures = {f"{prefix}.{row['seed']}.{slug(row['method'])}.{column}": _fmt(row[column], spec)
+               for row in rows for column, spec in SVM_COLUMNS.items()
+               if not (column.startswith("reach") and row["method"] in CBO_CONFIGS)}
+    figures.update({f"{prefix}.{row['seed']}.{slug(row['method'])}.optimizer": slug(row["optimizer"])
+                    for row in rows if row["method"] in CBO_CONFIGS and row["seed"] != "mean"})
+    means = {row["method"]: row for row in rows if row["seed"] == "mean"}
+    figures[f"{prefix}.speedup_task"] = f"{means['LV-HBA']['seconds'] / means['cbo, task settings']['seconds']:.0f}×"
+    if experiment.startswith("svm"):  # F / 15 > 0 there, so the ratio reads as "times"
+        ratios = [row["F15_exact"] / row["F15"] for row in rows if row["method"] == "LV-HBA" and row["seed"] != "mean"]
+        figures[f"{prefix}.lvhba_exact_over_printed_min"] = f"{min(ratios):.1f}"
+        figures[f"{prefix}.lvhba_exact_over_printed_max"] = f"{max(ratios):.1f}"
+    figures[f"{prefix}.cbo_stops"] = str(sum(1 for name in CBO_CONFIGS for r in runs[name].values() if r["stop"]))
+    return figures
+
+
+def cleaning_checks(runs: dict, as_is: int) -> dict[str, Any]:
+    """The data-cleaning checks: GAM's first F/15 and cbo's F(c0)/15 per seed (same split, flips and c0), the
+    epochs their LV-HBA completes as it is, the flip AUC of each cbo configuration per seed."""
     seeds = list(runs["cbo"])
-    same = ", ".join(f"{runs['GAM'][s]['val_loss'][0]:.5f} vs {runs['cbo'][s]['at_c0']['val_loss']:.5f}" for s in seeds)
+    return dict(first=[(runs["GAM"][s]["val_loss"][0], runs["cbo"][s]["at_c0"]["val_loss"]) for s in seeds],
+                seed=seeds[0], as_is=as_is,
+                flip_auc={config: [r["flip_auc"] for r in runs[config].values()] for config in CBO_CONFIGS})
+
+
+def cleaning_notes(checks: dict[str, Any]) -> list[str]:
+    """:func:`cleaning_checks` as the lines under the data-cleaning table."""
+    same = ", ".join(f"{gam:.5f} vs {ours:.5f}" for gam, ours in checks["first"])
     auc = [f"- {config}: flip AUC (P(c_i < c_j), i flipped, j clean; 0.5 = no detection) per seed "
-           + ", ".join(f"{r['flip_auc']:.3f}" for r in runs[config].values()) for config in CBO_CONFIGS]
+           + ", ".join(f"{value:.3f}" for value in values) for config, values in checks["flip_auc"].items()]
     return [f"- GAM's first F/15 (at y*(c0), by ECOS) vs cbo's F(c0)/15, per seed: {same}",
-            f"- their data-cleaning LV-HBA as it is (ECOS at abstol = reltol = feastol = 2) completed {as_is} epochs "
-            f"for seed {seeds[0]}; the runs above use the ECOS call commented out under it (abstol = reltol = 2e-3)",
-            *auc, ""]
+            f"- their data-cleaning LV-HBA as it is (ECOS at abstol = reltol = feastol = 2) completed "
+            f"{checks['as_is']} epochs for seed {checks['seed']}; the runs above use the ECOS call commented out "
+            "under it (abstol = reltol = 2e-3)", *auc, ""]
+
+
+def cleaning_figures(checks: dict[str, Any]) -> dict[str, str]:
+    """:func:`cleaning_checks` as figures: the largest difference of the first F/15, the epochs as it is, the
+    flip AUCs "cleaning.flip_auc.<config>.<seed index from 1>"."""
+    figures = {"cleaning.c0_agreement": f"{max(abs(gam - ours) for gam, ours in checks['first']):.0e}",
+               "cleaning.as_is_epochs": str(checks["as_is"])}
+    for config, values in checks["flip_auc"].items():
+        figures.update({f"cleaning.flip_auc.{slug(config)}.{i}": f"{v:.3f}" for i, v in enumerate(values, 1)})
+    return figures
+
+
+TOY_COLUMNS = {"final": ".2e", "best": ".2e", "iterations": "d", "seconds": ".3f", "reach": ".3f"}
+EPS_COLUMNS = {"final": ".2e", "vs_closed_form": ".1e", "F_gap": ".2e", "evaluations": "d", "seconds": ".3f"}
+
+
+def toy_rows(runs: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per run, their fun(1500) and each cbo configuration (final and best ||x - x*|| / ||x*||, iterations, time,
+    cbo's time to LV-HBA's best error); per Tikhonov weight eps, cbo's final error, its distance to the closed
+    form t(eps) e, F - F*, evaluations, time and warnings."""
+    rows = []
+    for seed, theirs in runs["LV-HBA"].items():
+        rows.append(dict(seed=seed, method="LV-HBA", label="LV-HBA", final=theirs["x_error"][-1],
+                         best=min(theirs["x_error"]), iterations=len(theirs["time"]), seconds=theirs["time"][-1],
+                         reach=None))
+        for config in CBO_CONFIGS:
+            ours = runs[config][seed]
+            rows.append(dict(seed=seed, method=config, label=f"{config} ({ours['optimizer']}), eps = {toy_llc.EPS:g}",
+                             optimizer=ours["optimizer"],
+                             final=ours["x_error"][-1], best=min(ours["x_error"]), iterations=ours["steps"],
+                             seconds=ours["time"][-1], reach=_time_to(ours, "x_error", min(theirs["x_error"]))))
+    eps_rows = [dict(eps=eps, final=r["x_error"][-1], vs_closed_form=r["x_error_vs_regularized"],
+                     F_gap=r["F"] - r["F_star"], evaluations=r["steps"], seconds=r["time"][-1],
+                     warnings=", ".join(r["warnings"]) or "-") for eps, r in runs["eps"].items()]
+    return rows, eps_rows
 
 
 def toy_tables(runs: dict) -> list[str]:
-    """Their fun(1500) and cbo per run; then cbo's final error for each Tikhonov weight eps."""
+    """The rows of :func:`toy_rows` as two markdown tables."""
+    rows, eps_rows = toy_rows(runs)
     lines = ["| run | method | final ‖x − x*‖ / ‖x*‖ | best on the way | iterations | time (s) "
              "| cbo's time to LV-HBA's best error (s) |", "|---|---|---|---|---|---|---|"]
-    for seed, theirs in runs["LV-HBA"].items():
-        lines.append(f"| {seed} | LV-HBA | {theirs['x_error'][-1]:.2e} | {min(theirs['x_error']):.2e} | "
-                     f"{len(theirs['time'])} | {theirs['time'][-1]:.3f} | |")
-        for config in CBO_CONFIGS:
-            ours = runs[config][seed]
-            reach = _time_to(ours, "x_error", min(theirs["x_error"]))
-            lines.append(f"| {seed} | {config} ({ours['optimizer']}), eps = {toy_llc.EPS:g} | "
-                         f"{ours['x_error'][-1]:.2e} | {min(ours['x_error']):.2e} | {ours['steps']} | "
-                         f"{ours['time'][-1]:.3f} | {_fmt(reach)} |")
+    for row in rows:
+        reach = "" if row["method"] == "LV-HBA" else _fmt(row["reach"])
+        lines.append(f"| {row['seed']} | {row['label']} | "
+                     + " | ".join(_fmt(row[c], spec) for c, spec in TOY_COLUMNS.items() if c != "reach")
+                     + f" | {reach} |")
     lines += ["", "| eps | final ‖x − x*‖ / ‖x*‖ | max abs(x − t(eps) e), closed form | F − F* "
               "| evaluations | time (s) | warnings |", "|---|---|---|---|---|---|---|"]
-    for eps, r in runs["eps"].items():
-        lines.append(f"| {eps:g} | {r['x_error'][-1]:.2e} | {_fmt(r['x_error_vs_regularized'], '.1e')} | "
-                     f"{r['F'] - r['F_star']:.2e} | {r['steps']} | {r['time'][-1]:.3f} | "
-                     f"{', '.join(r['warnings']) or '-'} |")
+    for row in eps_rows:
+        lines.append(f"| {row['eps']:g} | " + " | ".join(_fmt(row[c], spec) for c, spec in EPS_COLUMNS.items())
+                     + f" | {row['warnings']} |")
     return lines
+
+
+def toy_figures(runs: dict) -> dict[str, str]:
+    """The tables' cells as figures, "toy.<run>.<method>.<column>" and "toy.eps_<eps>.<column>" (eps as in
+    1e_04), and what the page derives from them: the iteration of LV-HBA's best error, cbo's final error over eps
+    (the regularization's bias, per eps and its range)."""
+    rows, eps_rows = toy_rows(runs)
+    figures = {f"toy.{row['seed']}.{slug(row['method'])}.{column}": _fmt(row[column], spec)
+               for row in rows for column, spec in TOY_COLUMNS.items()}
+    figures.update({f"toy.{row['seed']}.{slug(row['method'])}.optimizer": slug(row["optimizer"])
+                    for row in rows if row["method"] in CBO_CONFIGS})
+    bias = {}
+    for row in eps_rows:
+        key = "toy.eps_" + slug(f"{row['eps']:.0e}")
+        figures.update({f"{key}.{column}": _fmt(row[column], spec) for column, spec in EPS_COLUMNS.items()})
+        figures[f"{key}.warnings"] = row["warnings"].replace(", ", "+") if row["warnings"] != "-" else "none"
+        if row["eps"] > 0:
+            bias[key] = row["final"] / row["eps"]
+            figures[f"{key}.bias_over_eps"] = f"{bias[key]:.2f}"
+    figures["toy.bias_over_eps_min"], figures["toy.bias_over_eps_max"] = (f"{min(bias.values()):.2f}",
+                                                                        f"{max(bias.values()):.2f}")
+    first = next(iter(runs["LV-HBA"].values()))
+    figures["toy.lvhba_best_iteration"] = str(int(np.argmin(first["x_error"])) + 1)
+    return figures
+
+
+def varying(figures: dict[str, str]) -> list[str]:
+    """The figures that change from run to run: times (their scripts' and cbo's) and the run's own details."""
+    return [key for key in figures if key.split(".")[-1] in ("seconds", "reach_defaults", "reach_task", "reach")
+            or ".speedup" in key or key.startswith("run.")]
 
 
 COLORS = {"cbo": "tab:blue", "cbo, task settings": "tab:purple", "LV-HBA": "tab:orange", "GAM": "tab:green"}
@@ -555,6 +658,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message="You are solving a parameterized problem that is not DPP")  # evaluate()
 
     repository, commit = extract_repository(args.lvhba)
+    code, their_seconds = code_commit(), []
     head = [f"# LV-HBA's experiments side by side with cbo", "",
             f"- their code: github.com/{REPOSITORY} at commit {commit}, run by the wrapper of "
             "benchmarks/lvhba_side_by_side.py", *machine_lines(),
@@ -565,17 +669,23 @@ def main(argv=None) -> None:
             *([f"- cbo code: {args.code} ({Path(cbo.__file__).parent})"] if args.code else []),
             ""]
     lines, record = list(head), dict(commit=commit, machine=machine_lines(), experiments={})
+    figures = {"run.their_commit": commit, "run.commit": code, "run.load": f"{os.getloadavg()[0]:.1f}"}
     try:
         for experiment in args.experiments:
             if experiment == "toy":
                 runs = toy_experiment(args.seeds, repository, args.peer_path)
                 lines += [f"## {experiment}", "", *toy_tables(runs), ""]
+                figures.update(toy_figures(runs))
                 plot_toy(runs, IMAGES / "lvhba_toy.png")
             else:
                 runs = svm_experiment(experiment, args.seeds, repository, args.peer_path)
                 lines += [f"## {experiment}", "", *svm_table(runs), ""]
+                figures.update(svm_figures(experiment, runs))
+                their_seconds += [r["time"][-1] for peer in PEERS[experiment] for r in runs[peer.name].values()]
                 if experiment == "cleaning":
-                    lines += cleaning_notes(runs, as_is_epochs(args.seeds[0], repository, args.peer_path))
+                    checks = cleaning_checks(runs, as_is_epochs(args.seeds[0], repository, args.peer_path))
+                    lines += cleaning_notes(checks)
+                    figures.update(cleaning_figures(checks))
                 plot_svm(experiment, runs, IMAGES / f"lvhba_{experiment.replace('-', '_')}.png")
             record["experiments"][experiment] = plain_runs(runs)
             print("\n".join(lines[-40:]), flush=True)
@@ -585,6 +695,12 @@ def main(argv=None) -> None:
     (OUTPUT / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (OUTPUT / f"{args.name}.json").write_text(json.dumps(record, indent=1, default=float))
     print(f"wrote {OUTPUT / args.name}.md/.json and the plots in {IMAGES}")
+    if args.experiments != parser.get_default("experiments") or args.seeds != parser.get_default("seeds"):
+        print("figures not saved for the documentation, which quotes a run of every experiment and seed")
+        return
+    figures["run.their_seconds_min"], figures["run.their_seconds_max"] = (f"{min(their_seconds):.1f}",
+                                                                        f"{max(their_seconds):.1f}")
+    print(f"figures quoted by the documentation: {save_figures(__file__, figures, varying(figures))}")
 
 
 if __name__ == "__main__":

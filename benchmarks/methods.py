@@ -34,7 +34,8 @@ whole call): this excludes autograd bookkeeping and is slow (the profiler record
 every op).
 
 Run:  python benchmarks/methods.py [--n 30] [--seed 0] [--quick] [--repeats 3] [--profile-memory]
-Writes benchmarks/output/methods.md and benchmarks/output/routes.png.
+Writes benchmarks/output/methods.md and benchmarks/output/methods.png; without --quick also the page's copy
+docs/img/methods.png and the figures docs/methods.md quotes (benchmarks/results/methods.json).
 """
 from __future__ import annotations
 
@@ -59,8 +60,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import cbo  # noqa: E402
 from builders import dense_kkt_hypergrad, random_qp  # noqa: E402
+from problems.figures import save_figures, significant  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parent / "output"
+DOCS_IMAGE = ROOT / "docs" / "img" / "methods.png"  # the figure of docs/methods.md (full runs only)
 IMPLICIT = ("direct", "cg", "minres", "fixed_point", "neumann")
 ERROR_FLOOR = 1e-16  # plotted in place of an exact zero (the reference against itself)
 MEMORY_FLOOR = 0.5e3  # bytes: heap growth below this is plotted here ("at most the resolution")
@@ -383,6 +386,46 @@ def plot(rows: list[Row], path: Path, n: int, n_params: int, sweeps: dict) -> No
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- figures the documentation quotes
+
+def quoted_figures(rows: list[Row]) -> dict[str, str]:
+    """The figures docs/methods.md quotes (problems/figures.py): per row its error, differentiation time (ms)
+    and heap peak (kB); per family the range of times; the contraction factors; the reverse-mode memory per step;
+    the quadratic penalty's error times rho and its ratio to the augmented Lagrangian's at the largest rho; the
+    largest heap peak of the implicit methods."""
+    ok = [r for r in rows if not r.failure and not math.isnan(r.diff_time)]
+    figures = {}
+    for r in ok:
+        key = f"{r.family}.{r.method if r.family == 'implicit' else _sweep_key(r)}"
+        figures.update({f"{key}.error": f"{r.error:.1e}", f"{key}.ms": significant(1e3 * r.diff_time, 2),
+                        f"{key}.kB": f"{r.heap_peak / 1e3:.0f}" if not math.isnan(r.heap_peak) else "n/a"})
+    for name, families in {"implicit": ("implicit",), "penalty_and_al": ("penalty", "augmented_lagrangian")}.items():
+        times = [1e3 * r.diff_time for r in ok if r.family in families]
+        figures[f"{name}.ms_min"], figures[f"{name}.ms_max"] = significant(min(times), 2), significant(max(times), 2)
+    implicit = [r for r in ok if r.family == "implicit"]
+    figures["implicit.fastest"] = min(implicit, key=lambda r: r.diff_time).method
+    figures["implicit.error_max"] = f"{max(r.error for r in implicit if r.method != 'direct'):.0e}"
+    figures["implicit.kB_max"] = f"{max(r.heap_peak for r in implicit) / 1e3:.0f}"
+    for family, digits in (("fixed_point", 2), ("reverse", 3)):
+        q = next((_scalar(r.extra.get("contraction_factor")) for r in ok if r.method == family), None)
+        figures[f"{family}.q"] = "n/a" if q is None else f"{q:.{digits}f}"
+    reverse = [r for r in ok if r.family == "reverse"]
+    per_step = np.polyfit([r.sweep for r in reverse], [r.heap_peak for r in reverse], 1)[0]
+    figures["reverse.kB_per_step"] = f"{per_step / 1e3:.0f}"
+    rho = max(r.sweep for r in ok if r.family == "penalty")
+    penalty, al = (next(r for r in ok if r.family == f and r.sweep == rho) for f in ("penalty", "augmented_lagrangian"))
+    figures["penalty.error_times_rho"] = significant(penalty.error * rho, 2)
+    figures["penalty.over_al"] = f"{penalty.error / al.error:.1f}"
+    return figures
+
+
+def _sweep_key(row: Row) -> str:
+    """"T1600", "K25", "rho1e5": the row's sweep value as a key."""
+    if row.family in ("penalty", "augmented_lagrangian"):
+        return f"rho{row.sweep:.0e}".replace("+0", "").replace("+", "")
+    return f"{'K' if row.family == 'truncated' else 'T'}{row.sweep:g}"
+
+
 # ---------------------------------------------------------------- main
 
 def main() -> None:
@@ -447,6 +490,8 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     png = args.output / "methods.png"
     plot(rows, png, args.n, n_params, sweeps)
+    if not args.quick:
+        plot(rows, DOCS_IMAGE, args.n, n_params, sweeps)
     md = [
         "# cbo.hypergrad: error vs cost of every method",
         "",
@@ -473,6 +518,12 @@ def main() -> None:
     ]
     (args.output / "methods.md").write_text("\n".join(md))
     print(f"wrote {args.output / 'methods.md'} and {png}")
+    if args.quick:
+        print("figures not saved for the documentation, which quotes a full run (without --quick)")
+    else:
+        figures = quoted_figures(rows)
+        steady = {key for key in figures if key.endswith(".error") or key.endswith(".q") or key == "penalty.over_al"}
+        print(f"figures quoted by the documentation: {save_figures(__file__, figures, set(figures) - steady)}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ import scipy.sparse.linalg as sla
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from problems.figures import save_figures, slug
+
 OUTPUT = Path(__file__).resolve().parent / "output" / "qp_solvers.md"
 NONZEROS_PER_ROW = 10
 WARM_PERTURBATION = 1e-2      # dq ~ WARM_PERTURBATION * N(0, I) for the warm start's previous solve
@@ -711,6 +713,26 @@ def factor_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def quoted_figures(solver_rows: list, factor_rows: list) -> tuple[dict[str, str], list[str]]:
+    """The figures docs/speed.md quotes (problems/figures.py) and those that vary from run to run (the times):
+    per solver row "solver.<class>_n<n>.<solver>.{setup,cold,warm}" in ms, per factorization row
+    "factor.<class>_n<n>.<method>.{ms,fill}"."""
+    figures, varies = {}, []
+    for r in solver_rows:
+        if not isinstance(r, str):
+            key = f"solver.{r.kind}_n{r.n}.{slug(r.solver)}"
+            times = {"setup": ms(r.setup), "cold": ms(r.cold), "warm": ms(r.warm)}
+            figures.update({f"{key}.{name}": value for name, value in times.items()})
+            varies += [f"{key}.{name}" for name in times]
+    for r in factor_rows:
+        if not isinstance(r, str):
+            key = f"factor.{r.kind}_n{r.n}.{slug(r.method.replace(', + 2 refinement steps', ''))}"
+            figures[f"{key}.ms"] = ms(r.times)
+            figures[f"{key}.fill"] = "n/a" if r.fill is None else f"{r.fill[0] / r.fill[1]:.0%}"
+            varies.append(f"{key}.ms")
+    return {key: "n/a" if value == "-" else value for key, value in figures.items()}, varies
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dense-sizes", type=int, nargs="*", default=[10, 30, 100, 300])
@@ -797,6 +819,7 @@ def run(args):
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(text)
     print(f"written to {OUTPUT}")
+    print(f"figures quoted by the documentation: {save_figures(__file__, *quoted_figures(solver_rows, factor_rows))}")
 
 
 if __name__ == "__main__":

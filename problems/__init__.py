@@ -6,7 +6,9 @@ recommended :func:`cbo.minimize` settings, and a reference answer that a test
 checks the driver reaches. ``size="small"`` is the fast test (seconds);
 ``size="large"`` is the setting used by the module's example in ``examples/``.
 ``problems.bolib`` holds published test problems instead: ``bolib.build(name)``
-for each name of ``bolib.NAMES``.
+for each name of ``bolib.NAMES``. ``problems.figures`` is no task: it keeps the
+figures that README.md and docs/ quote equal to what the examples and the
+benchmarks printed.
 """
 from __future__ import annotations
 

@@ -371,12 +371,14 @@ def build(name: str) -> Instance:
                     reference=reference, data=data)
 
 
-def _compare(names: tuple[str, ...] = NAMES) -> None:
+def _compare(names: tuple[str, ...] = NAMES) -> dict[str, str]:
     """Print, per problem, the published F* and what cbo.minimize reaches with its default optimizer and with
-    projected Adam at lr = 1e-2, steps = 100 (the defaults before the line-search optimizers)."""
+    projected Adam at lr = 1e-2, steps = 100 (the defaults before the line-search optimizers); return the figures
+    docs/driver.md quotes (problems/figures.py), per problem "<name>.<F_star, F, steps, evals, seconds, F_adam>"."""
     import time
     import warnings
 
+    figures = {}
     print(f"{'problem':30s} {'F* published':>13s} {'F default':>13s}  {'x default':24s} {'steps':>5s} "
           f"{'evals':>5s} {'s':>6s} {'F Adam':>13s}")
     for name in names:
@@ -392,7 +394,16 @@ def _compare(names: tuple[str, ...] = NAMES) -> None:
         x = np.array2string(np.atleast_1d(result.x.numpy()), precision=5, separator=", ")
         print(f"{name:30s} {instance.reference['F_star']:13.6g} {result.fun:13.8g}  {x:24s} {result.n_steps:5d} "
               f"{len(result.history):5d} {seconds:6.2f} {adam.fun:13.8g}")
+        figures.update({f"{name}.F_star": f"{instance.reference['F_star']:.6g}", f"{name}.F": f"{result.fun:.6g}",
+                        f"{name}.steps": str(result.n_steps), f"{name}.evals": str(len(result.history)),
+                        f"{name}.seconds": f"{seconds:.2f}", f"{name}.F_adam": f"{adam.fun:.6g}"})
+    return figures
 
 
 if __name__ == "__main__":
-    _compare()
+    from problems.figures import commit, save_figures
+
+    code = commit()  # before the run: the commit whose code ran
+    quoted = {**_compare(), "commit": code}
+    print(f"figures quoted by the documentation: "
+          f"{save_figures(__file__, quoted, [key for key in quoted if key.endswith('seconds')] + ['commit'])}")

@@ -14,8 +14,11 @@ the script and the figure (invisible once rendered)::
     validation utility 0.2961<!--portfolio.cbo.val_utility-->
 
 The value is the run of word characters, ``.``, ``+``, ``-``, ``−``, ``%``,
-``×`` and ``/`` (for ``n/a``) right before the comment: a unit after a space (``542 µs``) is not part
-of it, so a script saves figures in the unit the page's table names.
+``×`` and ``/`` (for ``n/a``) right before the comment: a unit after a space
+(``542 µs``) is not part of it, so a script saves figures in the unit that the
+page's table or sentence names. A script that can also run partially
+(``--quick``, some sections) saves only its full runs, the ones the pages
+quote.
 ``tests/test_docs.py`` checks every marked figure against the stored results
 (fast), and reruns the examples to check that the stored results are what
 they print (``-m slow``; the benchmarks take minutes and mostly measure

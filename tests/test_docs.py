@@ -135,21 +135,37 @@ def test_figure_marks_are_read_and_rewritten(tmp_path):
     assert FIGURES.drift([page], [results]) == ["page.md: demo.gone is marked but no script records it"]
 
 
-# Results quoted in the example pages must be marked; these decimals are inputs (settings, data), not results.
+# Results quoted in these pages must be marked; these decimals are inputs (settings, data), not results.
 INPUTS = {"C = 0.001", "e = 0.5", "γ = 0.05"}
-DECIMAL = re.compile(r"(?<![\w.$\\])(?:[^\s(]+ = )?\d+\.\d+(?:e[-+]?\d+)?(?![\w.+\-−%×]*<!--)")
-UNQUOTED = re.compile(r"^```.*?^```|\$\$.*?\$\$|\$[^$\n]*\$|`[^`\n]*`|^    .*?$", re.S | re.M)
+DECIMAL = re.compile(r"(?<![\w.$\\])(?:[^\s(]+ = )?\d+\.\d+(?:e[-+]?\d+)?(?![\w.+\-−%×/]*<!--)")
+UNQUOTED = re.compile(r"^```.*?^```|\$\$.*?\$\$|\$[^$]+\$|`[^`\n]*`|^    .*?$", re.S | re.M)
+# The pages (or, for README, the sections) that quote what the examples and the benchmarks print.
+QUOTING_PAGES = ("examples.md", "speed.md", "methods.md", "conic.md", "driver.md", "experiments.md", "layer.md")
+QUOTING_README_SECTIONS = (("## Gallery", "## Use"), ("## Speed", None))
 
 
-def test_every_result_in_the_example_pages_is_marked():
-    """No unmarked decimal in README's gallery or docs/examples.md (code and math aside): a result quoted there
-    must be marked (problems/figures.py), or, if it is an input, listed in INPUTS."""
+def quoting_texts() -> dict[str, str]:
+    """{name: text} of README's gallery, Speed and Benchmarks sections and of :data:`QUOTING_PAGES`."""
     readme = (ROOT / "README.md").read_text()
-    texts = {"README.md": readme[readme.index("## Gallery"):readme.index("## Use")],
-             "docs/examples.md": (DOCS / "examples.md").read_text()}
-    unmarked = [(name, number) for name, text in texts.items() for number in DECIMAL.findall(UNQUOTED.sub("", text))
-                if number not in INPUTS]
+    texts = {f"README.md, {start}": readme[readme.index(start):readme.index(end) if end else None]
+             for start, end in QUOTING_README_SECTIONS}
+    return texts | {f"docs/{page}": (DOCS / page).read_text() for page in QUOTING_PAGES}
+
+
+def test_every_result_in_the_quoting_pages_is_marked():
+    """No unmarked decimal in README's gallery, Speed and Benchmarks sections, docs/examples.md and the pages
+    that quote the benchmarks (code and math aside): a result quoted there must be marked (problems/figures.py),
+    or, if it is an input, listed in INPUTS."""
+    unmarked = [(name, number) for name, text in quoting_texts().items()
+                for number in DECIMAL.findall(UNQUOTED.sub("", text)) if number not in INPUTS]
     assert not unmarked, unmarked
+
+
+def test_every_stored_result_is_quoted():
+    """Each results file (an example's or a benchmark's) is quoted by at least one marked figure: no script
+    saves figures that no page shows."""
+    quoted = {key.split(".", 1)[0] for page in FIGURES.PAGES for key, _ in FIGURES.marks(page.read_text())}
+    assert set(FIGURES.stored()) <= quoted, set(FIGURES.stored()) - quoted
 
 
 @pytest.mark.slow
@@ -159,6 +175,6 @@ def test_example_prints_its_stored_figures(name, tmp_path):
     the examples: the benchmarks' results (benchmarks/results/, problems/results/) take minutes to rerun and are
     mostly timings; the fast test checks their marks against the stored results."""
     FIGURES.run_script(name, tmp_path)
-    fresh, kept = FIGURES.stored(tmp_path)[name], FIGURES.stored()[name]
+    fresh, kept = FIGURES.stored([tmp_path])[name], FIGURES.stored()[name]
     steady = set(kept["figures"]) - set(kept["varies"])
     assert {k: fresh["figures"].get(k) for k in steady} == {k: kept["figures"][k] for k in steady}
