@@ -639,7 +639,7 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
     :class:`DegenerateKKTWarning`, naming the variables that the Ritz vector of
     lambda_min (mapped back to y's units) lies in. Returns [(lambda_min, lambda_max)] per item.
     """
-    problem = op.problem
+    problem = getattr(op, "problem", None)  # the conic route's ConeKKT has no user variables to name
     op = op.equilibrated()
     system = NullSpaceSystem(op, torch.zeros_like(op.w.detach()))
     generator = torch.Generator(device="cpu").manual_seed(1)
@@ -673,14 +673,14 @@ def curvature_check(op: KKTOperator, steps: int = 20, tol: float = 1e-9,
     for b, (low, high) in enumerate(extremes):
         if high > 0 and low <= tol * high and op.n_y > int(op.dual_mask[b].sum()):
             d_y = op.d[b, : op.n_y] if isinstance(op, EquilibratedKKT) else 1.0
-            shares = _variables_along(problem, d_y * lowest[b])
-            where_free = ", ".join(f"{name} ({share:.0%})" for name, share in shares)
+            shares = _variables_along(problem, d_y * lowest[b]) if problem is not None else []
+            where_free = ", in variable " + ", ".join(f"{name} ({share:.0%})" for name, share in shares) if shares else ""
             warn(
                 f"{where(b)}The inner solution is not unique: the Lagrangian has (near) zero curvature "
-                f"along a direction the active constraints leave free, in variable {where_free} (reduced "
+                f"along a direction the active constraints leave free{where_free} (reduced "
                 f"Hessian eigenvalue {low:.1e} vs {high:.1e}). y*(x) is not differentiable there; cbo returns "
                 "the minimum-norm derivative. Add a strongly convex term to the inner objective, e.g. "
-                f"eps / 2 * cp.sum_squares({shares[0][0]}) with a small eps.",
+                f"eps / 2 * cp.sum_squares({shares[0][0] if shares else 'y'}) with a small eps.",
                 DegenerateKKTWarning,
             )
     return extremes
