@@ -33,6 +33,7 @@ from .linsolve import ADJOINT_SOLVERS, SolveInfo, adjoint_solve
 from .options import OptionIgnoredWarning, Options, resolve_options, with_solver_args
 from .problem import BilevelProblem
 from .qp import GeneralPathNeeded
+from .qp_batch import BatchedKKT, batched_forward, batched_vjp, uses_batched_path
 
 __all__ = ["ArgminLayer", "LayerInfo"]
 
@@ -281,12 +282,25 @@ class _ArgminFunction(torch.autograd.Function):
 
 class _QPArgminFunction(torch.autograd.Function):
     """The batch on the compiled QP (:mod:`cbo.qp`): each item solved (or its previous active set reused)
-    and factored once in the forward pass; the backward pass is one solve with each item's factorization."""
+    and factored once in the forward pass; the backward pass is one solve with each item's factorization.
+    A batch whose items all keep their active sets is factored and solved as one stack of tensors
+    (:mod:`cbo.qp_batch`) where that pays: on a GPU, or from BATCH_MIN_ITEMS items."""
 
     @staticmethod
     def forward(ctx, layer: ArgminLayer, info_box: list, *inputs):
         problem, program = layer.problem, compiled(layer.problem).qp
         x, batch_shape = broadcast_inputs(problem, inputs)
+        ctx.layer, ctx.batch_shape, ctx.kkt = layer, batch_shape, None
+        ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
+        if uses_batched_path(program, x[0].shape[0], x[0].device, layer.options.warm_start):
+            start = time.perf_counter()
+            kkt = batched_forward(program, x, layer.options.active_tol)
+            if kkt is not None:
+                ctx.kkt, ctx.info = kkt, _batched_info(program, kkt, batch_shape, layer.route_reason,
+                                                       time.perf_counter() - start)
+                info_box.append(ctx.info)
+                w = torch.cat([kkt.z[:, program.y_index], kkt.lam[:, program.mu_index], kkt.lam[:, program.nu_index]], 1)
+                return problem.output_values(w, batch_shape, inputs[0])
         values = [[t[b].cpu().numpy() for t in x] for b in range(x[0].shape[0])]
         points = []
         for b, item in enumerate(values):
@@ -304,8 +318,7 @@ class _QPArgminFunction(torch.autograd.Function):
                          timings=timings, route=layer.route_reason, path="compiled QP",
                          solvers=[p.how for p in points])
         info_box.append(info)
-        ctx.layer, ctx.points, ctx.info, ctx.batch_shape = layer, points, info, batch_shape
-        ctx.input_meta = [(tuple(t.shape), t.dtype, t.device) for t in inputs]
+        ctx.points, ctx.info = points, info
         w = torch.as_tensor(np.stack([np.concatenate([p.y, p.mu, p.nu]) for p in points]), device=x[0].device)
         return problem.output_values(w, batch_shape, inputs[0])
 
@@ -314,6 +327,13 @@ class _QPArgminFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         problem, program = ctx.layer.problem, compiled(ctx.layer.problem).qp
         start = time.perf_counter()
+        if ctx.kkt is not None:
+            dw = problem.output_cotangent(grad_outputs, ctx.kkt.z.shape[0], torch.float64, ctx.kkt.z.device)
+            grads = _input_gradients(batched_vjp(program, ctx.kkt, dw), ctx)
+            ctx.info.linear_solve = SolveInfo("direct", True, 1, float(ctx.kkt.adjoint_residual.max()), 0.0,
+                                              {"factorization": "batched dense LU (torch)"})
+            ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
+            return (None, None, *grads)
         dw = problem.output_cotangent(grad_outputs, len(ctx.points), torch.float64, "cpu").numpy()
         per_item = [program.vjp(point, dw[b]) for b, point in enumerate(ctx.points)]
         grads = _input_gradients(_stacked_items(per_item), ctx)
@@ -366,6 +386,24 @@ class _ConicArgminFunction(torch.autograd.Function):
             grads_multipliers=list(dw[:, problem.n_y:].numpy()))
         ctx.info.timings["adjoint_solve"] = time.perf_counter() - start
         return (None, None, *_input_gradients(_stacked_items(per_item), ctx))
+
+
+def _batched_info(program, kkt: BatchedKKT, batch_shape: tuple, route: str, seconds: float) -> LayerInfo:
+    """The LayerInfo of a batch on the batched path (:mod:`cbo.qp_batch`): every item kept its active set.
+    LICQ's ``conditioning`` there is min/max |U_ii| of the item's LU factors (the active set's full rank
+    was checked when the QP solver found it)."""
+    n_eq, batch = program.n_eq, kkt.z.shape[0]
+    active = kkt.a[:, n_eq:].bool().cpu().numpy()
+    pivots = kkt.lu.diagonal(dim1=1, dim2=2).abs()
+    conditioning = (pivots.amin(dim=1) / pivots.amax(dim=1)).tolist()
+    residuals = kkt.kkt_residual.tolist()
+    rows = [n_eq + int(a.sum()) for a in active]
+    return LayerInfo(batch_shape, [cp.OPTIMAL] * batch,
+                     [ActiveSet(torch.as_tensor(program.entries(np.flatnonzero(a)), dtype=torch.long)) for a in active],
+                     [PolishInfo(1, float("nan"), r, True, "one batched solve on the kept active set") for r in residuals],
+                     [LICQInfo(k, k, c) for k, c in zip(rows, conditioning)], [], residuals,
+                     timings={"inner_solve": 0.0, "polish": seconds}, route=route, path="compiled QP, batched",
+                     solvers=["active set reused"] * batch)
 
 
 def _input_gradients(batched: Sequence[torch.Tensor], ctx) -> list[torch.Tensor]:
