@@ -355,7 +355,7 @@ def _unrolled_or_penalty_gradients(problem, xs, op, method, options: Options):
 
 def qp_active_set(program, point: QPPoint) -> ActiveSet:
     """The fast path's active and weakly active rows as entries of the problem's stacked inequalities."""
-    active = torch.as_tensor(program.entries(np.flatnonzero(point.active)), dtype=torch.long)
+    active = torch.from_numpy(program.entries(np.flatnonzero(point.active)).astype(np.int64))
     if point.weak is None or not point.weak.any():
         return ActiveSet(active)
     weak = [int(i) for i in program.entries(np.flatnonzero(point.weak))]

@@ -49,6 +49,9 @@ __all__ = [
 
 # ---------------------------------------------------------------- active set
 
+_NO_ENTRIES = torch.zeros(0, dtype=torch.long)  # the default of ActiveSet.weakly_active (empty: never written)
+
+
 @dataclass
 class ActiveSet:
     """Which stacked inequality entries are active at one inner solution.
@@ -69,7 +72,7 @@ class ActiveSet:
     """
 
     active: torch.Tensor
-    weakly_active: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    weakly_active: torch.Tensor = field(default_factory=lambda: _NO_ENTRIES)
     labels: dict[int, str] = field(default_factory=dict)
     tol_mu: float = 0.0
     tol_p: float = 0.0

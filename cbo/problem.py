@@ -10,6 +10,7 @@ so that the Lagrangian is ``L = g + mu . p + nu . q``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -193,10 +194,18 @@ class BilevelProblem:
         values.update({v.id: t for v, t in zip(self.all_variables, y)})
         return Env(values, dtype=x[0].dtype, device=x[0].device)
 
+    @functools.cached_property
+    def _y_layout(self) -> list[tuple[int, int, tuple, bool]]:
+        """(start, stop, shape, the user's: not an epigraph variable) of each of ``all_variables`` in y."""
+        added, start, layout = {v.id for v in self.reformulation.variables}, 0, []
+        for v in self.all_variables:
+            layout.append((start, start + v.size, v.shape, v.id not in added))
+            start += v.size
+        return layout
+
     def split_y(self, y_flat: torch.Tensor) -> list[torch.Tensor]:
         """Split the stacked variable vector into tensors shaped like the variables."""
-        sizes = [v.size for v in self.all_variables]
-        return [t.reshape(v.shape) for t, v in zip(torch.split(y_flat, sizes), self.all_variables)]
+        return [y_flat[start:stop].reshape(shape) for start, stop, shape, _ in self._y_layout]
 
     def output_values(self, w: torch.Tensor, batch_shape: Sequence[int], like: torch.Tensor) -> tuple:
         """The outputs (``self.variables``) from a batch of stacked solutions w = (y, mu, nu), (B, n_w): one
@@ -217,8 +226,7 @@ class BilevelProblem:
 
     def user_y(self, y_flat: torch.Tensor) -> list[torch.Tensor]:
         """``split_y`` without the epigraph variables: one tensor per variable of the user's problem."""
-        added = {v.id for v in self.reformulation.variables}
-        return [t for v, t in zip(self.all_variables, self.split_y(y_flat)) if v.id not in added]
+        return [y_flat[start:stop].reshape(shape) for start, stop, shape, users in self._y_layout if users]
 
     def stack(self, blocks: Sequence[ConstraintBlock], env: Env) -> torch.Tensor:
         """All entries of ``blocks`` at ``env``, stacked into one vector."""

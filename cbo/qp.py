@@ -453,6 +453,7 @@ class QPProgram:
         self.row_entry[self.mu_index - self.n_eq] = np.arange(self.mu_index.size)
         # Warm-start state, per batch item: the last active set and, while P and A are constant, its factorization.
         self._last_active: dict[int, np.ndarray] = {}
+        self._try_kept_set: dict[int, bool] = {}  # per item: whether to try the last active set first (solve)
         self._factor_cache: dict[bytes, _Factor] = {}
         # The equilibration of constant P and A is part of the compilation (:meth:`_scales`).
         self._scales_cache = equilibration(self._P_const, self._A_const) if self._constant_matrices else None
@@ -505,6 +506,11 @@ class QPProgram:
         """Solve at parameter values ``x`` (numpy, shaped like the parameters); ``item`` keys the warm start
         (a batch item), ``where`` prefixes warnings ("batch item 3: ").
 
+        The item's previous active set is tried first (one solve with its kept factorization) unless that
+        try has just failed: x then moves by more than keeps active sets (independent inputs, an outer
+        loop's first steps), and the QP solver runs directly; the try resumes once the solver's active set
+        is again the kept one.
+
         Weakly active rows (zero multiplier on a tight constraint: no derivative) are kept inactive, as
         :func:`cbo.kkt.active_set` does, with a :class:`DegenerateKKTWarning`. Raises InnerSolveError
         (infeasible, unbounded, solver failure) and GeneralPathNeeded (a point the fast path cannot
@@ -515,7 +521,7 @@ class QPProgram:
         P, q, A, b = self.data(theta)
         point = None
         last = self._last_active.get(item) if warm_start else None
-        if last is not None:
+        if last is not None and self._try_kept_set.get(item, True):
             point = self._try_active_set(P, q, A, b, last, active_tol, self._scales(P, A, fresh=False))
         solved = time.perf_counter()
         if point is None:
@@ -531,6 +537,8 @@ class QPProgram:
             check_status(status, name)
             solved = time.perf_counter()
             point = self._solved(P, q, A, b, z, lam, name, status, active_tol, self._scales(P, A, fresh=True), where)
+        if point.how != "active set reused":  # the try pays next time if this solve kept the active set
+            self._try_kept_set[item] = last is None or np.array_equal(point.active, last)
         self._last_active[item] = point.active
         point.lifted = graph
         point.y = point.z[self.y_index]
@@ -653,6 +661,7 @@ class QPProgram:
     def forget_warm_starts(self) -> None:
         """Drop the kept active sets and factorizations: the next :meth:`solve` calls the QP solver."""
         self._last_active.clear()
+        self._try_kept_set.clear()
         self._factor_cache.clear()
         self._solver_state.clear()
 

@@ -306,3 +306,35 @@ def test_an_option_the_route_cannot_honour_warns():
         cbo.hypergrad(problem, torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64), solver="OSQP")
     with pytest.warns(cbo.OptionIgnoredWarning, match="active_tol"):
         cbo.ArgminLayer(socp, [x], [y], active_tol=1e-4)
+
+
+def test_daqp_kept_model_without_constraint_rows():
+    """DAQP's model update fails on empty bounds: a QP without rows is solved afresh each time (no state)."""
+    from cbo.qp_solvers import solve_qp
+
+    state = {}
+    for q in (np.array([1.0, -2.0]), np.array([3.0, 0.5])):
+        z, lam, status = solve_qp("DAQP", np.eye(2), q, np.zeros((0, 2)), np.zeros(0), 0, None, state)
+        assert status == cp.OPTIMAL and np.allclose(z, -q) and lam.size == 0
+
+
+def test_failed_try_of_the_kept_active_set_is_skipped_once():
+    """After the kept active set failed at a far x, the next call goes to the solver directly; the try resumes
+    once the solver's active set is the kept one again. Gradients match the general route throughout."""
+    rng = np.random.default_rng(4)
+    n = 6
+    x, y = cp.Parameter(n), cp.Variable(n)
+    G = rng.standard_normal((4, n))
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y) + x @ y), [G @ y <= 0.5])
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: (y ** 2).sum() + y[0])
+    program = cbo.compiled.compiled(problem).qp
+    points = [torch.as_tensor(3 * rng.standard_normal(n)) for _ in range(6)]
+    tried = []
+    for k, value in enumerate([points[0], points[1], points[1] + 1e-4, points[1] + 2e-4, points[2]]):
+        tried.append(program._try_kept_set.get(0, True))
+        g, info = cbo.hypergrad(problem, value, return_info=True)
+        reference = cbo.hypergrad(problem, value, method="cg", tol=1e-12)
+        assert torch.allclose(g, reference, rtol=1e-7, atol=1e-9), k
+    # call 1 (a far x) tried the kept set and failed -> call 2 skips the try; its solver kept the active set
+    # (a tiny step) -> call 3 tries again and reuses it
+    assert tried[1] and not tried[2] and tried[3]

@@ -31,7 +31,7 @@ def solve(P, q, A, b, n_eq, options, state=None):
     upper = np.full(m, 1e30)
     upper[:n_eq] = lower[:n_eq]
     f = np.ascontiguousarray(q, dtype=c_double)
-    if state is None or options:
+    if state is None or options or m == 0:  # DAQP's update fails on empty bounds (IndexError): no state there
         H, A_dense = (np.ascontiguousarray(M.toarray() if sp.issparse(M) else M) for M in (P, A))
         sense = np.zeros(m, dtype=c_int)
         sense[:n_eq] = 5
