@@ -45,7 +45,8 @@ class LayerInfo:
     ``linear_solve`` and the ``adjoint_solve`` timing are filled in by the backward pass.
     ``route`` says which route and why (as :attr:`HypergradInfo.route`); on the conic
     route ``active_sets``, ``licq`` and ``reduced_hessian_extremes`` are empty and
-    ``cones`` holds each item's cone activity.
+    ``cones`` holds each item's cone activity. ``path``: "compiled QP" (:mod:`cbo.qp`, item by item),
+    "compiled QP, batched" (:mod:`cbo.qp_batch`, the batch as one stack of tensors) or "general".
     """
 
     batch_shape: tuple
