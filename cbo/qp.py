@@ -279,7 +279,7 @@ class _PatternLDL:
                 self.current = key
             return self.solver.solve(rhs)
 
-        refined, rcond = _refined_solver(ldl_solve, lambda x: _symmetric_matvec(scaled, x), size)
+        refined, rcond = _refined_solver(ldl_solve, _symmetric_product(scaled, scaled.data[self.diagonal]), size)
         if refined is None:
             return None
         rows = np.asarray(active_rows)
@@ -293,16 +293,20 @@ class _PatternLDL:
             x = d * refined(d * full(rhs))
             return np.concatenate([x[:n], x[n + rows]])
 
+        product = _symmetric_product(upper, upper.data[self.diagonal])
+
         def matvec(v: np.ndarray) -> np.ndarray:
-            y = _symmetric_matvec(upper, full(v))
+            y = product(full(v))
             return np.concatenate([y[:n], y[n + rows]])
 
         return _Factor(solve, rcond, matvec, n + rows.size, "sparse LDL^T (QDLDL, pattern analysed once, refined)")
 
 
-def _symmetric_matvec(upper: sp.csc_array, x: np.ndarray) -> np.ndarray:
-    """K x for the symmetric K whose upper triangle (diagonal included) is ``upper``."""
-    return upper @ x + upper.T @ x - upper.diagonal() * x
+def _symmetric_product(upper: sp.csc_array, diagonal: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """x -> K x for the symmetric K whose upper triangle is ``upper`` and whose diagonal is ``diagonal``
+    (K = U + U^T - diag; the transpose view and the diagonal are formed once, not at every product)."""
+    lower = upper.T
+    return lambda x: upper @ x + lower @ x - diagonal * x
 
 
 def _refined_solver(ldl_solve: Callable[[np.ndarray], np.ndarray], matvec: Callable[[np.ndarray], np.ndarray],
