@@ -455,6 +455,7 @@ class QPProgram:
         # The problem's stacked inequality entry of each inequality row of the QP (-1: a row cvxpy added).
         self.row_entry = np.full(self.m - self.n_eq, -1)
         self.row_entry[self.mu_index - self.n_eq] = np.arange(self.mu_index.size)
+        self._rows_are_entries = np.array_equal(self.row_entry, np.arange(self.row_entry.size))
         # Warm-start state, per batch item: the last active set and, while P and A are constant, its factorization.
         self._last_active: dict[int, np.ndarray] = {}
         self._try_kept_set: dict[int, bool] = {}  # per item: whether to try the last active set first (solve)
@@ -577,6 +578,8 @@ class QPProgram:
     def entries(self, rows: np.ndarray) -> np.ndarray:
         """The problem's stacked inequality entries of the QP's inequality rows ``rows`` (rows cvxpy added
         left out), in increasing order."""
+        if self._rows_are_entries:  # no row added by cvxpy, none reordered: the rows are the entries
+            return np.sort(rows)
         entries = self.row_entry[rows]
         return np.sort(entries[entries >= 0])
 
