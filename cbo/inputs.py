@@ -106,10 +106,17 @@ def symmetric_part(param, value: torch.Tensor) -> torch.Tensor:
     return (value + value.transpose(-1, -2)) / 2
 
 
+# Input dtypes whose finiteness check_finite reads through numpy (torch.Tensor.numpy() refuses bfloat16).
+_NUMPY_DTYPES = (torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.bool)
+
+
 def check_finite(param, value: torch.Tensor) -> None:
     """Raise ValueError naming ``param`` if ``value`` has NaN or infinite entries."""
-    finite = np.isfinite(value.detach().numpy()).all() if value.device.type == "cpu" else torch.isfinite(value).all()
-    if not bool(finite):  # numpy on the CPU: a fifth of torch's per-call cost on small tensors
+    if value.device.type == "cpu" and value.dtype in _NUMPY_DTYPES:  # numpy: a fifth of torch's per-call cost
+        finite = np.isfinite(value.detach().numpy()).all()
+    else:  # a GPU tensor, or a dtype numpy does not have (bfloat16)
+        finite = torch.isfinite(value).all()
+    if not bool(finite):
         raise ValueError(
             f"Parameter {param.name()} contains NaN or infinite entries; the inner problem is not "
             "defined there. Check the outer iterate (a diverging outer step size is a common cause)."

@@ -190,6 +190,19 @@ def test_minimize_from_an_integer_start_returns_float64():
     assert torch.allclose(result.x, reference.x, atol=1e-12)
 
 
+def test_bfloat16_input_is_checked_and_differentiated():
+    """bfloat16 (which numpy does not have): NaN is refused, and the gradient is the closed form at the
+    rounded input, returned in bfloat16."""
+    problem = integer_problem()
+    x = torch.tensor([0.3, 2.0, -0.7, 1.1], dtype=torch.bfloat16)
+    g = cbo.hypergrad(problem, x)
+    exact = x.double()
+    assert g.dtype == torch.bfloat16
+    assert torch.allclose(g.double(), 0.74 * exact.clamp(max=1.5) * (exact < 1.5), rtol=1e-2)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cbo.hypergrad(problem, torch.tensor([0.3, float("nan"), 0.0, 1.0], dtype=torch.bfloat16))
+
+
 def test_complex_input_is_refused():
     with pytest.raises(TypeError, match="expected a real tensor"):
         cbo.hypergrad(integer_problem(), torch.ones(4, dtype=torch.complex128))
