@@ -257,7 +257,7 @@ def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: d
     def info() -> dict:
         return dict(method="direct", solver=point.how, solver_status=point.status,
                     mu=torch.as_tensor(point.mu, device=device), nu=torch.as_tensor(point.nu, device=device),
-                    active_set=qp_active_set(program, point), licq=qp_licq(point), reduced_hessian_extremes=None,
+                    active_set=qp_active_set(program, point.active, point.weak), licq=qp_licq(point), reduced_hessian_extremes=None,
                     kkt_residual=point.kkt_residual, polish=qp_polish_info(point), path="compiled QP")
 
     return Solved(torch.as_tensor(np.concatenate([point.y, point.mu, point.nu]), device=device), gradient, info)
@@ -353,12 +353,13 @@ def _unrolled_or_penalty_gradients(problem, xs, op, method, options: Options):
 
 # ---------------------------------------------------------------- the QP fast path's diagnostics
 
-def qp_active_set(program, point: QPPoint) -> ActiveSet:
-    """The fast path's active and weakly active rows as entries of the problem's stacked inequalities."""
-    active = torch.from_numpy(program.entries(np.flatnonzero(point.active)).astype(np.int64))
-    if point.weak is None or not point.weak.any():
+def qp_active_set(program, active_rows: np.ndarray, weak_rows: np.ndarray | None = None) -> ActiveSet:
+    """The fast path's active and weakly active inequality rows (boolean masks over the QP's inequality
+    rows, e.g. a :class:`QPPoint`'s ``active`` and ``weak``) as entries of the problem's stacked inequalities."""
+    active = torch.from_numpy(program.entries(np.flatnonzero(active_rows)).astype(np.int64))
+    if weak_rows is None or not weak_rows.any():
         return ActiveSet(active)
-    weak = [int(i) for i in program.entries(np.flatnonzero(point.weak))]
+    weak = [int(i) for i in program.entries(np.flatnonzero(weak_rows))]
     return ActiveSet(active, weak, {i: program.problem.constraint_label(i) for i in weak})
 
 

@@ -313,7 +313,7 @@ class _QPArgminFunction(torch.autograd.Function):
             except InnerSolveError as err:
                 raise type(err)(f"{item_names(batch_shape)(b)}{err}") from err
         timings = {phase: sum(p.timings[phase] for p in points) for phase in ("inner_solve", "polish")}
-        info = LayerInfo(batch_shape, [p.status for p in points], [qp_active_set(program, p) for p in points],
+        info = LayerInfo(batch_shape, [p.status for p in points], [qp_active_set(program, p.active, p.weak) for p in points],
                          [qp_polish_info(p) for p in points], [qp_licq(p) for p in points], [],
                          [p.kkt_residual for p in points],
                          timings=timings, route=layer.route_reason, path="compiled QP",
@@ -400,7 +400,7 @@ def _batched_info(program, kkt: BatchedKKT, batch_shape: tuple, route: str, seco
     residuals = kkt.kkt_residual.tolist()
     rows = [n_eq + int(a.sum()) for a in active]
     return LayerInfo(batch_shape, [cp.OPTIMAL] * batch,
-                     [ActiveSet(torch.as_tensor(program.entries(np.flatnonzero(a)), dtype=torch.long)) for a in active],
+                     [qp_active_set(program, a) for a in active],
                      [PolishInfo(1, float("nan"), r, True, "one batched solve on the kept active set") for r in residuals],
                      [LICQInfo(k, k, c) for k, c in zip(rows, conditioning)], [], residuals,
                      timings={"inner_solve": 0.0, "polish": seconds}, route=route, path="compiled QP, batched",

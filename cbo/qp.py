@@ -239,9 +239,17 @@ class _PatternLDL:
         compilation), so that the first :meth:`factor` only refactors numerically."""
         import qdldl
 
-        data = self._upper_values(P, A, np.ones(self.m))
-        self.solver = qdldl.Solver(sp.csc_array((data, self.indices, self.indptr), shape=(self.size, self.size))
-                                   + QUASIDEFINITE_DELTA * sp.diags_array(self.signs), upper=True)
+        self.solver = qdldl.Solver(self._regularized(self._upper(self._upper_values(P, A, np.ones(self.m)))), upper=True)
+
+    def _upper(self, data: np.ndarray) -> sp.csc_array:
+        """The upper triangle with stored entries ``data`` in the pattern."""
+        return sp.csc_array((data, self.indices, self.indptr), shape=(self.size, self.size))
+
+    def _regularized(self, upper: sp.csc_array) -> sp.csc_array:
+        """upper + diag(delta I, -delta I): the quasi-definite matrix QDLDL factors."""
+        regularized = upper.copy()
+        regularized.data[self.diagonal] += QUASIDEFINITE_DELTA * self.signs
+        return regularized
 
     def _upper_values(self, P: sp.csr_array, A: sp.csr_array, a: np.ndarray) -> np.ndarray:
         """The stored entries of K(a)'s upper triangle, in the pattern's order."""
@@ -263,11 +271,8 @@ class _PatternLDL:
         np.maximum.at(magnitude, self.entry_rows, np.abs(data))
         np.maximum.at(magnitude, self.entry_cols, np.abs(data))
         d = 1.0 / np.sqrt(np.maximum(magnitude, 1e-300))
-        upper = sp.csc_array((data, self.indices, self.indptr), shape=(size, size))
-        scaled = sp.csc_array((data * d[self.entry_rows] * d[self.entry_cols], self.indices, self.indptr),
-                              shape=(size, size))
-        regularized = scaled.copy()
-        regularized.data[self.diagonal] += QUASIDEFINITE_DELTA * self.signs
+        upper, scaled = self._upper(data), self._upper(data * d[self.entry_rows] * d[self.entry_cols])
+        regularized = self._regularized(scaled)
         key = object()
 
         def ldl_solve(rhs: np.ndarray) -> np.ndarray:
@@ -470,6 +475,7 @@ class QPProgram:
             self._pattern = _PatternLDL(self._P_const, self._A_const)
             self._pattern.analyse(self._P_const, self._A_const)
         self._solver_state: dict = {}
+        self.batch_constants: dict = {}  # per device: the tensors of cbo.qp_batch's batched path
 
     # ------------------------------------------------------------ data
 

@@ -41,7 +41,7 @@ def uses_batched_path(program: QPProgram, batch_size: int, device: torch.device,
     on_cpu, size = device.type == "cpu", program.n + program.m
     return (warm_start and program.dense and size <= (CPU_MAX_SIZE if on_cpu else BATCH_MAX_SIZE)
             and (batch_size >= BATCH_MIN_ITEMS or not on_cpu)
-            and program._P_const is not None and program._A_const is not None and not program.lifted
+            and program._constant_matrices and not program.lifted
             and isinstance(program._q.matrix, np.ndarray) and isinstance(program._b.matrix, np.ndarray)
             and all(b in program._last_active for b in range(batch_size)))
 
@@ -77,10 +77,9 @@ class _Constants:
 
 def _constants(program: QPProgram, device: torch.device) -> _Constants:
     """The program's constants on ``device``, built once per device."""
-    cache = program.__dict__.setdefault("_batch_constants", {})
-    if device not in cache:
-        cache[device] = _Constants(program, device)
-    return cache[device]
+    if device not in program.batch_constants:
+        program.batch_constants[device] = _Constants(program, device)
+    return program.batch_constants[device]
 
 
 def _theta(program: QPProgram, x: list[torch.Tensor]) -> torch.Tensor:
