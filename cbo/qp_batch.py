@@ -131,11 +131,12 @@ def _batched_forward(program: QPProgram, x: list[torch.Tensor], active_tol: floa
     a = torch.cat([theta.new_ones(batch, n_eq), kept.to(theta.dtype)], dim=1)
     if c.factors is not None and c.factors[0].shape == a.shape:
         changed = (c.factors[0] != a).any(dim=1)  # items whose active set moved since the last batch
-        lu, pivots = c.factors[1].clone(), c.factors[2].clone()
+        lu, pivots = c.factors[1:]
     else:
         changed = torch.ones(batch, dtype=torch.bool, device=a.device)
         lu, pivots = theta.new_empty(batch, n + m, n + m), torch.empty(batch, n + m, dtype=torch.int32, device=a.device)
     if bool(changed.any()):
+        lu, pivots = lu.clone(), pivots.clone()  # an earlier batch's backward pass may still need the old factors
         lu[changed], pivots[changed], info = torch.linalg.lu_factor_ex(_kkt_matrices(c, a[changed], n, m))
         if bool((info != 0).any()):
             return None

@@ -140,3 +140,26 @@ def test_batched_path_on_cuda_matches_cpu():
     assert info.path == "compiled QP, batched" and y.device.type == "cuda"
     assert torch.allclose(y.cpu(), y_cpu, atol=1e-10)
     assert all(torch.allclose(g.cpu(), h, atol=1e-10) for g, h in zip(grads, grads_cpu))
+
+
+def test_an_earlier_batch_keeps_its_factors_until_its_backward_pass(batched_on_cpu):
+    """Forward passes of later batches refactor the items whose active sets moved; a graph built before
+    them still differentiates with its own factors (the per-item path's gradient as reference)."""
+    layer, q0, m = make_layer(seed=7)
+    reference, _, _ = make_layer(seed=7)
+    r, c = torch.zeros(2, m, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    q = q0[None].repeat(2, 1)
+    layer(q, r, c)
+    early = q.clone().requires_grad_(True)
+    (y_early,), info = layer(early, r, c, return_info=True)
+    assert info.path == "compiled QP, batched"
+    moved = q.clone()
+    moved[1] += 5.0 * torch.linspace(-1, 1, 6, dtype=torch.float64)
+    layer(moved, r, c)  # item 1's active set moves (solved item by item)
+    (_,), info = layer(moved + 1e-6, r, c, return_info=True)
+    assert info.path == "compiled QP, batched"  # item 1 refactored on its new active set
+    y_early.sum().backward()
+    q_ref = q.clone().requires_grad_(True)
+    (y_ref,), _ = reference(q_ref, r, c, return_info=True)
+    y_ref.sum().backward()
+    assert torch.allclose(early.grad, q_ref.grad, atol=1e-12)
