@@ -83,7 +83,8 @@ def _constants(program: QPProgram, device: torch.device) -> _Constants:
 
 
 def _theta(program: QPProgram, x: list[torch.Tensor]) -> torch.Tensor:
-    """theta (B, T + 1) of the batch: each parameter's entries in Fortran order (cvxpy's), then a 1."""
+    """theta (B, T + 1) of the batch, as :meth:`cbo.qp.QPProgram.theta` for one item: each parameter's entries
+    in Fortran order (cvxpy's), then a 1."""
     batch, like = x[0].shape[0], x[0]
     theta = like.new_empty(batch, program._theta_slices[-1][1] + 1, dtype=torch.float64)
     for param, start, size in program._theta_slices[:-1]:
