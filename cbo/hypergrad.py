@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Callable, Sequence
 
 import numpy as np
@@ -38,9 +39,27 @@ METHODS = (*ADJOINT_SOLVERS, *UNROLLED_METHODS, *PENALTY_METHODS)
 ROUTES = ("smooth", "conic")
 
 
-@dataclass
+class _Detail:
+    """A field of :class:`HypergradInfo` read from the call's details, which are assembled at the first
+    read of any of them (``info.details``)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, info, owner=None):
+        return self if info is None else info.details[self.name]
+
+
+@dataclass(repr=False, eq=False)
 class HypergradInfo:
     """Diagnostics of one :func:`hypergrad` call.
+
+    ``outer_value``, ``linear_solve``, ``timings`` and ``route`` are set by the
+    call; the other fields (the inner solution and its diagnostics) are
+    assembled from the call's state at the first read of any of them, so that
+    a call with ``return_info=True`` pays only for what is read (on the QP fast
+    path the tensors of y, mu, nu and the active set cost as much as the
+    adjoint solve).
 
     Attributes
     ----------
@@ -91,23 +110,36 @@ class HypergradInfo:
         "general": the route of :mod:`cbo.kkt` or :mod:`cbo.conic`.
     """
 
-    method: str
-    solver: str
-    solver_status: str
     outer_value: float
-    y: list[torch.Tensor]
-    mu: torch.Tensor
-    nu: torch.Tensor
-    active_set: ActiveSet
-    licq: LICQInfo
-    reduced_hessian_extremes: tuple[float, float]
-    kkt_residual: float
-    polish: PolishInfo
     linear_solve: SolveInfo
-    timings: dict[str, float] = field(default_factory=dict)
-    route: str = "smooth Lagrangian"
-    cones: list[ConeStatus] | None = None
-    path: str = "general"
+    timings: dict[str, float]
+    route: str
+    assemble: Callable[[], dict] = field(compare=False)  # the other fields, by name
+
+    method = _Detail()
+    solver = _Detail()
+    solver_status = _Detail()
+    y = _Detail()
+    mu = _Detail()
+    nu = _Detail()
+    active_set = _Detail()
+    licq = _Detail()
+    reduced_hessian_extremes = _Detail()
+    kkt_residual = _Detail()
+    polish = _Detail()
+    cones = _Detail()
+    path = _Detail()
+
+    @cached_property
+    def details(self) -> dict:
+        """The assembled fields, by name (assembled once)."""
+        return {"cones": None, "path": "general", **self.assemble()}
+
+    def __repr__(self) -> str:
+        names = ("method", "solver", "solver_status", "outer_value", "y", "mu", "nu", "active_set", "licq",
+                 "reduced_hessian_extremes", "kkt_residual", "polish", "linear_solve", "timings", "route", "cones",
+                 "path")
+        return f"HypergradInfo({', '.join(f'{name}={getattr(self, name)!r}' for name in names)})"
 
 
 @one_warning_per_category()
@@ -178,9 +210,12 @@ def hypergrad(
     result = like_input(grads, x, like, problem.parameters)
     if not return_info:
         return result
-    info = HypergradInfo(outer_value=outer_value, y=problem.user_y(solved.w[:problem.n_y]), linear_solve=solve_info,
-                         timings=timings, route=solved.route or reason, **solved.info())
-    return result, info
+    w, route_fields = solved.w, solved.info  # not ``solved``: its gradient closure holds the factorization
+
+    def assemble() -> dict:
+        return {"y": problem.user_y(w[:problem.n_y]), **route_fields()}
+
+    return result, HypergradInfo(outer_value, solve_info, timings, solved.route or reason, assemble)
 
 
 @dataclass
@@ -191,7 +226,7 @@ class Solved:
     smooth route, (y, the multiplier outputs) on the conic route;
     ``gradient(dF_dx, dF_dw)`` returns dF/dx (a list, one per parameter) and
     the :class:`SolveInfo` of its linear solve; ``info()`` the route's fields of
-    :class:`HypergradInfo` (built only when asked for: ``return_info``).
+    :class:`HypergradInfo` (built at their first read); it keeps no factorization alive.
     """
 
     w: torch.Tensor
@@ -254,11 +289,15 @@ def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: d
         grads = [gx + torch.as_tensor(g, dtype=gx.dtype, device=gx.device) for gx, g in zip(dF_dx, implicit)]
         return grads, qp_solve_info([point])
 
+    # The info keeps what it shows, not the point: a kept info does not hold the factorization.
+    fields = dict(method="direct", solver=point.how, solver_status=point.status, licq=qp_licq(point),
+                  reduced_hessian_extremes=None, kkt_residual=point.kkt_residual, polish=qp_polish_info(point),
+                  path="compiled QP")
+    mu, nu, active, weak = point.mu, point.nu, point.active, point.weak
+
     def info() -> dict:
-        return dict(method="direct", solver=point.how, solver_status=point.status,
-                    mu=torch.as_tensor(point.mu, device=device), nu=torch.as_tensor(point.nu, device=device),
-                    active_set=qp_active_set(program, point.active, point.weak), licq=qp_licq(point), reduced_hessian_extremes=None,
-                    kkt_residual=point.kkt_residual, polish=qp_polish_info(point), path="compiled QP")
+        return dict(fields, mu=torch.as_tensor(mu, device=device), nu=torch.as_tensor(nu, device=device),
+                    active_set=qp_active_set(program, active, weak))
 
     return Solved(torch.as_tensor(np.concatenate([point.y, point.mu, point.nu]), device=device), gradient, info)
 
@@ -321,12 +360,11 @@ def _solve_conic(problem: BilevelProblem, xs, reason: str, options: Options, tim
 
     polish_info = PolishInfo(point.polish_steps, point.residual_before, point.residual_after, True,
                              "" if options.polish_solution else "disabled")
-    def info() -> dict:
-        return dict(method=method, solver="CLARABEL", solver_status=point.status, mu=None, nu=None,
-                    active_set=None, licq=None, reduced_hessian_extremes=None, kkt_residual=point.residual_after,
-                    polish=polish_info, cones=point.cones)
+    fields = dict(method=method, solver="CLARABEL", solver_status=point.status, mu=None, nu=None, active_set=None,
+                  licq=None, reduced_hessian_extremes=None, kkt_residual=point.residual_after, polish=polish_info,
+                  cones=point.cones)  # built here: nothing in it to convert, and the info does not keep the point
 
-    return Solved(torch.as_tensor(w, dtype=torch.float64, device=xs[0].device), gradient, info)
+    return Solved(torch.as_tensor(w, dtype=torch.float64, device=xs[0].device), gradient, lambda: fields)
 
 
 def _adjoint_gradients(problem, op, active, method, options: Options, dF_dx, dF_dw):
@@ -403,14 +441,17 @@ def select_route(problem: BilevelProblem, route: str | None) -> tuple[str, str]:
 
 
 def _outer_gradients(problem, xs, w):
-    """F(x, w), d_x F (list), d_w F (flat, like w = (y, mu, nu))."""
+    """F(x, w), d_x F (list), d_w F (flat, like w = (y, mu, nu); zero off the outputs).
+
+    The parameters and the outputs are the leaves of F's graph (slicing the outputs out of one leaf w
+    added a third to the autograd time of a small F)."""
     x_req = [t.detach().requires_grad_(True) for t in xs]
-    w_req = w.detach().requires_grad_(True)
+    outputs = [o.requires_grad_(True) for o in problem.output_values(w.detach(), (), w)]
     with torch.enable_grad():
-        F = problem.outer_value(x_req, w_req)
-        grads = torch.autograd.grad(F, [*x_req, w_req], allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip([*x_req, w_req], grads)]
-    return float(F.detach()), grads[:-1], grads[-1]
+        F = problem.outer_at_outputs(x_req, outputs)
+        grads = torch.autograd.grad(F, [*x_req, *outputs], allow_unused=True)
+    dF_dx = [torch.zeros_like(t) if g is None else g for t, g in zip(x_req, grads)]
+    return float(F.detach()), dF_dx, problem.output_cotangent(grads[len(xs):], 1, w.dtype, w.device)[0]
 
 
 class ConicRouteNeeded(Exception):

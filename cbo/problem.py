@@ -212,17 +212,25 @@ class BilevelProblem:
         tensor each, shaped (*batch_shape, *shape), in the dtype (float64 for integer input) and on the device
         of ``like``. Without multiplier outputs, w may stop after y."""
         dtype = like.dtype if like.is_floating_point() else torch.float64
-        return tuple(w[..., o.start:o.start + o.size].reshape(torch.Size([*batch_shape, *o.shape]))
-                     .to(dtype=dtype, device=like.device) for o in self.outputs)
+        if w.dtype != dtype or w.device != like.device:
+            w = w.to(dtype=dtype, device=like.device)
+        return tuple(_reshaped(w[..., o.start:o.start + o.size], (*batch_shape, *o.shape)) for o in self.outputs)
 
     def output_cotangent(self, grad_outputs: Sequence[torch.Tensor | None], batch: int, dtype, device) -> torch.Tensor:
         """dL/dw for the gradients of the outputs (None: zero), (batch, n_w): zero for the variables and
-        multipliers that are not outputs."""
-        cotangent = torch.zeros(batch, self.n_w, dtype=dtype, device=device)
+        multipliers that are not outputs, without a graph (every caller differentiates once). On the CPU it is
+        assembled in numpy, whose per-operation cost is a fifth of torch's at small sizes."""
+        if torch.device(device).type != "cpu":
+            cotangent = torch.zeros(batch, self.n_w, dtype=dtype, device=device)
+            for o, g in zip(self.outputs, grad_outputs):
+                if g is not None:
+                    cotangent[:, o.start:o.start + o.size] += g.reshape(batch, o.size).to(dtype=dtype, device=device)
+            return cotangent
+        cotangent = np.zeros((batch, self.n_w))
         for o, g in zip(self.outputs, grad_outputs):
             if g is not None:
-                cotangent[:, o.start:o.start + o.size] += g.reshape(batch, o.size).to(dtype=dtype, device=device)
-        return cotangent
+                cotangent[:, o.start:o.start + o.size] += g.to("cpu", torch.float64).numpy().reshape(batch, o.size)
+        return torch.from_numpy(cotangent) if dtype == torch.float64 else torch.from_numpy(cotangent).to(dtype)
 
     def user_y(self, y_flat: torch.Tensor) -> list[torch.Tensor]:
         """``split_y`` without the epigraph variables: one tensor per variable of the user's problem."""
@@ -266,19 +274,23 @@ class BilevelProblem:
     def outer_value(self, x, w) -> torch.Tensor:
         """F(x, outputs) with the outputs (``self.variables``) read from w = (y, mu, nu) (or y alone when no
         multiplier is an output)."""
+        return self.outer_at_outputs(x, self.output_values(w, (), w))
+
+    def outer_at_outputs(self, x, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """F(x, outputs), a scalar tensor, for the outputs (``self.variables``) shaped as they are."""
         if self.outer is None:
             raise ProblemDefinitionError(
                 "This BilevelProblem has no outer objective. Pass "
                 "`outer=lambda *params_then_vars: scalar` to BilevelProblem to use cbo.hypergrad."
             )
-        value = self.outer(*x, *self.output_values(w, (), w))
+        value = self.outer(*x, *outputs)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ProblemDefinitionError(
                 f"`outer` must return a scalar torch tensor, got {type(value).__name__}"
                 f"{' of shape ' + str(tuple(value.shape)) if isinstance(value, torch.Tensor) else ''}. "
                 "Use torch operations on its tensor arguments and reduce to a scalar (e.g. .sum())."
             )
-        return value.reshape(())
+        return value if value.dim() == 0 else value.reshape(())
 
     def constraint_label(self, flat_index: int, equality: bool = False) -> str:
         """Name of entry ``flat_index`` of the stacked inequalities (or equalities)."""
@@ -547,3 +559,8 @@ def _constraint_blocks(constraints, origins: dict[int, str]) -> tuple[list[Const
             inequalities.append(ConstraintBlock(c, fn, n_ineq, c.size, sign, index, origins.get(c.id, "")))
             n_ineq += c.size
     return inequalities, equalities
+
+
+def _reshaped(tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``tensor`` reshaped to ``shape``, itself where it has that shape (a reshape costs a microsecond)."""
+    return tensor if tensor.shape == shape else tensor.reshape(shape)

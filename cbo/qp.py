@@ -42,6 +42,7 @@ is that constraint's ``dual_value``. Per call only numbers move:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ SINGLE_THREAD_SIZES = (64, 2000)
 _BLAS_LIBRARIES = None
 # A multiplier or slack below -SIGN_TOL (equilibrated, relative units) is a sign the polish contradicts.
 SIGN_TOL = 1e-9
+TINY = np.finfo(float).tiny  # the floor of normalized_complementarity's denominators
 # K_S counts as singular below this reciprocal condition number (of its equilibrated form).
 SINGULAR_RCOND = 1e-13
 # The sparse LDL^T of K_S (QDLDL) factors the equilibrated K_S + diag(delta I, -delta I), quasi-definite, and
@@ -636,10 +638,9 @@ class QPProgram:
         z = solution[: self.n]
         lam = np.zeros(self.m)
         lam[rows] = -solution[self.n:]
-        stationarity = P @ z + q - A.T @ lam
-        active_rows = A[rows] @ z + b[rows]
-        residual = float(max(np.abs(stationarity).max(initial=0), np.abs(active_rows).max(initial=0)))
-        force, slack = normalized_complementarity(z, lam, q, A, b, self.n_eq, scales)
+        rows_at_z = A @ z + b
+        residual = max(_largest(P @ z + q - A.T @ lam), _largest(rows_at_z[rows]))  # stationarity, active rows
+        force, slack = normalized_complementarity(z, lam, q, rows_at_z, self.n_eq, scales)
         return QPPoint(z, lam, active, factor, how, status, residual), force, slack
 
     def _solved(self, P, q, A, b, z, lam, how, status, tol, scales, where) -> QPPoint:
@@ -689,22 +690,23 @@ class QPProgram:
         rhs = np.zeros(point.factor.size)
         n_y = point.y.size
         rhs[self.y_index] = dF_dw[:n_y]
-        if dF_dw.size > n_y:
+        if dF_dw[n_y:].any():  # a multiplier is an output
             dF_dlam = np.zeros(self.m)
             dF_dlam[np.concatenate([self.mu_index, self.nu_index])] = dF_dw[n_y:]
             rhs[self.n:] = -dF_dlam[rows]  # K_S's unknowns are (z, -lam_S) (see _polished)
         v = point.factor.solve(rhs)
-        norm = float(np.linalg.norm(rhs))
-        point.adjoint_residual = float(np.linalg.norm(point.factor.matvec(v) - rhs)) / norm if norm else 0.0
+        norm = math.sqrt(rhs @ rhs)
+        residual = point.factor.matvec(v) - rhs
+        point.adjoint_residual = math.sqrt(residual @ residual) / norm if norm else 0.0
         v_z, v_omega = v[: self.n], v[self.n:]
         d_theta = self._q.transpose(-v_z)
         d_b = np.zeros(self.m)
         d_b[rows] = -v_omega
         d_theta += self._b.transpose(d_b)
-        v_rows = np.zeros(self.m)
-        v_rows[rows] = v_omega
         if self._A.value is None:  # A moves with theta (a constant map's cotangent is the dropped last entry)
             i, j = self._A_pos
+            v_rows = np.zeros(self.m)
+            v_rows[rows] = v_omega
             d_theta += self._A.transpose(point.lam[i] * v_z[j] - v_rows[i] * point.z[j])
         if self._P.value is None:
             i, j = self._P_pos
@@ -832,22 +834,27 @@ def equilibration(P, A, rounds: int = 10) -> tuple[np.ndarray, np.ndarray]:
     return d[:n], d[n:]
 
 
-def normalized_complementarity(z: np.ndarray, lam: np.ndarray, q, A, b, n_eq: int, scales) -> tuple[np.ndarray, np.ndarray]:
+def normalized_complementarity(z: np.ndarray, lam: np.ndarray, q, rows_at_z: np.ndarray, n_eq: int, scales
+                               ) -> tuple[np.ndarray, np.ndarray]:
     r"""The inequality rows' multipliers and slacks (signed), in the units of the equilibrated KKT matrix.
 
-    With ``scales`` = (d_z, d_rows) of :func:`equilibration`, the slack s = A z + b of row i becomes
-    s~_i = d_i s_i, relative to the size of the equilibrated point max(|z / d_z|, |s~|), and the multiplier
-    mu~_i = lam_i / d_i, relative to max(|d_z q|, |mu~|): the scales of the variables, of the rows and of
-    the objective drop out.
+    With ``scales`` = (d_z, d_rows) of :func:`equilibration`, the slack s = A z + b of row i (``rows_at_z``,
+    all rows) becomes s~_i = d_i s_i, relative to the size of the equilibrated point max(|z / d_z|, |s~|),
+    and the multiplier mu~_i = lam_i / d_i, relative to max(|d_z q|, |mu~|): the scales of the variables,
+    of the rows and of the objective drop out.
     """
     d_z, d_rows = scales
     d = d_rows[n_eq:]
-    tiny = np.finfo(float).tiny
-    slack = d * (A[n_eq:] @ z + b[n_eq:])
+    slack = d * rows_at_z[n_eq:]
     force = lam[n_eq:] / d
-    slack = slack / max(float(np.abs(z / d_z).max(initial=0)), float(np.abs(slack).max(initial=0)), tiny)
-    force = force / max(float(np.abs(d_z * q).max(initial=0)), float(np.abs(force).max(initial=0)), tiny)
+    slack /= max(_largest(z / d_z), _largest(slack), TINY)
+    force /= max(_largest(d_z * q), _largest(force), TINY)
     return force, slack
+
+
+def _largest(v: np.ndarray) -> float:
+    """max |v_i| (0 for an empty v)."""
+    return float(np.abs(v).max(initial=0.0))
 
 
 def classify_rows(z: np.ndarray, lam: np.ndarray, q, A, b, n_eq: int, scales, tol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -858,7 +865,7 @@ def classify_rows(z: np.ndarray, lam: np.ndarray, q, A, b, n_eq: int, scales, to
     where both are (nearly) zero (:func:`weakly_active`: no derivative there), *active* where
     mu~ > |s~| and mu~ > tol.
     """
-    force, slack = normalized_complementarity(z, lam, q, A, b, n_eq, scales)
+    force, slack = normalized_complementarity(z, lam, q, A @ z + b, n_eq, scales)
     weak = weakly_active(force, slack, tol)
     return (force > np.abs(slack)) & (force > tol) & ~weak, weak
 

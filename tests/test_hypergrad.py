@@ -106,6 +106,31 @@ def test_info_reports_solution_active_set_and_phases():
     assert {"inner_solve", "polish", "kkt_checks", "adjoint_solve", "total"} <= set(info.timings)
 
 
+def test_info_is_assembled_at_first_read_and_keeps_no_factorization(monkeypatch):
+    """On the QP fast path the info's y, mu, nu and active set are built when first read, and they are
+    those of the call, not of a later one; the info does not keep the call's point (its factorization)."""
+    import gc
+    import weakref
+
+    x, y = cp.Parameter(3), cp.Variable(3)
+    inner = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    problem = cbo.BilevelProblem(inner, [x], [y], outer=lambda x, y: (y ** 2).sum())
+    program = cbo.compiled.compiled(problem).qp
+    points = []
+    solve = type(program).solve
+    monkeypatch.setattr(program, "solve", lambda *a, **k: points.append(solve(program, *a, **k)) or points[-1])
+    _, info = cbo.hypergrad(problem, torch.tensor([1.0, -1.0, 2.0]), return_info=True)
+    point = weakref.ref(points.pop())
+    gc.collect()
+    assert point() is None
+    cbo.hypergrad(problem, torch.tensor([-1.0, 3.0, -2.0]))  # a later call does not change the first's info
+    # y* = max(x, 0); the constraint y_2 >= 0 is active with multiplier 2 (d/dy of (y - x)^2 at y = 0 is 2).
+    np.testing.assert_array_equal(info.y[0].numpy(), [1.0, 0.0, 2.0])
+    np.testing.assert_allclose(info.mu.numpy(), [0.0, 2.0, 0.0], atol=1e-12)
+    assert info.active_set.active.tolist() == [1] and info.path == "compiled QP" and info.solver == "DAQP"
+    assert "mu=tensor([0., 2., 0.]" in repr(info)
+
+
 @pytest.mark.parametrize("method", ["cg", "minres", "fixed_point"])
 def test_adjoint_warm_start_cuts_iterations(method):
     case = random_qp(30, seed=9)

@@ -6,12 +6,16 @@ min 1/2 z'Pz + q'z s.t. A z + b in {0}^n_eq x R_+^(m - n_eq); see :mod:`cbo.qp_s
 from __future__ import annotations
 
 import cvxpy as cp
+import daqp
 import numpy as np
 import scipy.sparse as sp
 
 __all__ = ["solve", "DEFAULT_OPTIONS"]
 
 DEFAULT_OPTIONS = {}
+EQUALITY = 5  # DAQP's sense of an equality row (0: an inequality)
+NO_BOUND = 1e30  # DAQP's infinity
+STATUS = {1: cp.OPTIMAL, 2: cp.OPTIMAL, -1: cp.INFEASIBLE, -3: cp.UNBOUNDED}  # by DAQP's exit flag
 
 
 def solve(P, q, A, b, n_eq, options, state=None):
@@ -23,29 +27,31 @@ def solve(P, q, A, b, n_eq, options, state=None):
     factorizations are O(n^3)) and later calls update f and the bounds only: DAQP then starts from
     the previous working set, often one iteration from the answer.
     """
-    import daqp
-    from ctypes import c_double, c_int
-
-    m = A.shape[0]
-    lower = np.ascontiguousarray(-b, dtype=c_double)
-    upper = np.full(m, 1e30)
+    lower = np.ascontiguousarray(-b, dtype=np.float64)
+    upper = np.full(lower.size, NO_BOUND)
     upper[:n_eq] = lower[:n_eq]
-    f = np.ascontiguousarray(q, dtype=c_double)
-    if state is None or options or m == 0:  # DAQP's update fails on empty bounds (IndexError): no state there
-        H, A_dense = (np.ascontiguousarray(M.toarray() if sp.issparse(M) else M) for M in (P, A))
-        sense = np.zeros(m, dtype=c_int)
-        sense[:n_eq] = 5
-        z, _, exitflag, info = daqp.solve(H, f, A_dense, upper, lower, sense, **options)
+    f = np.ascontiguousarray(q, dtype=np.float64)
+    if state is None or options or lower.size == 0:  # DAQP's update fails on empty bounds (IndexError): no state
+        H, A_dense = _matrices(P, A)
+        z, _, exitflag, info = daqp.solve(H, f, A_dense, upper, lower, _sense(lower.size, n_eq), **options)
     else:
         if "daqp" not in state:
-            H, A_dense = (np.ascontiguousarray(M.toarray() if sp.issparse(M) else M) for M in (P, A))
-            sense = np.zeros(m, dtype=c_int)
-            sense[:n_eq] = 5
             state["daqp"] = daqp.Model()
-            state["daqp"].setup(H, f, A_dense, upper, lower, sense)
+            H, A_dense = _matrices(P, A)
+            state["daqp"].setup(H, f, A_dense, upper, lower, _sense(lower.size, n_eq))
         else:
             state["daqp"].update(f=f, bupper=upper, blower=lower)
         z, _, exitflag, info = state["daqp"].solve()
-    status = cp.OPTIMAL if exitflag in (1, 2) else (cp.INFEASIBLE if exitflag == -1 else
-                                                       cp.UNBOUNDED if exitflag == -3 else f"DAQP exitflag {exitflag}")
-    return np.asarray(z), -np.asarray(info["lam"]), status
+    return np.asarray(z), -np.asarray(info["lam"]), STATUS.get(exitflag, f"DAQP exitflag {exitflag}")
+
+
+def _matrices(P, A) -> tuple[np.ndarray, np.ndarray]:
+    """H and A as DAQP takes them: dense, C-contiguous."""
+    return tuple(np.ascontiguousarray(M.toarray() if sp.issparse(M) else M, dtype=np.float64) for M in (P, A))
+
+
+def _sense(m: int, n_eq: int) -> np.ndarray:
+    """DAQP's row senses (C ints): the first n_eq rows are equalities."""
+    sense = np.zeros(m, dtype=np.intc)
+    sense[:n_eq] = EQUALITY
+    return sense
