@@ -690,7 +690,7 @@ class QPProgram:
         rhs = np.zeros(point.factor.size)
         n_y = point.y.size
         rhs[self.y_index] = dF_dw[:n_y]
-        if dF_dw[n_y:].any():  # a multiplier is an output
+        if self.problem.uses_multipliers and dF_dw.size > n_y:  # a multiplier is an output
             dF_dlam = np.zeros(self.m)
             dF_dlam[np.concatenate([self.mu_index, self.nu_index])] = dF_dw[n_y:]
             rhs[self.n:] = -dF_dlam[rows]  # K_S's unknowns are (z, -lam_S) (see _polished)
