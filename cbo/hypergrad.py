@@ -11,7 +11,7 @@ dimension of x.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Callable, Sequence
 
@@ -114,7 +114,7 @@ class HypergradInfo:
     linear_solve: SolveInfo
     timings: dict[str, float]
     route: str
-    assemble: Callable[[], dict] = field(compare=False)  # the other fields, by name
+    assemble: Callable[[], dict]  # returns the other fields, by name
 
     method = _Detail()
     solver = _Detail()
