@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .conic import ConicProgram
+from .inputs import is_symmetric
 from .qp import QPProgram, compile_qp
 
 if TYPE_CHECKING:
@@ -77,8 +78,7 @@ def forget_warm_starts(problem: BilevelProblem) -> None:
 def _compile_qp_unless_symmetric(problem: BilevelProblem) -> tuple[QPProgram | None, str]:
     """:func:`cbo.qp.compile_qp`, except for symmetric matrix parameters: cvxpy's QP data holds only their
     upper triangle, which the compiled map does not read yet; the general route takes those problems."""
-    symmetric = [p.name() for p in problem.inner.parameters()
-                 if any(p.attributes.get(a) for a in ("symmetric", "PSD", "NSD"))]
+    symmetric = [p.name() for p in problem.inner.parameters() if is_symmetric(p)]
     if symmetric:
         return None, f"symmetric matrix parameter(s) {', '.join(symmetric)} (not on the compiled QP path yet)"
     return compile_qp(problem)

@@ -57,6 +57,7 @@ from .cones import exp_h, pow_g, project_dual, projection_jacobian, smat
 from .errors import (ConvergenceError, DegenerateKKTWarning, InaccurateSolutionWarning, InnerSolveError,
                      ProblemDefinitionError, StrictComplementarityError, suppressed, warn)
 from .inner import DEFAULT_SOLVER_OPTIONS
+from .inputs import is_symmetric
 from .kkt import curvature_check, licq_check
 from .linsolve import SolveInfo, _relative_residual, adjoint_solve
 
@@ -640,7 +641,7 @@ def _symmetric_gradient(param: cp.Parameter, grad: np.ndarray) -> np.ndarray:
     (j, i): halving the off-diagonal entries makes <grad, dX> the directional
     derivative along any symmetric dX.
     """
-    if not any(param.attributes.get(a) for a in ("symmetric", "PSD", "NSD")):
+    if not is_symmetric(param):
         return grad
     return np.where(np.eye(grad.shape[-1], dtype=bool), grad, grad / 2)
 

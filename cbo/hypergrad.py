@@ -11,7 +11,7 @@ dimension of x.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from typing import Callable, Sequence
 
@@ -136,9 +136,8 @@ class HypergradInfo:
         return {"cones": None, "path": "general", **self.assemble()}
 
     def __repr__(self) -> str:
-        names = ("method", "solver", "solver_status", "outer_value", "y", "mu", "nu", "active_set", "licq",
-                 "reduced_hessian_extremes", "kkt_residual", "polish", "linear_solve", "timings", "route", "cones",
-                 "path")
+        names = [f.name for f in fields(self) if f.name != "assemble"]
+        names += [name for name, value in vars(HypergradInfo).items() if isinstance(value, _Detail)]
         return f"HypergradInfo({', '.join(f'{name}={getattr(self, name)!r}' for name in names)})"
 
 
@@ -290,13 +289,13 @@ def _solve_compiled_qp(problem: BilevelProblem, xs, options: Options, timings: d
         return grads, qp_solve_info([point])
 
     # The info keeps what it shows, not the point: a kept info does not hold the factorization.
-    fields = dict(method="direct", solver=point.how, solver_status=point.status, licq=qp_licq(point),
-                  reduced_hessian_extremes=None, kkt_residual=point.kkt_residual, polish=qp_polish_info(point),
-                  path="compiled QP")
+    scalars = dict(method="direct", solver=point.how, solver_status=point.status, licq=qp_licq(point),
+                   reduced_hessian_extremes=None, kkt_residual=point.kkt_residual, polish=qp_polish_info(point),
+                   path="compiled QP")
     mu, nu, active, weak = point.mu, point.nu, point.active, point.weak
 
     def info() -> dict:
-        return dict(fields, mu=torch.as_tensor(mu, device=device), nu=torch.as_tensor(nu, device=device),
+        return dict(scalars, mu=torch.as_tensor(mu, device=device), nu=torch.as_tensor(nu, device=device),
                     active_set=qp_active_set(program, active, weak))
 
     return Solved(torch.as_tensor(np.concatenate([point.y, point.mu, point.nu]), device=device), gradient, info)
@@ -360,11 +359,11 @@ def _solve_conic(problem: BilevelProblem, xs, reason: str, options: Options, tim
 
     polish_info = PolishInfo(point.polish_steps, point.residual_before, point.residual_after, True,
                              "" if options.polish_solution else "disabled")
-    fields = dict(method=method, solver="CLARABEL", solver_status=point.status, mu=None, nu=None, active_set=None,
-                  licq=None, reduced_hessian_extremes=None, kkt_residual=point.residual_after, polish=polish_info,
-                  cones=point.cones)  # built here: nothing in it to convert, and the info does not keep the point
+    diagnostics = dict(method=method, solver="CLARABEL", solver_status=point.status, mu=None, nu=None,
+                       active_set=None, licq=None, reduced_hessian_extremes=None, kkt_residual=point.residual_after,
+                       polish=polish_info, cones=point.cones)  # built here: nothing to convert, and no point kept
 
-    return Solved(torch.as_tensor(w, dtype=torch.float64, device=xs[0].device), gradient, lambda: fields)
+    return Solved(torch.as_tensor(w, dtype=torch.float64, device=xs[0].device), gradient, lambda: diagnostics)
 
 
 def _adjoint_gradients(problem, op, active, method, options: Options, dF_dx, dF_dw):

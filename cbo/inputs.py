@@ -29,8 +29,8 @@ import torch
 
 from .errors import NoneInputError
 
-__all__ = ["as_parameter_tensors", "broadcast_inputs", "check_finite", "layer_inputs", "like_input",
-           "result_dtype", "symmetric_part", "timed", "item_names"]
+__all__ = ["as_parameter_tensors", "broadcast_inputs", "check_finite", "is_symmetric", "layer_inputs",
+           "like_input", "result_dtype", "symmetric_part", "timed", "item_names"]
 
 _SYMMETRIC_ATTRIBUTES = ("symmetric", "PSD", "NSD")
 
@@ -98,10 +98,15 @@ def broadcast_inputs(problem, inputs: Sequence[torch.Tensor]):
     return flat, tuple(batch_shape)
 
 
+def is_symmetric(param) -> bool:
+    """Whether the cvxpy parameter is declared ``symmetric``, ``PSD`` or ``NSD``."""
+    return any(param.attributes.get(a) for a in _SYMMETRIC_ATTRIBUTES)
+
+
 def symmetric_part(param, value: torch.Tensor) -> torch.Tensor:
     """sym(X) = (X + X^T) / 2 over the last two dimensions for a parameter declared ``symmetric``,
     ``PSD`` or ``NSD``; ``value`` itself otherwise. Exactly symmetric in floating point (a + b = b + a)."""
-    if not any(param.attributes.get(a) for a in _SYMMETRIC_ATTRIBUTES):
+    if not is_symmetric(param):
         return value
     return (value + value.transpose(-1, -2)) / 2
 

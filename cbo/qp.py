@@ -327,15 +327,15 @@ def _refined_solver(ldl_solve: Callable[[np.ndarray], np.ndarray], matvec: Calla
         x, residuals = ldl_solve(rhs), []
         for _ in range(REFINE_STEPS + 1):
             residual = rhs - matvec(x)
-            residuals.append(float(np.abs(residual).max(initial=0)))
-            if residuals[-1] <= REFINE_TOL * max(float(np.abs(rhs).max(initial=0)), 1e-300) or len(residuals) > REFINE_STEPS:
+            residuals.append(_largest(residual))
+            if residuals[-1] <= REFINE_TOL * max(_largest(rhs), 1e-300) or len(residuals) > REFINE_STEPS:
                 break
             x = x + ldl_solve(residual)
         return x, residuals
 
     test = np.random.default_rng(0).standard_normal(size)
     _, residuals = refine(test)
-    if residuals[-1] > REFINE_TOL * np.abs(test).max():
+    if residuals[-1] > REFINE_TOL * _largest(test):
         return None, 0.0
     rate = max([after / before for before, after in zip(residuals, residuals[1:]) if before > 0], default=0.0)
     norm = max(float(np.abs(matvec(np.ones(size))).max()), 1.0)  # ||K||_inf >= this; = ||K||_1 for K >= 0
@@ -343,7 +343,7 @@ def _refined_solver(ldl_solve: Callable[[np.ndarray], np.ndarray], matvec: Calla
 
     def solve(rhs: np.ndarray) -> np.ndarray:
         x, residuals = refine(rhs)
-        if residuals[-1] > REFINE_TOL * 10 * max(float(np.abs(rhs).max(initial=0)), 1e-300):
+        if residuals[-1] > REFINE_TOL * 10 * max(_largest(rhs), 1e-300):
             raise GeneralPathNeeded("the refined LDL^T solve of the active-set KKT matrix did not converge")
         return x
 
